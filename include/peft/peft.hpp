@@ -1,0 +1,3 @@
+#pragma once
+// The one public entry point of the peft library.
+#include "peft/core/error.hpp"
