@@ -1,3 +1,50 @@
-#include <peft/peft.hpp>
+// The peft command-line front end: build/bin/peft COMMAND [ARGS...].
 #include <iostream>
-int main() { std::cout << "peft\n"; return 0; }
+#include <string>
+#include <vector>
+
+#include <peft/peft.hpp>
+
+#include "demo.hpp"
+#include "inspect.hpp"
+#include "parity.hpp"
+
+namespace {
+
+void print_usage(std::ostream& out) {
+  out << "usage: peft COMMAND [ARGS...]\n"
+         "\n"
+         "commands:\n"
+         "  demo [GOLDEN_DIR]        load a golden case, train its LoRA a few steps, print the losses\n"
+         "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
+         "  parity CASE_DIR...       check golden cases (logits, loss, gradients, merge, AdamW)\n"
+         "  help                     this text\n"
+         "\n"
+         "docs/cli.md describes every command.\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_usage(std::cerr);
+    return 2;
+  }
+  const std::string command = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (command == "help" || command == "--help" || command == "-h") {
+      print_usage(std::cout);
+      return 0;
+    }
+    if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
+    if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
+    if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
+    std::cerr << "peft: unknown command '" << command << "'\n";
+    print_usage(std::cerr);
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "peft " << command << ": error: " << e.what() << '\n';
+    return 1;
+  }
+}

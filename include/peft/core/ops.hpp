@@ -1,0 +1,9 @@
+#pragma once
+// All ops: forward/backward pairs over Var (see autograd.hpp).
+#include "peft/core/ops/attention.hpp"
+#include "peft/core/ops/elementwise.hpp"
+#include "peft/core/ops/linear_algebra.hpp"
+#include "peft/core/ops/loss.hpp"
+#include "peft/core/ops/normalization.hpp"
+#include "peft/core/ops/shape.hpp"
+#include "peft/core/ops/low_rank.hpp"

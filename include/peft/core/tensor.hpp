@@ -1,0 +1,135 @@
+#pragma once
+// Tensor: a dense, row-major, contiguous n-d array of a scalar type on a backend.
+//
+// The tensor owns its storage (value semantics: a copy is a deep copy, a move is free). CPU math
+// goes through Eigen maps of the storage (see `matrix()`), so there is one memory layout for
+// every op. The backend parameter lets a CUDA specialisation slot in without touching call
+// sites: code that names `Tensor<T, B>` keeps compiling when `B` becomes `backend::Cuda`.
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/core/error.hpp"
+
+namespace peft {
+
+namespace backend {
+/// Host memory, Eigen kernels (with OpenMP threads).
+struct Cpu {};
+/// Device memory, CUDA kernels (see include/peft/backend/cuda/).
+struct Cuda {};
+}  // namespace backend
+
+using Shape = std::vector<std::int64_t>;
+
+/// "[2, 3, 4]": shapes in error messages.
+inline std::string shape_string(const Shape& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
+/// Number of elements of a shape; throws on a negative extent.
+inline std::int64_t shape_numel(const Shape& shape) {
+  std::int64_t n = 1;
+  for (std::int64_t extent : shape) {
+    if (extent < 0) throw ShapeError("negative extent in shape " + shape_string(shape));
+    n *= extent;
+  }
+  return n;
+}
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using MatrixMap = Eigen::Map<RowMatrix<T>>;
+template <class T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+template <class T>
+using VectorMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>;
+template <class T>
+using ConstVectorMap = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>;
+
+template <class T, class Backend = backend::Cpu>
+class Tensor;
+
+/// The CPU tensor. Storage is a std::vector<T>; shape is a vector of extents (row-major).
+template <class T>
+class Tensor<T, backend::Cpu> {
+  static_assert(std::is_floating_point_v<T>, "peft::Tensor holds float or double");
+
+ public:
+  using Scalar = T;
+  using Backend = backend::Cpu;
+
+  Tensor() = default;
+  explicit Tensor(Shape shape) : shape_(std::move(shape)), data_(shape_numel(shape_), T(0)) {}
+  Tensor(Shape shape, T fill) : shape_(std::move(shape)), data_(shape_numel(shape_), fill) {}
+  Tensor(Shape shape, std::vector<T> values) : shape_(std::move(shape)), data_(std::move(values)) {
+    if (static_cast<std::int64_t>(data_.size()) != shape_numel(shape_))
+      throw ShapeError("tensor of shape " + shape_string(shape_) + " given " +
+                       std::to_string(data_.size()) + " values");
+  }
+
+  static Tensor zeros(Shape shape) { return Tensor(std::move(shape)); }
+  static Tensor filled(Shape shape, T value) { return Tensor(std::move(shape), value); }
+
+  const Shape& shape() const { return shape_; }
+  std::int64_t dim(std::size_t axis) const { return shape_.at(axis); }
+  std::size_t rank() const { return shape_.size(); }
+  std::int64_t numel() const { return static_cast<std::int64_t>(data_.size()); }
+  bool empty() const { return data_.empty() && shape_.empty(); }
+
+  T* data() { return data_.data(); }
+  const T* data() const { return data_.data(); }
+  std::vector<T>& values() { return data_; }
+  const std::vector<T>& values() const { return data_; }
+  T& operator[](std::int64_t i) { return data_[static_cast<std::size_t>(i)]; }
+  const T& operator[](std::int64_t i) const { return data_[static_cast<std::size_t>(i)]; }
+
+  /// Rows = product of all leading extents, columns = the last extent.
+  std::int64_t rows() const { return shape_.empty() ? 1 : numel() / std::max<std::int64_t>(cols(), 1); }
+  std::int64_t cols() const { return shape_.empty() ? 1 : shape_.back(); }
+
+  /// The tensor as a [rows, cols] row-major Eigen matrix (no copy).
+  MatrixMap<T> matrix() { return MatrixMap<T>(data_.data(), rows(), cols()); }
+  ConstMatrixMap<T> matrix() const { return ConstMatrixMap<T>(data_.data(), rows(), cols()); }
+  VectorMap<T> vector() { return VectorMap<T>(data_.data(), numel()); }
+  ConstVectorMap<T> vector() const { return ConstVectorMap<T>(data_.data(), numel()); }
+
+  /// Same storage, new shape with the same element count.
+  void reshape(Shape shape) {
+    if (shape_numel(shape) != numel())
+      throw ShapeError("cannot reshape " + shape_string(shape_) + " to " + shape_string(shape));
+    shape_ = std::move(shape);
+  }
+  void fill(T value) { std::fill(data_.begin(), data_.end(), value); }
+  void set_zero() { fill(T(0)); }
+
+  template <class U>
+  Tensor<U> cast() const {
+    return Tensor<U>(shape_, std::vector<U>(data_.begin(), data_.end()));
+  }
+
+ private:
+  Shape shape_;
+  std::vector<T> data_;
+};
+
+/// Throws a ShapeError naming `what` unless `t` has exactly `expected` shape.
+template <class T>
+void require_shape(const Tensor<T>& t, const Shape& expected, const std::string& what) {
+  if (t.shape() != expected)
+    throw ShapeError(what + ": shape " + shape_string(t.shape()) + ", expected " +
+                     shape_string(expected));
+}
+
+}  // namespace peft

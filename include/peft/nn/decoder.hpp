@@ -1,0 +1,392 @@
+#pragma once
+// Decoder<Arch, Policy, T>: a decoder-only transformer of an architecture bundle (arch::Gpt2,
+// arch::Llama) with a PEFT policy attached at its hook sites.
+//
+// Data flow (docs/architecture.md draws it): token ids → embedding (+ learned positions) →
+// [policy: virtual tokens] → for each block: norm → q, k, v projections [policy: linear] →
+// rotary (LLaMA) → [policy: prefix keys/values] → attention → output projection [linear] →
+// [policy: after_attention] → residual → norm → MLP [linear at each projection] →
+// [policy: after_mlp] → residual → final norm → head → logits → cross-entropy.
+#include <filesystem>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/arch/gpt2.hpp"
+#include "peft/arch/llama.hpp"
+#include "peft/io/json.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/methods/policy.hpp"
+#include "peft/nn/config.hpp"
+#include "peft/nn/modules.hpp"
+
+namespace peft {
+
+/// A batch of token sequences, right-padded, row-major [batch, seq].
+struct Batch {
+  std::int64_t batch = 0;
+  std::int64_t seq = 0;
+  std::vector<std::int64_t> input_ids;       ///< [B·T]
+  std::vector<std::int64_t> attention_mask;  ///< [B·T], 1 = token, 0 = padding; empty: all 1
+  std::vector<std::int64_t> labels;          ///< [B·T], −100 = ignored; empty: input_ids with −100 at padding
+
+  void validate() const {
+    const auto n = static_cast<std::size_t>(batch * seq);
+    if (batch <= 0 || seq <= 0 || input_ids.size() != n)
+      throw ShapeError("batch: input_ids has " + std::to_string(input_ids.size()) +
+                       " entries, expected batch·seq = " + std::to_string(n));
+    if (!attention_mask.empty() && attention_mask.size() != n)
+      throw ShapeError("batch: attention_mask size != batch·seq");
+    if (!labels.empty() && labels.size() != n) throw ShapeError("batch: labels size != batch·seq");
+  }
+};
+
+template <class T>
+struct ForwardResult {
+  Var<T> logits;                     ///< [B, P + T, V] (P virtual tokens of prompt tuning)
+  Var<T> loss;                       ///< [1], defined when the forward was asked for the loss
+  std::int64_t virtual_tokens = 0;
+};
+
+template <class Arch, class Policy = NoPeft, class T = float>
+  requires PeftPolicy<Policy>
+class Decoder {
+ public:
+  using Scalar = T;
+  using Adapter = typename Policy::template State<T>;
+  using Norm = typename Arch::template Norm<T>;
+
+  struct Block {
+    Norm attention_norm, mlp_norm;
+    nn::Linear<T> qkv;         // fused (GPT-2)
+    nn::Linear<T> q, k, v;     // separate (LLaMA)
+    nn::Linear<T> attention_out;
+    nn::Linear<T> mlp_in, mlp_out;  // GELU MLP (GPT-2: c_fc, c_proj)
+    nn::Linear<T> gate, up, down;   // SwiGLU MLP (LLaMA)
+  };
+
+  /// A model with random base weights (normal(0, 0.02), biases 0, norms 1) and the policy
+  /// attached with the given config. `seed` fixes both.
+  explicit Decoder(ModelConfig config, typename Policy::Config peft_config = {},
+                   std::uint64_t seed = 0)
+      : config_(std::move(config)), adapter_(peft_config), rng_(seed) {
+    if (config_.model_type != Arch::model_type)
+      throw ConfigError("config is for '" + config_.model_type + "', the decoder is " +
+                        std::string(Arch::model_type));
+    config_.validate("model config");
+    build_modules();
+    initialise_base_weights();
+    attach_adapter();
+  }
+
+  /// A model whose base weights come from `model_dir/model.safetensors` (config from
+  /// `model_dir/config.json` must match Arch), with the policy attached.
+  static Decoder load(const std::filesystem::path& model_dir,
+                      typename Policy::Config peft_config = {}, std::uint64_t seed = 0) {
+    const std::filesystem::path config_path = model_dir / "config.json";
+    ModelConfig config = ModelConfig::from_json(io::load_json(config_path), config_path.string());
+    Decoder model(std::move(config), std::move(peft_config), seed);
+    model.load_base_weights(io::SafetensorsFile::open(model_dir / "model.safetensors"));
+    return model;
+  }
+
+  Decoder(Decoder&&) noexcept = default;
+  Decoder& operator=(Decoder&&) noexcept = default;
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  Adapter& adapter() { return adapter_; }
+  const Adapter& adapter() const { return adapter_; }
+  std::vector<Block>& blocks() { return blocks_; }
+
+  /// Every base-model tensor, named as in the reference model.safetensors (the tied head is
+  /// not listed: it is the token embedding).
+  std::vector<NamedParameter<T>> base_parameters() {
+    std::vector<NamedParameter<T>> out;
+    auto visit = [&](const std::string& name, Var<T>& var) { out.push_back({name, var}); };
+    visit(Arch::token_embedding() + ".weight", token_embedding_);
+    if constexpr (Arch::learned_positions) visit(Arch::position_embedding() + ".weight", position_embedding_);
+    for (int i = 0; i < static_cast<int>(blocks_.size()); ++i) {
+      Block& b = blocks_[static_cast<std::size_t>(i)];
+      b.attention_norm.visit_parameters(Arch::attention_norm(i), visit);
+      for (nn::Linear<T>* lin : block_linears(b)) {
+        visit(lin->name + ".weight", lin->weight);
+        if (lin->bias) visit(lin->name + ".bias", lin->bias);
+      }
+      b.mlp_norm.visit_parameters(Arch::mlp_norm(i), visit);
+    }
+    final_norm_.visit_parameters(Arch::final_norm(), visit);
+    if (!config_.tie_word_embeddings) visit(lm_head_.name + ".weight", lm_head_.weight);
+    return out;
+  }
+
+  /// Every projection, in site order (the indices adapters are keyed by).
+  std::vector<nn::Linear<T>*> linear_modules() {
+    std::vector<nn::Linear<T>*> out;
+    for (Block& b : blocks_)
+      for (nn::Linear<T>* lin : block_linears(b)) out.push_back(lin);
+    if (!config_.tie_word_embeddings) out.push_back(&lm_head_);
+    return out;
+  }
+
+  /// Tensors the optimizer updates: the adapter's trainable ones, and the base weights when
+  /// full fine-tuning is on.
+  std::vector<NamedParameter<T>> trainable_parameters() {
+    std::vector<NamedParameter<T>> out;
+    for (NamedParameter<T>& p : adapter_.parameters())
+      if (p.var.requires_grad()) out.push_back(p);
+    for (NamedParameter<T>& p : base_parameters())
+      if (p.var.requires_grad()) out.push_back(p);
+    return out;
+  }
+
+  /// Full fine-tuning: every base tensor trainable (off by default: the base is frozen).
+  void set_base_trainable(bool trainable) {
+    for (NamedParameter<T>& p : base_parameters()) p.var.set_requires_grad(trainable);
+  }
+
+  /// Loads base weights, checking each tensor's presence and shape against the config.
+  /// Converts any float dtype of the file to T.
+  void load_base_weights(const io::SafetensorsFile& file) {
+    for (NamedParameter<T>& p : base_parameters()) {
+      if (!file.contains(p.name))
+        throw FileError(file.name() + ": missing tensor '" + p.name + "' (expected shape " +
+                        shape_string(p.var.shape()) + " for this config)");
+      std::vector<T> values = file.template read<T>(p.name, p.var.shape());
+      p.var.value() = Tensor<T>(p.var.shape(), std::move(values));
+    }
+    if (!config_.tie_word_embeddings && !file.contains("lm_head.weight"))
+      throw FileError(file.name() + ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
+  }
+
+  /// Forward pass; with `with_loss`, also the causal-LM loss: mean cross-entropy of
+  /// logits[:, t] against labels[:, t + 1] over labels that are not −100.
+  ForwardResult<T> forward(Tape<T>& tape, const Batch& batch, bool with_loss = true) {
+    batch.validate();
+    const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
+    Var<T> h = ops::embedding(tape, token_embedding_, batch.input_ids);
+    h = ops::reshape(tape, h, Shape{B, T0, d});
+    std::int64_t virtual_tokens = 0;
+    if constexpr (HasVirtualTokens<Adapter, T>) {
+      virtual_tokens = adapter_.num_virtual_tokens();
+      if (virtual_tokens > 0) h = adapter_.prepend_virtual_tokens(tape, h);
+    }
+    const std::int64_t Tn = T0 + virtual_tokens;  // sequence length through the blocks
+    std::int64_t prefix = 0;
+    if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
+    if (prefix + Tn > config_.max_positions && Arch::learned_positions)
+      throw ShapeError("sequence of " + std::to_string(prefix + Tn) + " positions exceeds " +
+                       std::to_string(config_.max_positions));
+    if constexpr (Arch::learned_positions) {
+      // Real tokens sit at positions prefix .. prefix + Tn − 1 (after a cache of the prefix).
+      std::vector<std::int64_t> positions(static_cast<std::size_t>(Tn));
+      for (std::int64_t t = 0; t < Tn; ++t) positions[static_cast<std::size_t>(t)] = prefix + t;
+      Var<T> pos = ops::embedding(tape, position_embedding_, positions);
+      h = ops::add(tape, h, ops::reshape(tape, pos, Shape{1, Tn, d}));  // broadcast over the batch
+    }
+    ops::AttentionSpec spec;
+    spec.heads = config_.num_heads;
+    spec.kv_heads = config_.num_kv_heads;
+    spec.head_dim = config_.head_dim;
+    spec.causal = true;
+    spec.query_offset = prefix;
+    spec.key_visible = key_visibility(batch, prefix, virtual_tokens);
+
+    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer)
+      h = block_forward(tape, blocks_[static_cast<std::size_t>(layer)], layer, h, spec, prefix, B);
+
+    h = final_norm_.forward(tape, h);
+    ForwardResult<T> result;
+    result.virtual_tokens = virtual_tokens;
+    if (config_.tie_word_embeddings)
+      result.logits = ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
+    else
+      result.logits = project(tape, lm_head_, h);
+    if (with_loss) {
+      Var<T> flat = ops::reshape(tape, result.logits, Shape{B * Tn, config_.vocab_size});
+      result.loss = ops::cross_entropy(tape, flat, shifted_targets(batch, virtual_tokens));
+      if constexpr (HasExtraLoss<Adapter, T>) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
+    }
+    return result;
+  }
+
+  /// Logits without recording anything for backward.
+  Tensor<T> logits(const Batch& batch) {
+    Tape<T> tape(false);
+    return forward(tape, batch, false).logits.value();
+  }
+
+  void merge()
+    requires Mergeable<Adapter, T>
+  {
+    auto modules = linear_modules();
+    adapter_.merge(modules);
+  }
+  void unmerge()
+    requires Mergeable<Adapter, T>
+  {
+    auto modules = linear_modules();
+    adapter_.unmerge(modules);
+  }
+
+ private:
+  static std::vector<nn::Linear<T>*> block_linears(Block& b) {
+    if constexpr (Arch::fused_qkv && !Arch::gated_mlp)
+      return {&b.qkv, &b.attention_out, &b.mlp_in, &b.mlp_out};
+    else
+      return {&b.q, &b.k, &b.v, &b.attention_out, &b.gate, &b.up, &b.down};
+  }
+
+  void build_modules() {
+    const std::int64_t d = config_.hidden_size, V = config_.vocab_size;
+    const std::int64_t kv = config_.kv_dim(), ff = config_.intermediate_size;
+    const bool ab = config_.attention_bias, mb = config_.mlp_bias;
+    constexpr ops::WeightLayout L = Arch::layout;
+    token_embedding_ = Var<T>(Tensor<T>(Shape{V, d}));
+    if constexpr (Arch::learned_positions)
+      position_embedding_ = Var<T>(Tensor<T>(Shape{config_.max_positions, d}));
+    blocks_.resize(static_cast<std::size_t>(config_.num_layers));
+    for (int i = 0; i < static_cast<int>(blocks_.size()); ++i) {
+      Block& b = blocks_[static_cast<std::size_t>(i)];
+      b.attention_norm = Norm(d, config_.norm_eps);
+      b.mlp_norm = Norm(d, config_.norm_eps);
+      if constexpr (Arch::fused_qkv) {
+        b.qkv = nn::Linear<T>(Arch::qkv(i), d, d + 2 * kv, L, ab);
+      } else {
+        b.q = nn::Linear<T>(Arch::q(i), d, config_.num_heads * config_.head_dim, L, ab);
+        b.k = nn::Linear<T>(Arch::k(i), d, kv, L, ab);
+        b.v = nn::Linear<T>(Arch::v(i), d, kv, L, ab);
+      }
+      b.attention_out = nn::Linear<T>(Arch::attention_out(i), config_.num_heads * config_.head_dim,
+                                      d, L, ab);
+      if constexpr (Arch::gated_mlp) {
+        b.gate = nn::Linear<T>(Arch::gate(i), d, ff, L, mb);
+        b.up = nn::Linear<T>(Arch::up(i), d, ff, L, mb);
+        b.down = nn::Linear<T>(Arch::down(i), ff, d, L, mb);
+      } else {
+        b.mlp_in = nn::Linear<T>(Arch::mlp_in(i), d, ff, L, mb);
+        b.mlp_out = nn::Linear<T>(Arch::mlp_out(i), ff, d, L, mb);
+      }
+    }
+    final_norm_ = Norm(d, config_.norm_eps);
+    if (!config_.tie_word_embeddings)
+      lm_head_ = nn::Linear<T>(Arch::lm_head(), d, V, ops::WeightLayout::OutIn, false);
+    int site = 0;
+    for (Block& b : blocks_)
+      for (nn::Linear<T>* lin : block_linears(b)) {
+        lin->site = site++;
+        lin->layer = static_cast<int>(&b - blocks_.data());
+      }
+    lm_head_.site = config_.tie_word_embeddings ? -1 : site;
+  }
+
+  // GPT-2 / LLaMA style: projections and embeddings normal(0, 0.02); biases stay 0 and norm
+  // scales 1, as their constructors left them.
+  void initialise_base_weights() {
+    std::normal_distribution<double> normal(0.0, 0.02);
+    auto fill = [&](Var<T>& var) {
+      for (std::int64_t i = 0; i < var.value().numel(); ++i)
+        var.value()[i] = static_cast<T>(normal(rng_));
+    };
+    fill(token_embedding_);
+    if constexpr (Arch::learned_positions) fill(position_embedding_);
+    for (nn::Linear<T>* lin : linear_modules()) fill(lin->weight);
+  }
+
+  void attach_adapter() {
+    AttachContext<T> ctx{config_, linear_modules(), rng_};
+    adapter_.attach(ctx);
+  }
+
+  Var<T> project(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
+    if constexpr (HasLinearHook<Adapter, T>) return adapter_.linear(tape, lin, x);
+    else return lin.forward_base(tape, x);
+  }
+
+  // [B, prefix + Tn] key visibility: prefix and virtual tokens always visible, then the mask.
+  std::vector<std::uint8_t> key_visibility(const Batch& batch, std::int64_t prefix,
+                                           std::int64_t virtual_tokens) const {
+    if (batch.attention_mask.empty()) return {};
+    const std::int64_t S = prefix + virtual_tokens + batch.seq;
+    std::vector<std::uint8_t> visible(static_cast<std::size_t>(batch.batch * S), 1);
+    for (std::int64_t b = 0; b < batch.batch; ++b)
+      for (std::int64_t t = 0; t < batch.seq; ++t)
+        visible[static_cast<std::size_t>(b * S + prefix + virtual_tokens + t)] =
+            batch.attention_mask[static_cast<std::size_t>(b * batch.seq + t)] != 0;
+    return visible;
+  }
+
+  // targets[b, t] = labels'[b, t + 1], labels' = −100 over virtual tokens, then the labels.
+  static std::vector<std::int64_t> shifted_targets(const Batch& batch, std::int64_t virtual_tokens) {
+    const std::int64_t Tn = batch.seq + virtual_tokens;
+    std::vector<std::int64_t> targets(static_cast<std::size_t>(batch.batch * Tn), ops::kIgnoreIndex);
+    for (std::int64_t b = 0; b < batch.batch; ++b)
+      for (std::int64_t t = 0; t + 1 < Tn; ++t) {
+        const std::int64_t src = t + 1 - virtual_tokens;  // index into the real tokens
+        if (src < 0) continue;
+        const auto i = static_cast<std::size_t>(b * batch.seq + src);
+        std::int64_t label;
+        if (!batch.labels.empty()) label = batch.labels[i];
+        else
+          label = (!batch.attention_mask.empty() && batch.attention_mask[i] == 0) ? ops::kIgnoreIndex
+                                                                                  : batch.input_ids[i];
+        targets[static_cast<std::size_t>(b * Tn + t)] = label;
+      }
+    return targets;
+  }
+
+  Var<T> block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
+                       const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch) {
+    Var<T> a = b.attention_norm.forward(tape, x);
+    Var<T> q, k, v;
+    if constexpr (Arch::fused_qkv) {
+      Var<T> qkv = project(tape, b.qkv, a);
+      const std::int64_t d = config_.num_heads * config_.head_dim, kv = config_.kv_dim();
+      std::vector<Var<T>> parts = ops::split(tape, qkv, {d, kv, kv}, 2);
+      q = parts[0];
+      k = parts[1];
+      v = parts[2];
+    } else {
+      q = project(tape, b.q, a);
+      k = project(tape, b.k, a);
+      v = project(tape, b.v, a);
+    }
+    if constexpr (!Arch::learned_positions) {
+      q = ops::rope(tape, q, config_.head_dim, config_.rope_theta, prefix);
+      k = ops::rope(tape, k, config_.head_dim, config_.rope_theta, prefix);
+    }
+    if constexpr (HasPrefix<Adapter, T>) {
+      if (prefix > 0) {
+        auto [pk, pv] = adapter_.prefix_key_values(tape, layer, batch);
+        k = ops::concat(tape, {pk, k}, 1);
+        v = ops::concat(tape, {pv, v}, 1);
+      }
+    }
+    Var<T> attn = ops::attention(tape, q, k, v, spec);
+    Var<T> o = project(tape, b.attention_out, attn);
+    if constexpr (HasAfterAttention<Adapter, T>) o = adapter_.after_attention(tape, layer, o);
+    Var<T> h = ops::add(tape, x, o);
+    Var<T> m = b.mlp_norm.forward(tape, h);
+    Var<T> mlp;
+    if constexpr (Arch::gated_mlp) {
+      Var<T> gated = ops::mul(tape, ops::silu(tape, project(tape, b.gate, m)), project(tape, b.up, m));
+      mlp = project(tape, b.down, gated);
+    } else {
+      mlp = project(tape, b.mlp_out, ops::gelu_tanh(tape, project(tape, b.mlp_in, m)));
+    }
+    if constexpr (HasAfterMlp<Adapter, T>) mlp = adapter_.after_mlp(tape, layer, m, mlp);
+    return ops::add(tape, h, mlp);
+  }
+
+  ModelConfig config_;
+  Adapter adapter_;
+  std::mt19937_64 rng_;
+  Var<T> token_embedding_, position_embedding_;
+  std::vector<Block> blocks_;
+  Norm final_norm_;
+  nn::Linear<T> lm_head_;
+};
+
+}  // namespace peft
