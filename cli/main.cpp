@@ -5,6 +5,7 @@
 
 #include <peft/peft.hpp>
 
+#include "count.hpp"
 #include "demo.hpp"
 #include "inspect.hpp"
 #include "parity.hpp"
@@ -15,6 +16,7 @@ void print_usage(std::ostream& out) {
   out << "usage: peft COMMAND [ARGS...]\n"
          "\n"
          "commands:\n"
+         "  count MODEL_CONFIG ADAPTER_CONFIG  the reference's trainable-parameter line, from shapes\n"
          "  demo [GOLDEN_DIR]        load a golden case, train its LoRA a few steps, print the losses\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
          "  parity CASE_DIR...       check golden cases (logits, loss, gradients, merge, AdamW)\n"
@@ -39,6 +41,7 @@ int main(int argc, char** argv) {
     }
     if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
     if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
+    if (command == "count") return peft::cli::run_count(args, std::cout, std::cerr);
     if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);

@@ -23,6 +23,7 @@
 #include "peft/methods/target_modules.hpp"
 #include "peft/nn/config.hpp"
 #include "peft/nn/decoder.hpp"
+#include "peft/nn/model_shapes.hpp"
 #include "peft/nn/modules.hpp"
 #include "peft/testing/golden.hpp"
 #include "peft/testing/gradcheck.hpp"

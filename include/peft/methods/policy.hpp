@@ -77,6 +77,9 @@ struct AttachContext {
   const ModelConfig& config;
   std::vector<nn::Linear<T>*> linears;  ///< every projection of the model, by site index
   std::mt19937_64& rng;                 ///< for initialising new adapter tensors
+  /// Every base tensor (embeddings, norms, weights, biases) named as in model.safetensors;
+  /// selective methods pick theirs from here. All frozen when the policy attaches.
+  std::vector<NamedParameter<T>> base_parameters;
 };
 
 // The concept is split so that a failing check names the missing piece.

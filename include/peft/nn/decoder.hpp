@@ -296,7 +296,7 @@ class Decoder {
   }
 
   void attach_adapter() {
-    AttachContext<T> ctx{config_, linear_modules(), rng_};
+    AttachContext<T> ctx{config_, linear_modules(), rng_, base_parameters()};
     adapter_.attach(ctx);
   }
 

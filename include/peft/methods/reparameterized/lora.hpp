@@ -13,6 +13,7 @@
 #include "peft/methods/policy.hpp"
 #include "peft/methods/target_modules.hpp"
 #include "peft/nn/config.hpp"
+#include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
@@ -95,6 +96,16 @@ struct LoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "lora";
   using Config = LoraConfig;
+
+  /// Parameters added to a model, from shapes alone (no allocation).
+  static ParameterCount count_parameters(const ModelConfig&, const std::vector<LinearShape>& linears,
+                                         const Config& config) {
+    ParameterCount count;
+    for (const LinearShape& l : linears)
+      if (config.targets.selects(l.name, l.layer < 0))
+        count.trainable += config.rank_for(l.name) * (l.in_features + l.out_features);
+    return count;
+  }
 
   /// Whether a reference adapter_config.json describes this method.
   static bool accepts(const nlohmann::json& j) {
