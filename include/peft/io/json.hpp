@@ -8,14 +8,13 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <type_traits>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/error.hpp"
 
@@ -55,17 +54,24 @@ inline std::string printable(std::string_view text, std::size_t max_chars = 200)
 /// Describes a JSON value for "found ..." in messages: its type, and for scalars its value.
 inline std::string describe_json(const nlohmann::json& value) {
   switch (value.type()) {
-    case nlohmann::json::value_t::null: return "null";
-    case nlohmann::json::value_t::boolean: return value.get<bool>() ? "true" : "false";
+    case nlohmann::json::value_t::null:
+      return "null";
+    case nlohmann::json::value_t::boolean:
+      return value.get<bool>() ? "true" : "false";
     case nlohmann::json::value_t::string:
       return "string \"" + printable(value.get_ref<const std::string&>(), 60) + "\"";
     case nlohmann::json::value_t::number_integer:
     case nlohmann::json::value_t::number_unsigned:
-    case nlohmann::json::value_t::number_float: return "number " + value.dump();
-    case nlohmann::json::value_t::array: return "array";
-    case nlohmann::json::value_t::object: return "object";
-    case nlohmann::json::value_t::binary: return "binary";
-    case nlohmann::json::value_t::discarded: return "discarded value";
+    case nlohmann::json::value_t::number_float:
+      return "number " + value.dump();
+    case nlohmann::json::value_t::array:
+      return "array";
+    case nlohmann::json::value_t::object:
+      return "object";
+    case nlohmann::json::value_t::binary:
+      return "binary";
+    case nlohmann::json::value_t::discarded:
+      return "discarded value";
   }
   return "unknown value";
 }
@@ -105,7 +111,8 @@ inline nlohmann::json parse_json_strict(std::string_view text, const std::string
         }
         break;
       }
-      case Event::value: break;
+      case Event::value:
+        break;
     }
     return true;
   };
@@ -150,16 +157,17 @@ std::string expected_type_name() {
   } else if constexpr (IsStringMap<T>::value) {
     return "object of " + expected_type_name<typename T::mapped_type>();
   } else {
-    static_assert(!sizeof(T), "json_get supports bool, std::string, integers, floating point, "
-                              "nlohmann::json, std::vector and std::map<std::string, ...> of them");
+    static_assert(!sizeof(T),
+                  "json_get supports bool, std::string, integers, floating point, "
+                  "nlohmann::json, std::vector and std::map<std::string, ...> of them");
   }
 }
 
 template <class T>
 [[noreturn]] void throw_field_error(const std::string& file, std::string_view path,
                                     const nlohmann::json& found, std::string_view note = {}) {
-  std::string message = printable(file) + ": field '" + printable(path) + "' expected " +
-                        expected_type_name<T>();
+  std::string message =
+      printable(file) + ": field '" + printable(path) + "' expected " + expected_type_name<T>();
   if (!note.empty()) {
     message += " ";
     message += note;
@@ -232,8 +240,8 @@ T convert_json(const nlohmann::json& value, std::string_view path, const std::st
 inline void require_object(const nlohmann::json& obj, std::string_view key,
                            const std::string& file) {
   if (!obj.is_object()) {
-    throw FileError(printable(file) + ": expected a JSON object holding field '" +
-                    printable(key) + "', found " + describe_json(obj));
+    throw FileError(printable(file) + ": expected a JSON object holding field '" + printable(key) +
+                    "', found " + describe_json(obj));
   }
 }
 

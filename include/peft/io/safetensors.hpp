@@ -20,6 +20,7 @@
 #include <limits>
 #include <map>
 #include <new>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
@@ -29,8 +30,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/error.hpp"
 #include "peft/io/json.hpp"
@@ -52,11 +51,16 @@ enum class Dtype { F64, F32, F16, BF16, I64 };
 /// The dtype's name as it is spelled in safetensors headers ("F32", "BF16", ...).
 inline std::string_view dtype_name(Dtype dtype) {
   switch (dtype) {
-    case Dtype::F64: return "F64";
-    case Dtype::F32: return "F32";
-    case Dtype::F16: return "F16";
-    case Dtype::BF16: return "BF16";
-    case Dtype::I64: return "I64";
+    case Dtype::F64:
+      return "F64";
+    case Dtype::F32:
+      return "F32";
+    case Dtype::F16:
+      return "F16";
+    case Dtype::BF16:
+      return "BF16";
+    case Dtype::I64:
+      return "I64";
   }
   return "?";
 }
@@ -64,11 +68,16 @@ inline std::string_view dtype_name(Dtype dtype) {
 /// Bytes per element.
 inline std::size_t dtype_size(Dtype dtype) {
   switch (dtype) {
-    case Dtype::F64: return 8;
-    case Dtype::F32: return 4;
-    case Dtype::F16: return 2;
-    case Dtype::BF16: return 2;
-    case Dtype::I64: return 8;
+    case Dtype::F64:
+      return 8;
+    case Dtype::F32:
+      return 4;
+    case Dtype::F16:
+      return 2;
+    case Dtype::BF16:
+      return 2;
+    case Dtype::I64:
+      return 8;
   }
   return 0;
 }
@@ -167,12 +176,16 @@ double decode_narrow_float(std::uint16_t bits) {
 }  // namespace detail
 
 /// IEEE 754 binary16, round to nearest even; overflow gives inf, NaN stays NaN.
-inline std::uint16_t f16_bits_from(double value) { return detail::encode_narrow_float<5, 10>(value); }
+inline std::uint16_t f16_bits_from(double value) {
+  return detail::encode_narrow_float<5, 10>(value);
+}
 inline std::uint16_t f16_bits_from(float value) {
   return detail::encode_narrow_float<5, 10>(static_cast<double>(value));
 }
 /// bfloat16 (the top half of a float), round to nearest even; NaN stays NaN.
-inline std::uint16_t bf16_bits_from(double value) { return detail::encode_narrow_float<8, 7>(value); }
+inline std::uint16_t bf16_bits_from(double value) {
+  return detail::encode_narrow_float<8, 7>(value);
+}
 inline std::uint16_t bf16_bits_from(float value) {
   return detail::encode_narrow_float<8, 7>(static_cast<double>(value));
 }
@@ -266,8 +279,9 @@ std::vector<T> decode_elements(Dtype dtype, const std::uint8_t* source, std::siz
       }
       break;
     case Dtype::F16:
-      convert_each(
-          [](const std::uint8_t* p) { return f16_bits_to_float(load_unaligned<std::uint16_t>(p)); });
+      convert_each([](const std::uint8_t* p) {
+        return f16_bits_to_float(load_unaligned<std::uint16_t>(p));
+      });
       break;
     case Dtype::BF16:
       convert_each([](const std::uint8_t* p) {
@@ -324,7 +338,8 @@ class HeaderValidator {
                             describe_json(entry));
     }
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
-      if (!entry.contains(field)) fail_tensor(name, std::string("is missing field '") + field + "'");
+      if (!entry.contains(field))
+        fail_tensor(name, std::string("is missing field '") + field + "'");
     }
     for (const auto& [field, unused] : entry.items()) {
       if (field != "dtype" && field != "shape" && field != "data_offsets") {
@@ -365,11 +380,13 @@ class HeaderValidator {
 
     const nlohmann::json& offsets_value = entry["data_offsets"];
     if (!offsets_value.is_array() || offsets_value.size() != 2) {
-      fail_tensor(name, "field 'data_offsets' expected an array of 2 non-negative integers, "
-                        "found " + describe_json(offsets_value) +
-                            (offsets_value.is_array()
-                                 ? " of " + std::to_string(offsets_value.size()) + " elements"
-                                 : std::string()));
+      fail_tensor(name,
+                  "field 'data_offsets' expected an array of 2 non-negative integers, "
+                  "found " +
+                      describe_json(offsets_value) +
+                      (offsets_value.is_array()
+                           ? " of " + std::to_string(offsets_value.size()) + " elements"
+                           : std::string()));
     }
     info.begin = non_negative_integer(name, "data_offsets", 0, offsets_value[0]);
     info.end = non_negative_integer(name, "data_offsets", 1, offsets_value[1]);
@@ -425,8 +442,8 @@ class HeaderValidator {
     const TensorInfo* previous = nullptr;
     for (const TensorInfo* info : by_offset) {
       if (info->begin < covered_to) {
-        fail("tensors '" + printable(previous->name) + "' (bytes " + range(*previous) +
-             ") and '" + printable(info->name) + "' (bytes " + range(*info) + ") overlap");
+        fail("tensors '" + printable(previous->name) + "' (bytes " + range(*previous) + ") and '" +
+             printable(info->name) + "' (bytes " + range(*info) + ") overlap");
       }
       if (info->begin > covered_to) {
         fail("hole in the data section: bytes [" + std::to_string(covered_to) + ", " +
@@ -548,8 +565,7 @@ class SafetensorsFile {
     if (std::is_same_v<T, std::int64_t> && is_floating_dtype(found.dtype)) {
       throw FileError(printable(name_) + ": tensor '" + printable(found.name) + "' has dtype " +
                       std::string(dtype_name(found.dtype)) + ", cannot be read as " +
-                      std::string(detail::element_type_name<T>()) +
-                      " (expected I64)");
+                      std::string(detail::element_type_name<T>()) + " (expected I64)");
     }
     return detail::decode_elements<T>(found.dtype, bytes_.data() + data_start_ + found.begin,
                                       static_cast<std::size_t>(found.numel()));
@@ -652,8 +668,12 @@ class SafetensorsWriter {
     for (std::size_t i = 0; i < data.size(); ++i) {
       const T value = data[i];
       switch (stored) {
-        case Dtype::F64: detail::store_unaligned(out + 8 * i, static_cast<double>(value)); break;
-        case Dtype::F32: detail::store_unaligned(out + 4 * i, static_cast<float>(value)); break;
+        case Dtype::F64:
+          detail::store_unaligned(out + 8 * i, static_cast<double>(value));
+          break;
+        case Dtype::F32:
+          detail::store_unaligned(out + 4 * i, static_cast<float>(value));
+          break;
         case Dtype::F16:
           detail::store_unaligned(out + 2 * i, f16_bits_from(static_cast<double>(value)));
           break;
@@ -682,8 +702,7 @@ class SafetensorsWriter {
     if (bytes.size() % element_size != 0) {
       throw ShapeError("safetensors writer: tensor '" + printable(name) + "' has " +
                        std::to_string(bytes.size()) + " bytes, not a multiple of " +
-                       std::to_string(element_size) + " (" + std::string(dtype_name(dtype)) +
-                       ")");
+                       std::to_string(element_size) + " (" + std::string(dtype_name(dtype)) + ")");
     }
     check_new_tensor(name, shape, bytes.size() / element_size);
     tensors_.emplace(std::move(name),
@@ -775,11 +794,16 @@ class SafetensorsWriter {
 
   static int alignment_rank(Dtype dtype) {
     switch (dtype) {
-      case Dtype::I64: return 0;
-      case Dtype::F64: return 1;
-      case Dtype::F32: return 2;
-      case Dtype::BF16: return 3;
-      case Dtype::F16: return 4;
+      case Dtype::I64:
+        return 0;
+      case Dtype::F64:
+        return 1;
+      case Dtype::F32:
+        return 2;
+      case Dtype::BF16:
+        return 3;
+      case Dtype::F16:
+        return 4;
     }
     return 5;
   }
@@ -819,8 +843,8 @@ class SafetensorsWriter {
     }
     if (count != element_count) {
       throw ShapeError("safetensors writer: tensor '" + printable(name) + "' has shape " +
-                       shape_to_string(shape) + " (" + std::to_string(count) +
-                       " elements) but " + std::to_string(element_count) + " values were given");
+                       shape_to_string(shape) + " (" + std::to_string(count) + " elements) but " +
+                       std::to_string(element_count) + " values were given");
     }
     return count;
   }

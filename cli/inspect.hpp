@@ -1,0 +1,98 @@
+#pragma once
+// `peft inspect FILE...`: lists the tensors of safetensors files, one line each, aligned:
+//   name  dtype  [shape]
+// followed by a summary line per file. Every file is read and validated before anything is
+// printed, so a bad file yields exactly one error line and no partial listing.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "peft/io/json.hpp"
+#include "peft/io/safetensors.hpp"
+
+namespace peft::cli {
+
+namespace detail {
+
+inline void print_inspect_usage(std::ostream& stream) {
+  stream << "usage: peft inspect FILE.safetensors [FILE.safetensors ...]\n"
+            "  Lists every tensor (name, dtype, shape) and a summary per file.\n";
+}
+
+/// The listing of one file; the file's bytes are released once this returns.
+inline std::string describe_safetensors_file(const std::string& path) {
+  const io::SafetensorsFile file = io::SafetensorsFile::open(path);
+  std::size_t name_width = 0;
+  std::size_t dtype_width = 0;
+  std::vector<std::string> names;
+  names.reserve(file.tensors().size());
+  for (const io::TensorInfo& info : file.tensors()) {
+    // Names come from the file: escape control characters so one tensor is one line.
+    names.push_back(io::printable(info.name, 1000));
+    name_width = std::max(name_width, names.back().size());
+    dtype_width = std::max(dtype_width, io::dtype_name(info.dtype).size());
+  }
+  std::ostringstream listing;
+  std::uint64_t total_parameters = 0;
+  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
+    const io::TensorInfo& info = file.tensors()[i];
+    const std::string_view dtype = io::dtype_name(info.dtype);
+    listing << names[i] << std::string(name_width - names[i].size() + 2, ' ') << dtype
+            << std::string(dtype_width - dtype.size() + 2, ' ') << io::shape_to_string(info.shape)
+            << '\n';
+    total_parameters += static_cast<std::uint64_t>(info.numel());
+  }
+  const std::size_t count = file.tensors().size();
+  listing << io::printable(path) << ": " << count << (count == 1 ? " tensor, " : " tensors, ")
+          << total_parameters << (total_parameters == 1 ? " parameter" : " parameters") << '\n';
+  return listing.str();
+}
+
+}  // namespace detail
+
+/// Returns 0 on success, 1 on any error (one line "peft inspect: error: <message>" on err),
+/// 2 on a usage error.
+inline int run_inspect(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  std::vector<std::string> paths;
+  bool options_done = false;
+  for (const std::string& arg : args) {
+    if (!options_done && (arg == "-h" || arg == "--help")) {
+      detail::print_inspect_usage(out);
+      return 0;
+    }
+    if (!options_done && arg == "--") {
+      options_done = true;
+      continue;
+    }
+    if (!options_done && arg.size() > 1 && arg[0] == '-') {
+      err << "peft inspect: error: unknown option '" << io::printable(arg) << "'\n";
+      detail::print_inspect_usage(err);
+      return 2;
+    }
+    paths.push_back(arg);
+  }
+  if (paths.empty()) {
+    detail::print_inspect_usage(err);
+    return 2;
+  }
+  std::string report;
+  try {
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      if (i != 0) report += '\n';  // a blank line between files
+      report += detail::describe_safetensors_file(paths[i]);
+    }
+  } catch (const std::exception& e) {
+    // Library messages are already one line; printable() guarantees it for anything else.
+    err << "peft inspect: error: " << io::printable(e.what(), 2000) << '\n';
+    return 1;
+  }
+  out << report;
+  return out ? 0 : 1;
+}
+
+}  // namespace peft::cli
