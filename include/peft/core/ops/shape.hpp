@@ -109,7 +109,7 @@ Var<T> concat(Tape<T>& tape, const std::vector<Var<T>>& parts, std::size_t axis)
     tape.record([parts, result, outer, inner, axis]() mutable {
       const std::int64_t total = result.shape()[axis] * inner;
       std::int64_t off = 0;
-      for (Var<T>& p : parts) {
+      for (const Var<T>& p : parts) {
         const std::int64_t len = p.shape()[axis] * inner;
         if (p.requires_grad()) {
           T* gp = p.grad().data();
