@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what building and testing peft needs on Debian 12, with apt-get. Idempotent, and quick
+# when everything is there already (no apt-get update then). Runs as root, or through sudo.
+set -euo pipefail
+
+packages=(
+  g++ make cmake git pkg-config   # toolchain (OpenMP comes with g++: libgomp)
+  libeigen3-dev                   # tensors and kernels
+  nlohmann-json3-dev              # config.json, safetensors headers
+  libopenblas-dev                 # BLAS
+  doctest-dev                     # tests
+  libbenchmark-dev                # benchmarks
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+as_root=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: run as root (or install sudo)" >&2; exit 1; }
+  as_root=(sudo)
+fi
+
+echo "install-deps: installing ${missing[*]}"
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get update -qq
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
+  apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+echo "install-deps: done"
