@@ -1,5 +1,7 @@
 #pragma once
 // `peft parity CASE_DIR...`: runs golden cases, one line each, then "N passed, M failed".
+#include <algorithm>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -24,9 +26,26 @@ inline int run_parity(const std::vector<std::string>& args, std::ostream& out, s
       cases.erase(std::find(cases.begin(), cases.end(), args[i + 1]));
     }
   if (cases.empty()) {
-    err << "usage: peft parity [--device cpu] CASE_DIR...\n";
+    err << "usage: peft parity [--device cpu] CASE_DIR...   (a folder of cases runs them all)\n";
     return 2;
   }
+  // A folder without case.json that holds case folders (../shared/golden) stands for all of them.
+  std::vector<std::string> expanded;
+  for (const std::string& dir : cases) {
+    namespace fs = std::filesystem;
+    if (fs::is_directory(dir) && !fs::exists(fs::path(dir) / "case.json")) {
+      std::vector<std::string> found;
+      for (const fs::directory_entry& e : fs::directory_iterator(dir))
+        if (fs::exists(e.path() / "case.json")) found.push_back(e.path().string());
+      std::sort(found.begin(), found.end());
+      if (!found.empty()) {
+        expanded.insert(expanded.end(), found.begin(), found.end());
+        continue;
+      }
+    }
+    expanded.push_back(dir);
+  }
+  cases = std::move(expanded);
   int passed = 0, failed = 0;
   for (const std::string& dir : cases) {
     const testing::GoldenReport report = testing::run_golden_case<double>(dir);
