@@ -6,4 +6,7 @@
 #include "peft/core/ops/loss.hpp"
 #include "peft/core/ops/normalization.hpp"
 #include "peft/core/ops/shape.hpp"
+#include "peft/core/ops/slice.hpp"
 #include "peft/core/ops/low_rank.hpp"
+#include "peft/core/ops/reparameterized.hpp"
+#include "peft/core/ops/sparse.hpp"

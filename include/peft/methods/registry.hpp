@@ -9,14 +9,35 @@
 
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
+#include "peft/methods/additive/bottleneck_adapter.hpp"
+#include "peft/methods/additive/ia3.hpp"
+#include "peft/methods/additive/p_tuning.hpp"
+#include "peft/methods/additive/prefix_tuning.hpp"
+#include "peft/methods/additive/prompt_tuning.hpp"
+#include "peft/methods/additive/ssf.hpp"
+#include "peft/methods/reparameterized/adalora.hpp"
+#include "peft/methods/reparameterized/dora.hpp"
+#include "peft/methods/reparameterized/dylora.hpp"
+#include "peft/methods/reparameterized/loha.hpp"
+#include "peft/methods/reparameterized/lokr.hpp"
 #include "peft/methods/reparameterized/lora.hpp"
+#include "peft/methods/reparameterized/vera.hpp"
+#include "peft/methods/selective/bitfit.hpp"
+#include "peft/methods/selective/diff_pruning.hpp"
+#include "peft/methods/selective/fishmask.hpp"
+#include "peft/methods/selective/ln_tuning.hpp"
+#include "peft/methods/selective/masks.hpp"
+#include "peft/methods/selective/structured.hpp"
 
 namespace peft {
 
 template <class... Policies>
 struct PolicyList {};
 
-using LoadablePolicies = PolicyList<LoRA>;
+using LoadablePolicies =
+    PolicyList<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning, PTuning,
+               SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
+               UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
 
 /// Calls `visitor.template operator()<P>()` for the first P of the list accepting `config`;
 /// returns false when none does.
