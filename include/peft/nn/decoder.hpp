@@ -101,6 +101,12 @@ class Decoder {
   const Adapter& adapter() const { return adapter_; }
   std::vector<Block>& blocks() { return blocks_; }
 
+  /// Activation checkpointing: a training forward keeps only each block's input; the block is
+  /// run again in backward to rebuild its activations (one block's worth alive at a time), for
+  /// about a third more compute. Off by default.
+  void set_activation_checkpointing(bool on) { checkpoint_blocks_ = on; }
+  bool activation_checkpointing() const { return checkpoint_blocks_; }
+
   /// Every base-model tensor, named as in the reference model.safetensors (the tied head is
   /// not listed: it is the token embedding).
   std::vector<NamedParameter<T>> base_parameters() {
@@ -137,8 +143,14 @@ class Decoder {
     std::vector<NamedParameter<T>> out;
     for (NamedParameter<T>& p : adapter_.parameters())
       if (p.var.requires_grad()) out.push_back(p);
-    for (NamedParameter<T>& p : base_parameters())
-      if (p.var.requires_grad()) out.push_back(p);
+    const std::size_t from_adapter = out.size();
+    for (NamedParameter<T>& p : base_parameters()) {
+      if (!p.var.requires_grad()) continue;
+      // A base tensor the adapter trains in place (LN tuning's norms) is listed once.
+      bool listed = false;
+      for (std::size_t i = 0; i < from_adapter && !listed; ++i) listed = out[i].var.same_as(p.var);
+      if (!listed) out.push_back(p);
+    }
     return out;
   }
 
@@ -159,6 +171,15 @@ class Decoder {
     }
     if (!config_.tie_word_embeddings && !file.contains("lm_head.weight"))
       throw FileError(file.name() + ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
+    // Adapters initialised from base tensors (prompt tuning from token embeddings, PiSSA from
+    // the weights' singular vectors, DoRA's magnitudes from the weights' norms) redo it now that
+    // the real weights are in.
+    if constexpr (requires(std::vector<nn::Linear<T>*>& m) { adapter_.on_base_weights_loaded(m); }) {
+      std::vector<nn::Linear<T>*> modules = linear_modules();
+      adapter_.on_base_weights_loaded(modules);
+    } else if constexpr (requires { adapter_.on_base_weights_loaded(); }) {
+      adapter_.on_base_weights_loaded();
+    }
   }
 
   /// Forward pass; with `with_loss`, also the causal-LM loss: mean cross-entropy of
@@ -194,21 +215,36 @@ class Decoder {
     spec.query_offset = prefix;
     spec.key_visible = key_visibility(batch, prefix, virtual_tokens);
 
-    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer)
-      h = block_forward(tape, blocks_[static_cast<std::size_t>(layer)], layer, h, spec, prefix, B);
+    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer) {
+      Block& block = blocks_[static_cast<std::size_t>(layer)];
+      if (checkpoint_blocks_ && tape.enabled())
+        h = checkpointed_block_forward(tape, block, layer, h, spec, prefix, B);
+      else
+        h = block_forward(tape, block, layer, h, spec, prefix, B);
+    }
 
     h = final_norm_.forward(tape, h);
     ForwardResult<T> result;
     result.virtual_tokens = virtual_tokens;
-    if (config_.tie_word_embeddings)
-      result.logits = ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
-    else
-      result.logits = project(tape, lm_head_, h);
-    if (with_loss) {
-      Var<T> flat = ops::reshape(tape, result.logits, Shape{B * Tn, config_.vocab_size});
-      result.loss = ops::cross_entropy(tape, flat, shifted_targets(batch, virtual_tokens));
-      if constexpr (HasExtraLoss<Adapter, T>) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
+    if (config_.tie_word_embeddings && with_loss) {
+      // Head and loss fused: the logits are the only vocabulary-sized buffer, and backward
+      // turns them into their gradient in place once the caller has let go of them.
+      auto [logits, loss] =
+          ops::linear_cross_entropy(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn,
+                                    shifted_targets(batch, virtual_tokens));
+      result.logits = std::move(logits);
+      result.loss = std::move(loss);
+    } else {
+      if (config_.tie_word_embeddings)
+        result.logits = ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
+      else
+        result.logits = project(tape, lm_head_, h);
+      // cross_entropy reads [B, T, V] as B·T rows: no flattened copy of the logits.
+      if (with_loss)
+        result.loss = ops::cross_entropy(tape, result.logits, shifted_targets(batch, virtual_tokens));
     }
+    if constexpr (HasExtraLoss<Adapter, T>)
+      if (with_loss) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
     return result;
   }
 
@@ -337,6 +373,29 @@ class Decoder {
     return targets;
   }
 
+  // The block run without keeping its activations; one closure runs it again on an inner tape
+  // in backward and back-propagates through that. Gradients reach x and the trainable tensors
+  // directly, since the re-run reads the same Vars.
+  Var<T> checkpointed_block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
+                                    const ops::AttentionSpec& spec, std::int64_t prefix,
+                                    std::int64_t batch) {
+    Var<T> out;
+    {
+      // Recording on a throwaway tape tells whether the output needs a gradient; its
+      // activations are released at the end of this scope.
+      Tape<T> probe;
+      out = block_forward(probe, b, layer, x, spec, prefix, batch);
+    }
+    if (!out.requires_grad()) return out;
+    Var<T> result(std::move(out.value()), true);
+    tape.record([this, &b, layer, x, result, spec, prefix, batch]() {
+      Tape<T> inner;
+      Var<T> again = block_forward(inner, b, layer, x, spec, prefix, batch);
+      inner.backward(again, std::as_const(result.grad()));
+    });
+    return result;
+  }
+
   Var<T> block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
                        const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch) {
     Var<T> a = b.attention_norm.forward(tape, x);
@@ -387,6 +446,7 @@ class Decoder {
   std::vector<Block> blocks_;
   Norm final_norm_;
   nn::Linear<T> lm_head_;
+  bool checkpoint_blocks_ = false;
 };
 
 }  // namespace peft

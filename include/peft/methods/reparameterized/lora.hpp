@@ -179,6 +179,9 @@ struct LoRA {
     /// B = U_r diag(√(S_r/s)), and W −= s B A, so the model's output is unchanged. Runs at
     /// attach on the weights present then; a model whose base weights are loaded afterwards
     /// (Decoder::load) calls it again once they are in place.
+    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
+      if (config_.init == Config::Init::Pissa) initialise_pissa(modules);
+    }
     void initialise_pissa(const std::vector<nn::Linear<T>*>& modules) {
       for (nn::Linear<T>* lin : modules) {
         auto& m = adapters_[static_cast<std::size_t>(lin->site)];
