@@ -5,10 +5,14 @@
 
 #include <peft/peft.hpp>
 
+#include "bench_step.hpp"
 #include "count.hpp"
 #include "demo.hpp"
+#include "generate.hpp"
 #include "inspect.hpp"
 #include "parity.hpp"
+#include "search.hpp"
+#include "study.hpp"
 
 namespace {
 
@@ -16,10 +20,14 @@ void print_usage(std::ostream& out) {
   out << "usage: peft COMMAND [ARGS...]\n"
          "\n"
          "commands:\n"
+         "  bench-step [FLAGS]       time a LoRA training step (the PyTorch peer's flags)\n"
          "  count MODEL_CONFIG ADAPTER_CONFIG  the reference's trainable-parameter line, from shapes\n"
          "  demo [GOLDEN_DIR]        load a golden case, train its LoRA a few steps, print the losses\n"
+         "  generate MODEL_DIR ...   continue a prompt (greedy, temperature, top-k; --adapter DIR)\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
          "  parity CASE_DIR...       check golden cases (logits, loss, gradients, merge, AdamW)\n"
+         "  search [--quick] [...]   search PEFT configurations under a parameter budget\n"
+         "  study [--quick] [...]    pretrain a small decoder, adapt it with every method, compare\n"
          "  help                     this text\n"
          "\n"
          "docs/cli.md describes every command.\n";
@@ -42,6 +50,10 @@ int main(int argc, char** argv) {
     if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
     if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
     if (command == "count") return peft::cli::run_count(args, std::cout, std::cerr);
+    if (command == "bench-step") return peft::cli::run_bench_step(args, std::cout, std::cerr);
+    if (command == "generate") return peft::cli::run_generate(args, std::cout, std::cerr);
+    if (command == "search") return peft::cli::run_search(args, std::cout, std::cerr);
+    if (command == "study") return peft::cli::run_study(args, std::cout, std::cerr);
     if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);

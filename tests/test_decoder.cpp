@@ -306,3 +306,29 @@ TEST_CASE("model.safetensors errors name the file, the tensor and the expected s
                        doctest::Contains("q_proj"), peft::FileError);
   CHECK_NOTHROW(target.load_base_weights(write_without("", "")));
 }
+
+TEST_CASE("Llama 3 rope scaling: high frequencies kept, low ones slowed by the factor") {
+  // Llama-3.2-1B's published config.json.
+  const nlohmann::json j = nlohmann::json::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "attention_bias": false, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+    "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+    "use_cache": true, "vocab_size": 128256})");
+  const ModelConfig c = ModelConfig::from_json(j, "Llama-3.2-1B/config.json");
+  CHECK(c.rope_scaling.type == "llama3");
+  CHECK(c.rope_theta == 500000.0);
+  const std::vector<float> scaled = peft::rope_inverse_frequencies(c);
+  ModelConfig plain = c;
+  plain.rope_scaling = {};
+  const std::vector<float> base = peft::rope_inverse_frequencies(plain);
+  REQUIRE(scaled.size() == 32);
+  CHECK(scaled[0] == base[0]);                                   // wavelength 2π: kept
+  CHECK(scaled[31] == doctest::Approx(base[31] / 32.0f).epsilon(1e-6));  // longest: slowed
+  for (std::size_t i = 0; i < scaled.size(); ++i) CHECK(scaled[i] <= base[i]);
+  CHECK(peft::base_parameter_count<peft::arch::Llama>(c) == 1235814400);  // Llama-3.2-1B
+}

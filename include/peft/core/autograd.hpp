@@ -59,6 +59,9 @@ class Var {
   void release_grad() { node_->grad = Tensor<T>{}; }
 
   bool same_as(const Var& other) const { return node_ == other.node_; }
+  /// True when no other handle shares this node: nothing else can read the value any more, so
+  /// a backward closure holding the last handle may reuse the value's storage.
+  bool sole_handle() const { return node_ && node_.use_count() == 1; }
 
  private:
   struct Node {

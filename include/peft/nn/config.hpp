@@ -1,13 +1,24 @@
 #pragma once
 // ModelConfig: the decoder's hyper-parameters, read from a reference `config.json`.
 #include <filesystem>
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "peft/core/error.hpp"
 
 namespace peft {
+
+/// Rotary frequency scaling, as transformers' rope_parameters / rope_scaling give it.
+struct RopeScaling {
+  std::string type = "default";  ///< "default", "linear" or "llama3"
+  double factor = 1.0;
+  double low_freq_factor = 1.0;   ///< llama3
+  double high_freq_factor = 4.0;  ///< llama3
+  double original_max_position_embeddings = 8192;  ///< llama3
+};
 
 struct ModelConfig {
   std::string model_type;           ///< "gpt2" or "llama"
@@ -21,6 +32,7 @@ struct ModelConfig {
   std::int64_t max_positions = 0;   ///< learned-position rows (GPT-2); a soft bound for LLaMA
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
   bool tie_word_embeddings = true;
   bool attention_bias = true;       ///< biases on the attention projections
   bool mlp_bias = true;             ///< biases on the MLP projections
@@ -105,14 +117,29 @@ struct ModelConfig {
       const std::string act = j.value("hidden_act", std::string("silu"));
       if (act != "silu") fail("hidden_act '" + act + "' unsupported (silu)");
       c.rope_theta = get_num("rope_theta", 10000.0);
-      if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-        const auto& rp = j["rope_parameters"];
-        if (rp.contains("rope_theta")) c.rope_theta = rp["rope_theta"].get<double>();
-        const std::string type = rp.value("rope_type", std::string("default"));
-        if (type != "default") fail("rope_type '" + type + "' unsupported (default)");
+      // transformers 5 writes rope_parameters (theta and scaling together); older files write
+      // rope_theta and rope_scaling.
+      for (const char* key : {"rope_scaling", "rope_parameters"}) {
+        if (!j.contains(key) || j[key].is_null()) continue;
+        const auto& rp = j[key];
+        if (!rp.is_object()) fail(std::string("field '") + key + "' expected an object");
+        auto number = [&](const char* field, double fallback) {
+          if (!rp.contains(field) || rp[field].is_null()) return fallback;
+          if (!rp[field].is_number()) fail(std::string(key) + "." + field + " expected a number");
+          return rp[field].get<double>();
+        };
+        c.rope_theta = number("rope_theta", c.rope_theta);
+        RopeScaling& rs = c.rope_scaling;
+        rs.type = rp.value("rope_type", rp.value("type", std::string("default")));
+        if (rs.type != "default" && rs.type != "linear" && rs.type != "llama3")
+          fail("rope_type '" + rs.type + "' unsupported (default, linear, llama3)");
+        rs.factor = number("factor", 1.0);
+        rs.low_freq_factor = number("low_freq_factor", 1.0);
+        rs.high_freq_factor = number("high_freq_factor", 4.0);
+        rs.original_max_position_embeddings = number("original_max_position_embeddings", 8192);
+        if (rs.factor <= 0 || (rs.type == "llama3" && rs.high_freq_factor <= rs.low_freq_factor))
+          fail(std::string(key) + ": invalid scaling factors");
       }
-      if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
-        fail("rope_scaling is not supported");
     } else {
       fail("unknown architecture '" + c.model_type + "' (supported: gpt2, llama)");
     }
@@ -120,5 +147,37 @@ struct ModelConfig {
     return c;
   }
 };
+
+/// The rotary inverse frequencies θ^(−2i/D), i < D/2, with the config's scaling applied, in
+/// float32 as the reference computes them (its cos and sin then come from float32 angles).
+inline std::vector<float> rope_inverse_frequencies(const ModelConfig& c) {
+  const std::int64_t half = c.head_dim / 2;
+  std::vector<float> inv(static_cast<std::size_t>(half));
+  for (std::int64_t i = 0; i < half; ++i) {
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
+    inv[static_cast<std::size_t>(i)] =
+        1.0f / static_cast<float>(std::pow(static_cast<float>(c.rope_theta), exponent));
+  }
+  const RopeScaling& rs = c.rope_scaling;
+  if (rs.type == "linear") {
+    for (float& f : inv) f = static_cast<float>(f / rs.factor);
+  } else if (rs.type == "llama3") {
+    // Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    const double low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor;
+    const double high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor;
+    for (float& f : inv) {
+      const double wavelen = 2.0 * 3.14159265358979323846 / f;
+      const float slowed = wavelen > low_wavelen ? static_cast<float>(f / rs.factor) : f;
+      if (wavelen >= high_wavelen && wavelen <= low_wavelen) {
+        const double smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) /
+                              (rs.high_freq_factor - rs.low_freq_factor);
+        f = static_cast<float>((1 - smooth) * slowed / rs.factor + smooth * slowed);
+      } else {
+        f = slowed;
+      }
+    }
+  }
+  return inv;
+}
 
 }  // namespace peft

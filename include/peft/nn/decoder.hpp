@@ -413,8 +413,8 @@ class Decoder {
       v = project(tape, b.v, a);
     }
     if constexpr (!Arch::learned_positions) {
-      q = ops::rope(tape, q, config_.head_dim, config_.rope_theta, prefix);
-      k = ops::rope(tape, k, config_.head_dim, config_.rope_theta, prefix);
+      q = ops::rope(tape, q, rope_frequencies_, prefix);
+      k = ops::rope(tape, k, rope_frequencies_, prefix);
     }
     if constexpr (HasPrefix<Adapter, T>) {
       if (prefix > 0) {
@@ -440,6 +440,7 @@ class Decoder {
   }
 
   ModelConfig config_;
+  std::vector<float> rope_frequencies_ = rope_inverse_frequencies(config_);  // LLaMA
   Adapter adapter_;
   std::mt19937_64 rng_;
   Var<T> token_embedding_, position_embedding_;

@@ -1,6 +1,10 @@
 #pragma once
-// Matrix products: matmul (transposes, batched) and the fused linear layer.
+// Matrix products: matmul (transposes, batched) and the fused linear layer. Every product goes
+// through detail::gemm (threaded by blocks of the output).
+#include <utility>
+
 #include "peft/core/ops/common.hpp"
+#include "peft/core/ops/gemm.hpp"
 
 namespace peft::ops {
 
@@ -9,17 +13,6 @@ enum class WeightLayout {
   OutIn,  ///< [out, in], y = x Wᵀ (torch.nn.Linear, LLaMA)
   InOut,  ///< [in, out], y = x W (GPT-2's Conv1D, fan_in_fan_out)
 };
-
-namespace detail {
-// C (+)= op(A) op(B) for row-major maps, choosing the transposes at run time.
-template <class T, class MA, class MB, class MC>
-void gemm_accumulate(const MA& a, bool trans_a, const MB& b, bool trans_b, MC& c) {
-  if (!trans_a && !trans_b) c.noalias() += a * b;
-  else if (!trans_a && trans_b) c.noalias() += a * b.transpose();
-  else if (trans_a && !trans_b) c.noalias() += a.transpose() * b;
-  else c.noalias() += a.transpose() * b.transpose();
-}
-}  // namespace detail
 
 /// C = op(A) op(B). A [M, K] (or [K, M] with trans_a), B [K, N] (or [N, K] with trans_b).
 /// Batched: A [batch, M, K] with B [batch, K, N] (per-batch products), or A [..., K] with a 2-D B
@@ -50,38 +43,77 @@ Var<T> matmul(Tape<T>& tape, const Var<T>& a, const Var<T>& b, bool trans_a = fa
     out_shape.back() = n;
   }
   Tensor<T> out(out_shape);
-  for (std::int64_t i = 0; i < batch; ++i) {
-    ConstMatrixMap<T> am(av.data() + i * a_rows * a_cols, a_rows, a_cols);
-    ConstMatrixMap<T> bm(bv.data() + (batched ? i * b_rows * b_cols : 0), b_rows, b_cols);
-    MatrixMap<T> cm(out.data() + i * m * n, m, n);
-    detail::gemm_accumulate<T>(am, trans_a, bm, trans_b, cm);
-  }
+  for (std::int64_t i = 0; i < batch; ++i)
+    detail::gemm(av.data() + i * a_rows * a_cols, a_cols, trans_a,
+                 bv.data() + (batched ? i * b_rows * b_cols : 0), b_cols, trans_b,
+                 out.data() + i * m * n, n, m, n, k, T(1), true);  // out is zero
   Var<T> result = detail::make_output(tape, std::move(out), a, b);
   if (result.requires_grad()) {
     tape.record([a, b, result, trans_a, trans_b, batch, batched, a_rows, a_cols, b_rows, b_cols, m,
-                 n]() mutable {
+                 n, k]() mutable {
       const Tensor<T>& g = result.grad();
       for (std::int64_t i = 0; i < batch; ++i) {
-        ConstMatrixMap<T> gm(g.data() + i * m * n, m, n);
-        ConstMatrixMap<T> am(a.value().data() + i * a_rows * a_cols, a_rows, a_cols);
-        ConstMatrixMap<T> bm(b.value().data() + (batched ? i * b_rows * b_cols : 0), b_rows, b_cols);
+        const T* gm = g.data() + i * m * n;  // [m, n]
+        const T* am = a.value().data() + i * a_rows * a_cols;
+        const T* bm = b.value().data() + (batched ? i * b_rows * b_cols : 0);
         if (a.requires_grad()) {
-          MatrixMap<T> ga(a.grad().data() + i * a_rows * a_cols, a_rows, a_cols);
+          T* ga = a.grad().data() + i * a_rows * a_cols;
           // d op(A) = G op(B)ᵀ; for trans_a the gradient of A is its transpose: op(B) Gᵀ.
-          if (!trans_a) detail::gemm_accumulate<T>(gm, false, bm, !trans_b, ga);
-          else detail::gemm_accumulate<T>(bm, trans_b, gm, true, ga);
+          if (!trans_a)
+            detail::gemm(gm, n, false, bm, b_cols, !trans_b, ga, a_cols, m, k, n, T(1), true);
+          else
+            detail::gemm(bm, b_cols, trans_b, gm, n, true, ga, a_cols, k, m, n, T(1), true);
         }
         if (b.requires_grad()) {
-          MatrixMap<T> gb(b.grad().data() + (batched ? i * b_rows * b_cols : 0), b_rows, b_cols);
+          T* gb = b.grad().data() + (batched ? i * b_rows * b_cols : 0);
           // d op(B) = op(A)ᵀ G; for trans_b the gradient of B is Gᵀ op(A).
-          if (!trans_b) detail::gemm_accumulate<T>(am, !trans_a, gm, false, gb);
-          else detail::gemm_accumulate<T>(gm, true, am, trans_a, gb);
+          if (!trans_b)
+            detail::gemm(am, a_cols, !trans_a, gm, n, false, gb, b_cols, k, n, m, T(1), true);
+          else
+            detail::gemm(gm, n, true, am, a_cols, trans_a, gb, b_cols, n, k, m, T(1), true);
         }
       }
     });
   }
   return result;
 }
+
+namespace detail {
+// y = x Wᵀ + b (out_in) or x W + b: the bias is written first and the product accumulates onto
+// it, so the bias costs no extra pass over y. x [N, in], y [N, out], zero on entry (as a new
+// Tensor is).
+template <class T>
+void linear_forward(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>* bias, bool out_in,
+                    Tensor<T>& y) {
+  const std::int64_t rows = x.rows(), in = x.cols(), out = y.cols();
+  if (bias) {
+    const T* bv = bias->data();
+    T* yv = y.data();
+    PEFT_PARALLEL_FOR_IF(rows * out >= kParallelMinElements)
+    for (std::int64_t r = 0; r < rows; ++r) std::copy_n(bv, out, yv + r * out);
+  }
+  gemm(x.data(), in, false, w.data(), w.cols(), out_in, y.data(), out, rows, out, in, T(1), true);
+}
+
+// The adjoint of linear_forward for output gradient g [N, out]: dx += g W (out_in) or g Wᵀ,
+// dW += gᵀ x or xᵀ g, db += Σ_rows g, each only for inputs that require a gradient.
+template <class T>
+void linear_backward(const Tensor<T>& g, const Var<T>& x, const Var<T>& weight, const Var<T>& bias,
+                     bool out_in) {
+  const std::int64_t rows = g.rows(), out = g.cols(), in = x.value().cols();
+  const Tensor<T>& w = weight.value();
+  if (x.requires_grad())
+    gemm(g.data(), out, false, w.data(), w.cols(), !out_in, x.grad().data(), in, rows, in, out,
+         T(1), true);
+  if (weight.requires_grad()) {
+    const T* xv = x.value().data();
+    T* gw = weight.grad().data();
+    if (out_in) gemm(g.data(), out, true, xv, in, false, gw, in, out, in, rows, T(1), true);
+    else gemm(xv, in, true, g.data(), out, false, gw, out, in, out, rows, T(1), true);
+  }
+  if (bias && bias.requires_grad()) bias.grad().vector() += g.matrix().colwise().sum().transpose();
+}
+}  // namespace detail
 
 /// y = x Wᵀ + b (OutIn) or x W + b (InOut). x [..., in], W [out, in] or [in, out], b [out] or
 /// undefined. y [..., out]. A frozen W costs no dW product and no gradient buffer.
@@ -101,32 +133,12 @@ Var<T> linear(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const Var<T>
   Shape out_shape = xv.shape();
   out_shape.back() = out_features;
   Tensor<T> out(out_shape);
-  {
-    MatrixMap<T> y = out.matrix();
-    ConstMatrixMap<T> xm = xv.matrix();
-    ConstMatrixMap<T> wm = wv.matrix();
-    if (out_in) y.noalias() = xm * wm.transpose();
-    else y.noalias() = xm * wm;
-    if (bias) y.rowwise() += bias.value().vector().transpose();
-  }
+  detail::linear_forward(xv, wv, bias ? &bias.value() : nullptr, out_in, out);
   Var<T> result = bias ? detail::make_output(tape, std::move(out), x, weight, bias)
                        : detail::make_output(tape, std::move(out), x, weight);
   if (result.requires_grad()) {
     tape.record([x, weight, bias, result, out_in]() mutable {
-      ConstMatrixMap<T> g = std::as_const(result.grad()).matrix();
-      if (x.requires_grad()) {
-        MatrixMap<T> gx = x.grad().matrix();
-        ConstMatrixMap<T> wm = std::as_const(weight.value()).matrix();
-        if (out_in) gx.noalias() += g * wm;
-        else gx.noalias() += g * wm.transpose();
-      }
-      if (weight.requires_grad()) {
-        MatrixMap<T> gw = weight.grad().matrix();
-        ConstMatrixMap<T> xm = std::as_const(x.value()).matrix();
-        if (out_in) gw.noalias() += g.transpose() * xm;
-        else gw.noalias() += xm.transpose() * g;
-      }
-      if (bias && bias.requires_grad()) bias.grad().vector() += g.colwise().sum().transpose();
+      detail::linear_backward(std::as_const(result.grad()), x, weight, bias, out_in);
     });
   }
   return result;

@@ -1,5 +1,8 @@
 #pragma once
 // The LoRA linear: y = base(x) + s·(x Aᵀ) Bᵀ in one op, without full-size temporaries.
+#include <algorithm>
+#include <vector>
+
 #include "peft/core/ops/linear_algebra.hpp"
 
 namespace peft::ops {
@@ -15,38 +18,111 @@ Var<T> lora_linear(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const V
                 "lora_linear",
                 "A " + shape_string(a.shape()) + " and B " + shape_string(b.shape()) +
                     " do not fit input " + shape_string(x.shape()));
-  Tape<T> inner(false);  // the base product, without recording: this op records one closure
-  Var<T> base = linear(inner, x, weight, bias, layout);
-  detail::check(base.value().cols() == b.value().dim(0), "lora_linear",
-                "B " + shape_string(b.shape()) + " does not fit the output " +
-                    shape_string(base.shape()));
-  Tensor<T> out = std::move(base.value());
-  RowMatrix<T> h = x.value().matrix() * a.value().matrix().transpose();  // [N, r]
-  out.matrix().noalias() += (s * h) * b.value().matrix().transpose();
+  const Tensor<T>& xv = x.value();
+  const Tensor<T>& wv = weight.value();
+  const bool out_in = layout == WeightLayout::OutIn;
+  detail::check(wv.rank() == 2 && (out_in ? wv.dim(1) : wv.dim(0)) == xv.cols(), "lora_linear",
+                "input " + shape_string(xv.shape()) + " does not fit weight " +
+                    shape_string(wv.shape()) + (out_in ? " [out, in]" : " [in, out]"));
+  const std::int64_t in = xv.cols(), out_features = out_in ? wv.dim(0) : wv.dim(1);
+  const std::int64_t n = xv.rows();
+  detail::check(b.value().dim(0) == out_features, "lora_linear",
+                "B " + shape_string(b.shape()) + " does not fit the output features " +
+                    std::to_string(out_features));
+  if (bias)
+    detail::check(bias.value().numel() == out_features, "lora_linear", "bias size mismatch");
+  Shape out_shape = xv.shape();
+  out_shape.back() = out_features;
+  Tensor<T> out(out_shape);
+  Tensor<T> h(Shape{n, r});  // x Aᵀ, kept for backward
+  {
+    // One parallel region over blocks of rows: every product of the forward is row-local
+    // (y_rows = b + x_rows W, h_rows = x_rows Aᵀ, y_rows += s h_rows Bᵀ), so the threads never
+    // wait on each other, and the low-rank path costs no extra barrier.
+    const T* xs = xv.data();
+    const T* ws = wv.data();
+    const T* as = a.value().data();
+    const T* bs = b.value().data();
+    const T* bias_values = bias ? bias.value().data() : nullptr;
+    T* ys = out.data();
+    T* hs = h.data();
+    detail::parallel_row_blocks(n, double(n) * double(in) * double(out_features),
+                                [&](std::int64_t r0, std::int64_t rows, int) {
+      if (bias_values)
+        for (std::int64_t i = r0; i < r0 + rows; ++i)
+          std::copy_n(bias_values, out_features, ys + i * out_features);
+      detail::gemm_serial(xs + r0 * in, in, false, ws, wv.cols(), out_in, ys + r0 * out_features,
+                          out_features, rows, out_features, in, T(1), true);
+      detail::gemm_serial(xs + r0 * in, in, false, as, in, true, hs + r0 * r, r, rows, r, in,
+                          T(1), true);
+      detail::gemm_serial(hs + r0 * r, r, false, bs, r, true, ys + r0 * out_features,
+                          out_features, rows, out_features, r, s, true);
+    });
+  }
   Var<T> result = bias ? detail::make_output(tape, std::move(out), x, weight, bias, a, b)
                        : detail::make_output(tape, std::move(out), x, weight, a, b);
   if (result.requires_grad()) {
-    tape.record([x, weight, bias, a, b, result, layout, s, h = std::move(h)]() mutable {
-      ConstMatrixMap<T> g = std::as_const(result.grad()).matrix();
-      ConstMatrixMap<T> bm = std::as_const(b.value()).matrix();
-      ConstMatrixMap<T> am = std::as_const(a.value()).matrix();
-      ConstMatrixMap<T> xm = std::as_const(x.value()).matrix();
-      const RowMatrix<T> gh = s * (g * bm);  // [N, r]
-      if (b.requires_grad()) b.grad().matrix().noalias() += s * (g.transpose() * h);
-      if (a.requires_grad()) a.grad().matrix().noalias() += gh.transpose() * xm;
-      if (x.requires_grad()) {
-        MatrixMap<T> gx = x.grad().matrix();
-        ConstMatrixMap<T> wm = std::as_const(weight.value()).matrix();
-        if (layout == WeightLayout::OutIn) gx.noalias() += g * wm;
-        else gx.noalias() += g * wm.transpose();
-        gx.noalias() += gh * am;
+    tape.record([x, weight, bias, a, b, result, out_in, s, h = std::move(h), n, in, r,
+                 out_features]() mutable {
+      const Tensor<T>& g = std::as_const(result.grad());  // [N, out]
+      const bool need_a = a.requires_grad(), need_b = b.requires_grad();
+      const bool need_x = x.requires_grad();
+      const double work = double(n) * double(in) * double(out_features);
+      const int threads = detail::row_block_threads(n, work);
+      // Per-thread partial sums of dA [r, in] and dB [out, r] (reductions over rows), added in
+      // thread order afterwards; everything else is row-local, as in the forward.
+      std::vector<T> partial_a(need_a ? std::size_t(threads) * std::size_t(r * in) : 0, T(0));
+      std::vector<T> partial_b(need_b ? std::size_t(threads) * std::size_t(out_features * r) : 0,
+                               T(0));
+      const T* gs = g.data();
+      const T* xs = x.value().data();
+      const T* ws = weight.value().data();
+      const std::int64_t ldw = weight.value().cols();
+      const T* as = a.value().data();
+      const T* bs = b.value().data();
+      const T* hs = h.data();
+      T* gx = need_x ? x.grad().data() : nullptr;
+      detail::parallel_row_blocks(n, work, [&](std::int64_t r0, std::int64_t rows, int id) {
+        // gh = s g B [rows, r]: the gradient reaching h, scaled.
+        std::vector<T> gh(static_cast<std::size_t>(rows * r), T(0));
+        const T* g_rows = gs + r0 * out_features;
+        if (need_a || need_x)
+          detail::gemm_serial(g_rows, out_features, false, bs, r, false, gh.data(), r, rows, r,
+                              out_features, s, true);
+        if (need_b)  // dB += s gᵀ h
+          detail::gemm_serial(g_rows, out_features, true, hs + r0 * r, r, false,
+                              partial_b.data() + std::size_t(id) * std::size_t(out_features * r),
+                              r, out_features, r, rows, s, true);
+        if (need_a)  // dA += ghᵀ x
+          detail::gemm_serial(gh.data(), r, true, xs + r0 * in, in, false,
+                              partial_a.data() + std::size_t(id) * std::size_t(r * in), in, r, in,
+                              rows, T(1), true);
+        if (need_x) {  // dx += g Wᵀ (out_in: g W) + gh A
+          detail::gemm_serial(g_rows, out_features, false, ws, ldw, !out_in, gx + r0 * in, in, rows,
+                              in, out_features, T(1), true);
+          detail::gemm_serial(gh.data(), r, false, as, in, false, gx + r0 * in, in, rows, in, r,
+                              T(1), true);
+        }
+      });
+      for (int t = 0; t < threads; ++t) {
+        if (need_a)
+          a.grad().vector() +=
+              ConstVectorMap<T>(partial_a.data() + std::size_t(t) * std::size_t(r * in), r * in);
+        if (need_b)
+          b.grad().vector() += ConstVectorMap<T>(
+              partial_b.data() + std::size_t(t) * std::size_t(out_features * r), out_features * r);
       }
+      // The base weight's and bias's own gradients (full fine-tuning of a LoRA model only).
       if (weight.requires_grad()) {
-        MatrixMap<T> gw = weight.grad().matrix();
-        if (layout == WeightLayout::OutIn) gw.noalias() += g.transpose() * xm;
-        else gw.noalias() += xm.transpose() * g;
+        if (out_in)
+          detail::gemm(gs, out_features, true, xs, in, false, weight.grad().data(), in,
+                       out_features, in, n, T(1), true);
+        else
+          detail::gemm(xs, in, true, gs, out_features, false, weight.grad().data(), out_features,
+                       in, out_features, n, T(1), true);
       }
-      if (bias && bias.requires_grad()) bias.grad().vector() += g.colwise().sum().transpose();
+      if (bias && bias.requires_grad())
+        bias.grad().vector() += g.matrix().colwise().sum().transpose();
     });
   }
   return result;

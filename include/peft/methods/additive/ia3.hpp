@@ -141,6 +141,8 @@ struct IA3 {
                           " matched no module of this model");
     }
 
+    /// Whether this adapter changes `module` (Compose routes each module to one component).
+    bool adapts(const nn::Linear<T>& lin) const { return find(lin.site) != nullptr; }
     Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
       const ModuleScale* m = find(module.site);
       if (!m || m->merged) return module.forward_base(tape, x);

@@ -1,0 +1,78 @@
+// Full training steps, one per method family, and inference with an adapter merged into the
+// base weights against the unmerged adapter.
+//
+// The step is cli/bench_step.hpp's StepWorkload<Policy> (the work `peft bench-step` times):
+// frozen random GPT-2 decoder, forward, cross-entropy, backward, AdamW on the trainable
+// tensors. Adding a family is one line: BENCHMARK_TEMPLATE(BM_TrainingStep, peft::SomePolicy)
+// ->Apply(step_sizes), with a step_policy_config<SomePolicy> specialisation when its default
+// config does not attach anywhere.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <random>
+
+#include "../cli/bench_step.hpp"
+
+namespace {
+
+using peft::cli::StepOptions;
+
+// args: layers, d, batch, seq (heads d / 64, vocab 50257, LoRA r 8 alpha 16 on all four
+// projections). {12, 768, 4, 256} is the peer's default GPT-2 124M step.
+StepOptions step_options(const benchmark::State& state) {
+  StepOptions o;
+  o.layers = state.range(0);
+  o.d = state.range(1);
+  o.heads = o.d / 64;
+  o.batch = state.range(2);
+  o.seq = state.range(3);
+  return o;
+}
+
+void step_sizes(benchmark::internal::Benchmark* b) {
+  b->Args({2, 768, 4, 256});
+  b->Args({12, 768, 4, 256});
+  b->ArgNames({"layers", "d", "batch", "seq"})
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(3);
+}
+
+template <class Policy>
+void BM_TrainingStep(benchmark::State& state) {
+  peft::cli::StepWorkload<Policy> work(step_options(state));
+  work.step();  // warm-up: optimizer state, first-touch of the allocator's pages
+  for (auto _ : state) benchmark::DoNotOptimize(work.step());
+  state.counters["trainable"] = double(work.trainable_count());
+}
+BENCHMARK_TEMPLATE(BM_TrainingStep, peft::LoRA)->Apply(step_sizes);
+
+// Inference (no tape) of a LoRA model, adapter unmerged (base product + low-rank path) or
+// merged into W (base product only). args: layers, d, batch, seq.
+void inference(benchmark::State& state, bool merged) {
+  StepOptions o = step_options(state);
+  peft::cli::StepWorkload<peft::LoRA> work(o);
+  work.step();  // B moves away from 0, so the merge changes the weights
+  if (merged) work.model().merge();
+  peft::Batch batch;
+  batch.batch = o.batch;
+  batch.seq = o.seq;
+  std::mt19937_64 rng(3);
+  std::uniform_int_distribution<std::int64_t> token(0, o.vocab - 1);
+  for (std::int64_t i = 0; i < o.batch * o.seq; ++i) batch.input_ids.push_back(token(rng));
+  for (auto _ : state) {
+    peft::Tensor<float> logits = work.model().logits(batch);
+    benchmark::DoNotOptimize(logits.data());
+  }
+}
+void BM_InferenceUnmerged(benchmark::State& state) { inference(state, false); }
+void BM_InferenceMerged(benchmark::State& state) { inference(state, true); }
+void inference_sizes(benchmark::internal::Benchmark* b) {
+  b->Args({2, 768, 4, 256});
+  b->Args({2, 768, 1, 64});
+  b->ArgNames({"layers", "d", "batch", "seq"})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK(BM_InferenceUnmerged)->Apply(inference_sizes);
+BENCHMARK(BM_InferenceMerged)->Apply(inference_sizes);
+
+}  // namespace

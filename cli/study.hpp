@@ -1,0 +1,936 @@
+#pragma once
+// `peft study`: how each PEFT method trades trainable parameters for quality, on one table.
+//
+//   1. Pretrain a small LLaMA-style decoder on a mixture of synthetic tasks (or byte-level text
+//      with --pretrain-text), or load it from the cache: the cache key is a hash of everything
+//      that decides the pretrained weights, so a second run skips this phase.
+//   2. Adapt that base to a different downstream task (or text, --text) with full fine-tuning
+//      and with every method in study_methods(), each with the same step budget, data stream,
+//      schedule and seed; only the learning rate differs, per method.
+//   3. Print the table, write results.csv, results.json and curves.svg (eval loss against step
+//      for every method) into --out.
+//
+// Adding a method to the study is one entry in study_methods(): the policy type, its learning
+// rate, and a lambda that builds its config for the study's model (docs/study.md).
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <peft/data/tasks.hpp>
+#include <peft/data/text.hpp>
+#include <peft/peft.hpp>
+#include <peft/train/trainer.hpp>
+
+namespace peft::cli {
+
+namespace study {
+
+namespace fs = std::filesystem;
+
+/// Everything one run of the study is decided by (the command line, resolved).
+struct Settings {
+  bool quick = false;
+  fs::path out = "study";
+  fs::path cache;  ///< empty: out / "cache"
+  std::uint64_t seed = 0;
+  int threads = 1;
+  bool progress = true;           ///< a bar on a terminal; plain lines otherwise
+  std::vector<std::string> only;  ///< methods to run (empty: all); none and full always run
+  std::map<std::string, double> lr_overrides;  ///< --lr method=rate: replaces an entry's rate
+  // Tasks mode: pretrain on every task but the downstream one
+  std::vector<data::TaskKind> pretrain_tasks;
+  data::TaskKind downstream = data::TaskKind::KeyValue;
+  // Text mode (both set)
+  fs::path pretrain_text, text;
+  // Budgets (filled from quick / default unless given)
+  std::int64_t pretrain_steps = 0, adapt_steps = 0, batch = 0, eval_every = 0, eval_examples = 0;
+  double pretrain_lr = 3e-3;
+
+  bool text_mode() const { return !text.empty(); }
+  fs::path cache_dir() const { return cache.empty() ? out / "cache" : cache; }
+};
+
+/// The data every method adapts on, and the pretrained base, shared by all rows.
+struct Workload {
+  ModelConfig model;
+  fs::path base_dir;  ///< holds model.safetensors and config.json (the reference layout)
+  std::function<Batch(std::mt19937_64&)> train_batch;
+  std::vector<Batch> eval_batches;
+  std::vector<Batch> calibration_batches;  ///< for methods that pick weights from data (FishMask)
+  bool exact_match = true;  ///< accuracy = exact match (tasks) or next-byte accuracy (text)
+  std::string description;
+};
+
+struct CurvePoint {
+  std::int64_t step;
+  double loss;
+};
+
+struct MethodResult {
+  std::string family, method;
+  std::int64_t trainable = 0, all = 0;
+  double eval_loss = std::numeric_limits<double>::quiet_NaN();
+  double eval_accuracy = std::numeric_limits<double>::quiet_NaN();
+  double ms_per_step = 0, peak_mem_mb = 0, lr = 0;
+  std::vector<CurvePoint> curve;
+  std::string note;  ///< why a row is incomplete (an error, a non-finite stop)
+  double trainable_pct() const { return all > 0 ? 100.0 * double(trainable) / double(all) : 0.0; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Progress: a bar redrawn in place on a terminal, a line per tenth of the phase otherwise (logs
+// of a CI run stay short and readable).
+class Progress {
+ public:
+  Progress(std::ostream& out, bool enabled)
+      : out_(out), enabled_(enabled), tty_(enabled && isatty(fileno(stdout)) != 0) {}
+
+  void start(std::string label, std::int64_t total) {
+    label_ = std::move(label);
+    total_ = std::max<std::int64_t>(total, 1);
+    last_logged_ = -1;
+  }
+  void update(std::int64_t done, double loss) {
+    if (!enabled_) return;
+    if (tty_) {
+      const int width = 28, filled = static_cast<int>(width * done / total_);
+      out_ << "\r  " << std::left << std::setw(16) << label_ << std::right << " ["
+           << std::string(static_cast<std::size_t>(filled), '#')
+           << std::string(static_cast<std::size_t>(width - filled), '.') << "] " << std::setw(5)
+           << done << '/' << total_ << "  loss " << std::fixed << std::setprecision(4) << loss
+           << "   " << std::flush;
+    } else {
+      const std::int64_t tenth = 10 * done / total_;
+      if (tenth != last_logged_ && (tenth > last_logged_ || done == total_)) {
+        last_logged_ = tenth;
+        out_ << "  " << label_ << ": step " << done << '/' << total_ << ", loss " << std::fixed
+             << std::setprecision(4) << loss << '\n'
+             << std::flush;
+      }
+    }
+  }
+  void finish(const std::string& summary) {
+    if (tty_ && enabled_) out_ << '\r' << std::string(80, ' ') << '\r';
+    out_ << "  " << std::left << std::setw(16) << label_ << std::right << ' ' << summary << '\n'
+         << std::flush;
+  }
+
+ private:
+  std::ostream& out_;
+  bool enabled_, tty_;
+  std::string label_;
+  std::int64_t total_ = 1, last_logged_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Peak memory per method: the process's peak resident set, reset before each method through
+// /proc/self/clear_refs (Linux). Where the reset is refused the figure is the process peak so far.
+inline void reset_peak_memory() {
+  std::ofstream clear("/proc/self/clear_refs");
+  if (clear) clear << "5";
+}
+inline double peak_memory_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+inline std::uint64_t fnv1a(std::string_view text, std::uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+inline std::string hex16(std::uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+/// The study's model: LLaMA-style (RMSNorm, rotary, SwiGLU), tied embeddings, with biases.
+inline ModelConfig study_model(std::int64_t vocab, std::int64_t positions) {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = vocab;
+  c.hidden_size = 64;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 4;
+  c.head_dim = 16;
+  c.intermediate_size = 176;
+  c.max_positions = positions;
+  c.norm_eps = 1e-6;
+  c.tie_word_embeddings = true;
+  // Biases on (as Qwen-style LLaMA variants have them) so that BitFit has something to train.
+  c.attention_bias = c.mlp_bias = true;
+  return c;
+}
+
+/// config.json in the reference's LlamaConfig spelling, so the cached base loads like any
+/// reference checkpoint (Decoder::load, peft inspect).
+inline nlohmann::json llama_config_json(const ModelConfig& c) {
+  return {{"model_type", "llama"},
+          {"architectures", {"LlamaForCausalLM"}},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.hidden_size},
+          {"num_hidden_layers", c.num_layers},
+          {"num_attention_heads", c.num_heads},
+          {"num_key_value_heads", c.num_kv_heads},
+          {"head_dim", c.head_dim},
+          {"intermediate_size", c.intermediate_size},
+          {"max_position_embeddings", c.max_positions},
+          {"rms_norm_eps", c.norm_eps},
+          {"rope_theta", c.rope_theta},
+          {"tie_word_embeddings", c.tie_word_embeddings},
+          {"attention_bias", c.attention_bias},
+          {"mlp_bias", c.mlp_bias},
+          {"hidden_act", "silu"}};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: the pretrained base, from the cache or trained now.
+
+/// Pretrains (or finds in the cache) the base; returns its folder.
+inline fs::path pretrained_base(const Settings& s, const ModelConfig& model,
+                                const std::function<Batch(std::mt19937_64&)>& train_batch,
+                                const std::vector<Batch>& eval_batches, const std::string& data_key,
+                                std::ostream& out, Progress& progress) {
+  nlohmann::json key = {{"study-cache-format", 1}, {"model", llama_config_json(model)},
+                        {"data", data_key},        {"steps", s.pretrain_steps},
+                        {"batch", s.batch},        {"lr", s.pretrain_lr},
+                        {"seed", s.seed},          {"threads", s.threads}};
+  const fs::path dir = s.cache_dir() / ("base-" + hex16(fnv1a(key.dump())));
+  if (fs::is_regular_file(dir / "model.safetensors") && fs::is_regular_file(dir / "config.json")) {
+    out << "pretrained base: cached at " << dir.string() << " (delete it to pretrain again)\n";
+    return dir;
+  }
+  out << "pretraining the base (" << s.pretrain_steps << " steps; cached afterwards in "
+      << dir.string() << ")\n";
+  Decoder<arch::Llama, NoPeft, float> base(model, {}, s.seed);
+  base.set_base_trainable(true);
+  TrainerOptions o;
+  o.max_steps = s.pretrain_steps;
+  o.adamw.lr = s.pretrain_lr;
+  o.adamw.weight_decay = 0.01;
+  o.schedule.kind = LrSchedule::Kind::Cosine;
+  o.schedule.warmup_steps = std::min<std::int64_t>(100, s.pretrain_steps / 10);
+  o.schedule.final_ratio = 0.1;
+  o.eval_at_start = false;
+  o.seed = s.seed + 1;
+  using Model = Decoder<arch::Llama, NoPeft, float>;
+  Trainer<Model> trainer(base, o, train_batch, [&](Model& m) { return evaluate(m, eval_batches); });
+  progress.start("pretrain", s.pretrain_steps);
+  trainer.on_step = [&](const StepInfo& i) { progress.update(i.step, i.loss); };
+  const TrainResult r = trainer.run();
+  if (r.reason == StopReason::NonFinite) throw Error("pretraining stopped: " + r.message);
+  const EvalMetrics& m = r.evals.back().metrics;
+  std::ostringstream summary;
+  summary << "eval loss " << std::fixed << std::setprecision(4) << m.loss << ", accuracy "
+          << std::setprecision(3) << m.exact_match << " (exact) " << m.token_accuracy
+          << " (token), " << std::setprecision(1) << r.train_seconds << " s";
+  progress.finish(summary.str());
+
+  fs::create_directories(dir);
+  io::SafetensorsWriter writer;
+  writer.set_metadata("format", "pt");
+  for (const NamedParameter<float>& p : base.base_parameters())
+    writer.add<float>(p.name, p.var.shape(), std::span<const float>(p.var.value().values()));
+  // config.json last: its presence marks a complete cache entry.
+  writer.write(dir / "model.safetensors");
+  nlohmann::json info = key;
+  info["eval_loss"] = m.loss;
+  info["eval_exact_match"] = m.exact_match;
+  info["eval_token_accuracy"] = m.token_accuracy;
+  info["train_seconds"] = r.train_seconds;
+  write_text_atomically(dir / "pretraining.json", info.dump(2) + "\n");
+  write_text_atomically(dir / "config.json", llama_config_json(model).dump(2) + "\n");
+  return dir;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: one method.
+
+/// Trains `Policy` with `config` from the cached base on the workload; `full`: every base
+/// tensor trainable too (full fine-tuning); `steps` 0: evaluation only (the base row).
+template <class Policy>
+MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::Config& config,
+                   double lr, bool full, std::int64_t steps, Progress& progress,
+                   const std::string& label) {
+  using Model = Decoder<arch::Llama, Policy, float>;
+  MethodResult row;
+  row.lr = lr;
+  reset_peak_memory();
+  Model model(w.model, config, s.seed);
+  model.load_base_weights(io::SafetensorsFile::open(w.base_dir / "model.safetensors"));
+  if (full) model.set_base_trainable(true);
+  if constexpr (requires { model.adapter().calibrate(model, w.calibration_batches); })
+    model.adapter().calibrate(model, w.calibration_batches);
+  const auto count = [&] {
+    std::int64_t n = 0;
+    for (const NamedParameter<float>& p : model.trainable_parameters()) n += p.var.value().numel();
+    return n;
+  };
+  std::int64_t base_count = 0;
+  for (const NamedParameter<float>& p : model.base_parameters())
+    base_count += p.var.value().numel();
+  const auto evaluator = [&](Model& m) { return evaluate(m, w.eval_batches); };
+  const auto accuracy = [&](const EvalMetrics& m) {
+    return w.exact_match ? m.exact_match : m.token_accuracy;
+  };
+  if (steps == 0) {
+    const EvalMetrics m = evaluate(model, w.eval_batches);
+    row.eval_loss = m.loss;
+    row.eval_accuracy = accuracy(m);
+    row.all = base_count;
+    row.peak_mem_mb = peak_memory_mb();
+    return row;
+  }
+
+  TrainerOptions o;
+  o.adamw.lr = lr;
+  o.adamw.weight_decay = 0.0;  // decaying adapters toward 0 fights short budgets; off for all
+  o.schedule.kind = LrSchedule::Kind::Cosine;
+  o.schedule.warmup_steps = steps / 10;
+  o.schedule.final_ratio = 0.1;
+  o.eval_every = s.eval_every;
+  o.seed = s.seed + 2;  // every method sees the same stream of batches
+
+  // Methods that train in two phases (diff pruning: dense with the L0 penalty, then the pruned
+  // sparse diff) split the budget; both phases' steps count toward it.
+  constexpr bool two_phase = requires { model.adapter().prune(); };
+  const std::int64_t first = two_phase ? steps / 2 : steps;
+  progress.start(label, steps);
+  double seconds = 0;
+  std::int64_t timed = 0;
+  const auto train = [&](std::int64_t phase_steps, std::int64_t offset, bool eval_at_start) {
+    TrainerOptions po = o;
+    po.max_steps = phase_steps;
+    po.schedule.warmup_steps = phase_steps / 10;
+    po.eval_at_start = eval_at_start;
+    Trainer<Model> trainer(model, po, w.train_batch, evaluator);
+    trainer.on_step = [&](const StepInfo& i) { progress.update(offset + i.step, i.loss); };
+    const TrainResult r = trainer.run();
+    for (const EvalPoint& e : r.evals) row.curve.push_back({offset + e.step, e.metrics.loss});
+    seconds += r.train_seconds;
+    timed += r.timed_steps;
+    if (r.reason == StopReason::NonFinite) row.note = r.message;
+    return r;
+  };
+  TrainResult r = train(first, 0, true);
+  if constexpr (two_phase) {
+    if (r.reason == StopReason::Completed) {
+      model.adapter().prune();
+      r = train(steps - first, first, false);
+    }
+  }
+  const EvalMetrics m = evaluate(model, w.eval_batches);
+  row.trainable = count();
+  row.all = full ? base_count : base_count + row.trainable;
+  row.eval_loss = m.loss;
+  row.eval_accuracy = accuracy(m);
+  row.ms_per_step = timed > 0 ? 1000.0 * seconds / double(timed) : 0.0;
+  row.peak_mem_mb = peak_memory_mb();
+  std::ostringstream summary;
+  summary << "eval loss " << std::fixed << std::setprecision(4) << row.eval_loss << ", accuracy "
+          << std::setprecision(3) << row.eval_accuracy << ", " << row.trainable << " trainable, "
+          << std::setprecision(1) << row.ms_per_step << " ms/step";
+  if (!row.note.empty()) summary << "  [" << row.note << "]";
+  progress.finish(summary.str());
+  return row;
+}
+
+/// One row of the study: a method, its family, its learning rate and how to run it (with the
+/// learning rate it is given, so --lr can override the entry's).
+struct MethodEntry {
+  std::string family, method;
+  double lr = 0;
+  std::function<MethodResult(const Workload&, const Settings&, Progress&, double lr)> run;
+};
+
+/// The entry for a PEFT policy: the family comes from the type, the config from `make_config`
+/// (given the study's model config and its step budget).
+template <class Policy>
+MethodEntry entry(
+    std::string method, double lr,
+    std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config) {
+  MethodEntry e{std::string(Policy::family::name), method, lr, {}};
+  e.run = [method, make_config](const Workload& w, const Settings& s, Progress& p, double rate) {
+    return adapt<Policy>(w, s, make_config(w.model, s.adapt_steps), rate, false, s.adapt_steps, p,
+                         method);
+  };
+  return e;
+}
+
+inline TargetRules modules(std::vector<std::string> names) {
+  TargetRules t;
+  t.target_modules.names = std::move(names);
+  return t;
+}
+inline TargetRules all_linear() {
+  TargetRules t;
+  t.target_modules.all_linear = true;
+  return t;
+}
+
+/// Every method the study compares, after the base (`none`) and full fine-tuning (`full`).
+/// Learning rates are per method, tuned once on the default tasks study (docs/study.md): the
+/// fewer and the more constrained a method's parameters, the higher its rate.
+inline std::vector<MethodEntry> study_methods() {
+  using Steps = std::int64_t;
+  using Model = const ModelConfig&;
+  const TargetRules attention = modules({"q_proj", "k_proj", "v_proj", "o_proj"});
+  std::vector<MethodEntry> m;
+  // --- reparameterized: rank 2 on the four attention projections (under 2% of the base),
+  // α = 2r. (Rank 2 on q, k, v, o beat rank 4 on q, v at the same count on the tasks study.)
+  m.push_back(entry<LoRA>("lora", 1e-2, [=](Model, Steps) {
+    LoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<DoRA>("dora", 1e-2, [=](Model, Steps) {
+    DoraConfig c;
+    c.lora.r = 2;
+    c.lora.lora_alpha = 4;
+    c.lora.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<AdaLoRA>("adalora", 3e-2, [=](Model, Steps steps) {
+    AdaLoraConfig c;
+    c.init_r = 3;  // starts above LoRA's rank, prunes to it
+    c.target_r = 2;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    c.total_step = static_cast<int>(steps);
+    c.tinit = static_cast<int>(steps / 10);
+    c.tfinal = static_cast<int>(steps / 5);
+    c.deltaT = 5;
+    return c;
+  }));
+  m.push_back(entry<DyLoRA>("dylora", 1e-2, [=](Model, Steps) {
+    DyLoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<VeRA>("vera", 5e-2, [=](Model, Steps) {
+    VeraConfig c;
+    c.r = 64;  // shared frozen projections: rank is cheap, only λ_d [r] and λ_b [out] train
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<LoHa>("loha", 3e-2, [=](Model, Steps) {
+    LohaConfig c;
+    c.options.r = 1;  // two rank-1 factors: as many parameters as LoRA r = 2
+    c.options.alpha = 2;
+    c.options.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<LoKr>("lokr", 3e-2, [=](Model, Steps) {
+    LokrConfig c;
+    c.options.r = 2;
+    c.options.alpha = 4;
+    c.options.targets = attention;
+    return c;
+  }));
+  // --- additive
+  m.push_back(entry<IA3>("ia3", 5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
+  m.push_back(entry<PrefixTuning>("prefix_tuning", 3e-2, [](Model, Steps) {
+    PrefixTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<PromptTuning>("prompt_tuning", 5e-2, [](Model, Steps) {
+    PromptTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<PTuning>("p_tuning", 1e-2, [](Model, Steps) {
+    PTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<SerialAdapter>("serial_adapter", 1e-2, [](Model, Steps) {
+    SerialAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<PfeifferAdapter>("pfeiffer_adapter", 1e-2, [](Model, Steps) {
+    PfeifferAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<ParallelAdapter>("parallel_adapter", 1e-2, [](Model, Steps) {
+    ParallelAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<SSF>("ssf", 3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
+  // --- selective: about 2% of the projection weights where a budget applies
+  m.push_back(entry<BitFit>("bitfit", 3e-2, [](Model, Steps) { return BitFitConfig{}; }));
+  m.push_back(entry<LNTuning>("ln_tuning", 3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
+  m.push_back(entry<FishMask>("fishmask", 1e-2, [](Model, Steps) {
+    FishMaskConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  m.push_back(entry<UnstructuredMask>("unstructured_mask", 1e-2, [](Model, Steps) {
+    UnstructuredMaskConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  m.push_back(entry<StructuredMask>("structured_mask", 1e-2, [](Model, Steps) {
+    StructuredMaskConfig c;  // the highest-scoring row of each projection
+    return c;
+  }));
+  m.push_back(entry<DiffPruning>("diff_pruning", 1e-2, [](Model, Steps) {
+    DiffPruningConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  // --- hybrid: the compositions with names, at the study's sizes
+  m.push_back(entry<UniPELT>("unipelt", 1e-2, [](Model model, Steps) {
+    return unipelt_config(model,
+                          {.lora_r = 2, .lora_alpha = 4, .prefix_tokens = 8, .adapter_width = 8});
+  }));
+  m.push_back(entry<MAMAdapter>("mam_adapter", 1e-2, [](Model, Steps) {
+    return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
+  }));
+  return m;
+}
+
+/// Rows `none` and `full`, then study_methods() (filtered by --methods).
+inline std::vector<MethodEntry> all_entries(const Settings& s) {
+  std::vector<MethodEntry> out;
+  out.push_back({"none", "none", 0, [](const Workload& w, const Settings& st, Progress& p, double) {
+                   MethodResult r = adapt<NoPeft>(w, st, {}, 0, false, 0, p, "none");
+                   p.start("none", 1);
+                   std::ostringstream summary;
+                   summary << "eval loss " << std::fixed << std::setprecision(4) << r.eval_loss
+                           << ", accuracy " << std::setprecision(3) << r.eval_accuracy
+                           << " (the base, un-adapted)";
+                   p.finish(summary.str());
+                   return r;
+                 }});
+  const double full_lr = 1e-3;
+  out.push_back({"none", "full", full_lr,
+                 [](const Workload& w, const Settings& st, Progress& p, double rate) {
+                   return adapt<NoPeft>(w, st, {}, rate, true, st.adapt_steps, p, "full");
+                 }});
+  for (MethodEntry& e : study_methods()) {
+    if (!s.only.empty() && std::find(s.only.begin(), s.only.end(), e.method) == s.only.end())
+      continue;
+    out.push_back(std::move(e));
+  }
+  for (MethodEntry& e : out)
+    if (const auto it = s.lr_overrides.find(e.method); it != s.lr_overrides.end())
+      e.lr = it->second;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 3: outputs.
+
+inline std::string format_double(double x, int precision) {
+  if (!std::isfinite(x)) return "nan";
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(precision) << x;
+  return s.str();
+}
+
+inline void print_table(std::ostream& out, const std::vector<MethodResult>& rows) {
+  out << '\n'
+      << std::left << std::setw(16) << "family" << std::setw(18) << "method" << std::right
+      << std::setw(12) << "trainable" << std::setw(10) << "trainable%" << std::setw(11)
+      << "eval_loss" << std::setw(10) << "accuracy" << std::setw(10) << "ms/step" << std::setw(10)
+      << "peak_MB" << '\n'
+      << std::string(97, '-') << '\n';
+  for (const MethodResult& r : rows) {
+    out << std::left << std::setw(16) << r.family << std::setw(18) << r.method << std::right
+        << std::setw(12) << r.trainable << std::setw(10) << format_double(r.trainable_pct(), 3)
+        << std::setw(11) << format_double(r.eval_loss, 4) << std::setw(10)
+        << format_double(r.eval_accuracy, 3) << std::setw(10) << format_double(r.ms_per_step, 1)
+        << std::setw(10) << format_double(r.peak_mem_mb, 1);
+    if (!r.note.empty()) out << "  " << r.note;
+    out << '\n';
+  }
+}
+
+inline void write_csv(const fs::path& path, const std::vector<MethodResult>& rows) {
+  std::ostringstream csv;
+  csv << "family,method,trainable_params,trainable_pct,eval_loss,eval_accuracy,ms_per_step,"
+         "peak_mem_mb\n";
+  for (const MethodResult& r : rows)
+    csv << r.family << ',' << r.method << ',' << r.trainable << ','
+        << format_double(r.trainable_pct(), 4) << ',' << format_double(r.eval_loss, 6) << ','
+        << format_double(r.eval_accuracy, 6) << ',' << format_double(r.ms_per_step, 3) << ','
+        << format_double(r.peak_mem_mb, 2) << '\n';
+  write_text_atomically(path, csv.str());
+}
+
+inline nlohmann::json number_or_null(double x) {
+  return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json();
+}
+
+inline void write_json(const fs::path& path, const Settings& s, const Workload& w,
+                       const std::vector<MethodResult>& rows, double seconds) {
+  nlohmann::json j;
+  j["workload"] = w.description;
+  j["quick"] = s.quick;
+  j["seed"] = s.seed;
+  j["threads"] = s.threads;
+  j["adapt_steps"] = s.adapt_steps;
+  j["pretrain_steps"] = s.pretrain_steps;
+  j["batch"] = s.batch;
+  j["accuracy"] = w.exact_match ? "exact match of the answer" : "next-byte accuracy";
+  j["wall_seconds"] = seconds;
+  j["model"] = llama_config_json(w.model);
+  j["results"] = nlohmann::json::array();
+  for (const MethodResult& r : rows) {
+    nlohmann::json curve = nlohmann::json::array();
+    for (const CurvePoint& c : r.curve)
+      curve.push_back({{"step", c.step}, {"eval_loss", number_or_null(c.loss)}});
+    j["results"].push_back({{"family", r.family},
+                            {"method", r.method},
+                            {"trainable_params", r.trainable},
+                            {"all_params", r.all},
+                            {"trainable_pct", r.trainable_pct()},
+                            {"eval_loss", number_or_null(r.eval_loss)},
+                            {"eval_accuracy", number_or_null(r.eval_accuracy)},
+                            {"ms_per_step", r.ms_per_step},
+                            {"peak_mem_mb", r.peak_mem_mb},
+                            {"lr", r.lr},
+                            {"note", r.note},
+                            {"curve", curve}});
+  }
+  write_text_atomically(path, j.dump(2) + "\n");
+}
+
+/// Eval loss against step for every method, log-scaled, as a standalone SVG.
+inline void write_svg(const fs::path& path, const std::vector<MethodResult>& rows,
+                      const std::string& title) {
+  const double width = 900, height = 520, left = 70, right = 200, top = 40, bottom = 50;
+  const double plot_w = width - left - right, plot_h = height - top - bottom;
+  double lo = 1e300, hi = -1e300;
+  std::int64_t max_step = 1;
+  double base_loss = std::numeric_limits<double>::quiet_NaN();
+  for (const MethodResult& r : rows) {
+    if (r.method == "none") base_loss = r.eval_loss;
+    if (std::isfinite(r.eval_loss) && r.method == "none")
+      lo = std::min(lo, r.eval_loss), hi = std::max(hi, r.eval_loss);
+    for (const CurvePoint& c : r.curve)
+      if (std::isfinite(c.loss) && c.loss > 0) {
+        lo = std::min(lo, c.loss);
+        hi = std::max(hi, c.loss);
+        max_step = std::max(max_step, c.step);
+      }
+  }
+  if (!(lo < hi)) lo = 0.5, hi = 2;
+  lo = std::max(lo, 1e-4);
+  const double log_lo = std::floor(std::log10(lo) * 4) / 4,
+               log_hi = std::ceil(std::log10(hi) * 4) / 4;
+  const auto x_of = [&](double step) { return left + plot_w * step / double(max_step); };
+  const auto y_of = [&](double loss) {
+    const double l = std::clamp(std::log10(std::max(loss, 1e-4)), log_lo, log_hi);
+    return top + plot_h * (log_hi - l) / (log_hi - log_lo);
+  };
+  static const char* palette[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+                                  "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+                                  "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"};
+  std::ostringstream svg;
+  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
+      << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << title << "</text>\n"
+      << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
+      << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
+  // Grid: powers of ten and their 2x, 5x within range; steps in fifths.
+  for (int e = static_cast<int>(std::floor(log_lo)); e <= static_cast<int>(std::ceil(log_hi)); ++e)
+    for (double f : {1.0, 2.0, 5.0}) {
+      const double v = f * std::pow(10.0, e), l = std::log10(v);
+      if (l < log_lo - 1e-9 || l > log_hi + 1e-9) continue;
+      const double y = y_of(v);
+      svg << "<line x1=\"" << left << "\" x2=\"" << left + plot_w << "\" y1=\"" << y << "\" y2=\""
+          << y << "\" stroke=\"#ddd\"/>\n<text x=\"" << left - 6 << "\" y=\"" << y + 4
+          << "\" text-anchor=\"end\">" << v << "</text>\n";
+    }
+  for (int i = 0; i <= 5; ++i) {
+    const double step = double(max_step) * i / 5, x = x_of(step);
+    svg << "<line x1=\"" << x << "\" x2=\"" << x << "\" y1=\"" << top << "\" y2=\"" << top + plot_h
+        << "\" stroke=\"#eee\"/>\n<text x=\"" << x << "\" y=\"" << top + plot_h + 16
+        << "\" text-anchor=\"middle\">" << static_cast<std::int64_t>(step) << "</text>\n";
+  }
+  svg << "<text x=\"" << left + plot_w / 2 << "\" y=\"" << height - 12
+      << "\" text-anchor=\"middle\">step</text>\n"
+      << "<text transform=\"translate(16," << top + plot_h / 2
+      << ") rotate(-90)\" text-anchor=\"middle\">eval loss (log scale)</text>\n";
+  int legend = 0;
+  if (std::isfinite(base_loss)) {
+    const double y = y_of(base_loss);
+    svg << "<line x1=\"" << left << "\" x2=\"" << left + plot_w << "\" y1=\"" << y << "\" y2=\""
+        << y << "\" stroke=\"#000\" stroke-dasharray=\"6,4\"/>\n"
+        << "<line x1=\"" << left + plot_w + 12 << "\" x2=\"" << left + plot_w + 36 << "\" y1=\""
+        << top + 8 << "\" y2=\"" << top + 8 << "\" stroke=\"#000\" stroke-dasharray=\"6,4\"/>\n"
+        << "<text x=\"" << left + plot_w + 42 << "\" y=\"" << top + 12 << "\">none (base)</text>\n";
+    ++legend;
+  }
+  int colour = 0;
+  for (const MethodResult& r : rows) {
+    if (r.curve.empty()) continue;
+    const char* c = palette[colour++ % (sizeof palette / sizeof *palette)];
+    svg << "<polyline fill=\"none\" stroke=\"" << c << "\" stroke-width=\"1.8\" points=\"";
+    for (const CurvePoint& p : r.curve)
+      if (std::isfinite(p.loss)) svg << x_of(double(p.step)) << ',' << y_of(p.loss) << ' ';
+    const double ly = top + 8 + 18 * legend++;
+    svg << "\"/>\n<line x1=\"" << left + plot_w + 12 << "\" x2=\"" << left + plot_w + 36
+        << "\" y1=\"" << ly << "\" y2=\"" << ly << "\" stroke=\"" << c
+        << "\" stroke-width=\"2.5\"/>\n<text x=\"" << left + plot_w + 42 << "\" y=\"" << ly + 4
+        << "\">" << r.method << "</text>\n";
+  }
+  svg << "</svg>\n";
+  write_text_atomically(path, svg.str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line.
+
+inline void print_usage(std::ostream& out) {
+  out << "usage: peft study [--quick] [--out DIR] [--cache DIR] [--seed N] [--threads N]\n"
+         "                  [--methods a,b,...] [--lr method=rate,...] [--task NAME] [--steps N]\n"
+         "                  [--pretrain-steps N]\n"
+         "                  [--pretrain-text FILE1 --text FILE2] [--no-progress] [--list]\n"
+         "Pretrains a small decoder (cached), adapts it with full fine-tuning and every PEFT\n"
+         "method, writes results.csv, results.json and curves.svg into --out (default ./study).\n"
+         "docs/study.md explains the setup and every option.\n";
+}
+
+inline std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+/// Parses the arguments; returns false (after a message) when they are wrong.
+inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bool& list,
+                           std::ostream& err) {
+  std::int64_t steps = 0, pretrain_steps = 0;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    const auto value = [&]() -> const std::string& {
+      if (i + 1 >= args.size()) throw ConfigError("option " + a + " needs a value");
+      return args[++i];
+    };
+    const auto integer = [&](std::int64_t lo) {
+      const std::string& v = value();
+      std::size_t used = 0;
+      long long n = 0;
+      try {
+        n = std::stoll(v, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used != v.size() || n < lo)
+        throw ConfigError("option " + a + " expects an integer ≥ " + std::to_string(lo) +
+                          ", got '" + v + "'");
+      return static_cast<std::int64_t>(n);
+    };
+    if (a == "--quick")
+      s.quick = true;
+    else if (a == "--out")
+      s.out = value();
+    else if (a == "--cache")
+      s.cache = value();
+    else if (a == "--seed")
+      s.seed = static_cast<std::uint64_t>(integer(0));
+    else if (a == "--threads")
+      s.threads = static_cast<int>(integer(1));
+    else if (a == "--methods")
+      s.only = split_commas(value());
+    else if (a == "--lr") {
+      for (const std::string& item : split_commas(value())) {
+        const std::size_t eq = item.find('=');
+        double rate = 0;
+        try {
+          rate = eq == std::string::npos ? 0 : std::stod(item.substr(eq + 1));
+        } catch (const std::exception&) {
+          rate = 0;
+        }
+        if (!(rate > 0))
+          throw ConfigError("--lr expects method=rate[,method=rate], got '" + item + "'");
+        s.lr_overrides[item.substr(0, eq)] = rate;
+      }
+    } else if (a == "--task")
+      s.downstream = data::task_from_name(value());
+    else if (a == "--steps")
+      steps = integer(1);
+    else if (a == "--pretrain-steps")
+      pretrain_steps = integer(1);
+    else if (a == "--pretrain-text")
+      s.pretrain_text = value();
+    else if (a == "--text")
+      s.text = value();
+    else if (a == "--no-progress")
+      s.progress = false;
+    else if (a == "--list")
+      list = true;
+    else if (a == "--help" || a == "-h") {
+      print_usage(err);
+      return false;
+    } else {
+      err << "peft study: unknown option '" << a << "'\n";
+      print_usage(err);
+      return false;
+    }
+  }
+  if (s.pretrain_text.empty() != s.text.empty()) {
+    err << "peft study: --pretrain-text and --text go together (pretrain on one file, adapt to the "
+           "other)\n";
+    return false;
+  }
+  s.pretrain_tasks.clear();
+  for (data::TaskKind k : data::kAllTasks)
+    if (k != s.downstream) s.pretrain_tasks.push_back(k);
+  // Budgets: --quick fits in under 3 minutes on 2 cores, the default in under 10.
+  s.pretrain_steps = pretrain_steps
+                         ? pretrain_steps
+                         : (s.text_mode() ? (s.quick ? 600 : 1500) : (s.quick ? 1000 : 2500));
+  s.adapt_steps = steps ? steps : (s.quick ? 150 : 400);
+  s.batch = s.text_mode() ? 16 : 32;
+  s.eval_every = std::max<std::int64_t>(1, s.adapt_steps / (s.quick ? 6 : 10));
+  s.eval_examples = s.quick ? 192 : 384;
+  return true;
+}
+
+}  // namespace study
+
+/// `peft study [OPTIONS]`; see study::print_usage and docs/study.md.
+inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  using namespace std::chrono;
+  namespace fs = std::filesystem;
+  study::Settings s;
+  bool list = false;
+  if (!study::parse_settings(args, s, list, err)) return 2;
+  if (list) {
+    for (const study::MethodEntry& e : study::all_entries(s))
+      out << std::left << std::setw(18) << e.family << std::setw(18) << e.method << " lr " << e.lr
+          << '\n';
+    return 0;
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(s.threads);
+#endif
+  const auto started = steady_clock::now();
+  fs::create_directories(s.out);
+  study::Progress progress(out, s.progress);
+
+  // The workload: data for pretraining and for adaptation.
+  study::Workload w;
+  std::function<Batch(std::mt19937_64&)> pretrain_batch;
+  std::vector<Batch> pretrain_eval;
+  std::string data_key;
+  std::optional<data::ByteCorpus> pretrain_corpus, corpus;
+  std::optional<data::TaskMixture> pretrain_mix, downstream_mix;
+  const std::int64_t batch = s.batch;
+  if (s.text_mode()) {
+    const std::int64_t seq = 64;
+    w.model = study::study_model(data::kByteVocabSize, seq);
+    pretrain_corpus.emplace(data::ByteCorpus::from_file(s.pretrain_text, seq));
+    corpus.emplace(data::ByteCorpus::from_file(s.text, seq));
+    const std::vector<std::uint8_t> bytes = data::read_bytes(s.pretrain_text);
+    data_key = "text:" + study::hex16(study::fnv1a(std::string_view(
+                             reinterpret_cast<const char*>(bytes.data()), bytes.size())));
+    pretrain_batch = [&](std::mt19937_64& rng) { return pretrain_corpus->train_batch(rng, batch); };
+    pretrain_eval = pretrain_corpus->eval_batches(s.eval_examples / 2, 32);
+    w.train_batch = [&](std::mt19937_64& rng) { return corpus->train_batch(rng, batch); };
+    w.eval_batches = corpus->eval_batches(s.eval_examples / 2, 32);
+    std::mt19937_64 calib(s.seed + 3);
+    for (int i = 0; i < 4; ++i) w.calibration_batches.push_back(corpus->train_batch(calib, batch));
+    w.exact_match = false;
+    w.description = "byte-level LM: pretrain on " + s.pretrain_text.string() + ", adapt to " +
+                    s.text.string() + " (eval on its last 10%)";
+  } else {
+    pretrain_mix.emplace(data::TaskMixture{s.pretrain_tasks, {}, 0});
+    downstream_mix.emplace(data::TaskMixture{{s.downstream}, {}, 0});
+    // Both pad to one length, so batch shapes (and step times) match across the phases.
+    const std::int64_t seq = std::max(pretrain_mix->seq_len(), downstream_mix->seq_len());
+    pretrain_mix->min_seq_len = downstream_mix->min_seq_len = seq;
+    w.model = study::study_model(data::TaskVocab::size, 64);
+    data_key = "tasks:";
+    for (data::TaskKind k : s.pretrain_tasks) data_key += std::string(data::task_name(k)) + ",";
+    pretrain_batch = [&](std::mt19937_64& rng) { return pretrain_mix->train_batch(rng, batch); };
+    pretrain_eval = pretrain_mix->eval_batches(s.seed + 11, s.eval_examples, 64);
+    w.train_batch = [&](std::mt19937_64& rng) { return downstream_mix->train_batch(rng, batch); };
+    w.eval_batches = downstream_mix->eval_batches(s.seed + 12, s.eval_examples, 64);
+    std::mt19937_64 calib(s.seed + 3);
+    for (int i = 0; i < 4; ++i)
+      w.calibration_batches.push_back(downstream_mix->train_batch(calib, batch));
+    w.exact_match = true;
+    std::string mix;
+    for (data::TaskKind k : s.pretrain_tasks)
+      mix += (mix.empty() ? "" : "+") + std::string(data::task_name(k));
+    w.description = "synthetic tasks: pretrain on " + mix + ", adapt to " +
+                    std::string(data::task_name(s.downstream)) + " (exact-match accuracy)";
+  }
+  out << "peft study" << (s.quick ? " --quick" : "") << ": " << w.description << "\n"
+      << "model: llama-style, d=" << w.model.hidden_size << ", " << w.model.num_layers
+      << " layers, " << w.model.num_heads << " heads, vocab " << w.model.vocab_size << "; "
+      << s.threads << " thread(s), seed " << s.seed << "\n";
+  w.base_dir =
+      study::pretrained_base(s, w.model, pretrain_batch, pretrain_eval, data_key, out, progress);
+
+  out << "adapting: " << s.adapt_steps << " steps of batch " << batch
+      << " per method, cosine schedule, AdamW, clip 1.0\n";
+  std::vector<study::MethodResult> rows;
+  for (const study::MethodEntry& e : study::all_entries(s)) {
+    study::MethodResult r;
+    try {
+      r = e.run(w, s, progress, e.lr);
+    } catch (const std::exception& ex) {
+      r.note = std::string("failed: ") + ex.what();
+      progress.finish(r.note);
+    }
+    r.family = e.family;
+    r.method = e.method;
+    r.lr = e.lr;
+    rows.push_back(std::move(r));
+  }
+  const double seconds = duration<double>(steady_clock::now() - started).count();
+  study::print_table(out, rows);
+  study::write_csv(s.out / "results.csv", rows);
+  study::write_json(s.out / "results.json", s, w, rows, seconds);
+  study::write_svg(s.out / "curves.svg", rows, w.description);
+  out << "\nwrote " << (s.out / "results.csv").string() << ", " << (s.out / "results.json").string()
+      << ", " << (s.out / "curves.svg").string() << " in " << std::fixed << std::setprecision(1)
+      << seconds << " s\n";
+  return 0;
+}
+
+}  // namespace peft::cli

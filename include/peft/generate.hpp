@@ -1,0 +1,98 @@
+#pragma once
+// Text generation for the causal decoders: greedy, temperature and top-k sampling.
+//
+// Each new token recomputes the forward pass over the whole context (no key/value cache): the
+// models this library trains on a CPU are small, and recomputing keeps every PEFT hook (prefix
+// keys, virtual tokens, adapters) on the one code path the training uses.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include "peft/core/error.hpp"
+#include "peft/nn/decoder.hpp"
+
+namespace peft {
+
+struct GenerateOptions {
+  std::int64_t max_new_tokens = 32;
+  double temperature = 0.0;  ///< 0: greedy (argmax); otherwise sample softmax(logits / temperature)
+  int top_k = 0;             ///< sample among the k most likely tokens only; 0: all
+  std::uint64_t seed = 0;    ///< the sampler's generator
+  std::optional<std::int64_t> stop_token;  ///< stop after emitting it (it is returned)
+};
+
+namespace detail {
+/// A uniform double in [0, 1) from 53 random bits: the same on every standard library.
+inline double uniform01(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }
+
+/// Picks the next token from one row of logits.
+template <class T>
+std::int64_t pick_token(const T* logits, std::int64_t vocab, const GenerateOptions& o,
+                        std::mt19937_64& rng) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(vocab));
+  for (std::int64_t v = 0; v < vocab; ++v) order[static_cast<std::size_t>(v)] = v;
+  // Ties go to the lower id, so greedy decoding is deterministic.
+  const auto more_likely = [&](std::int64_t a, std::int64_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  if (o.temperature <= 0) return *std::min_element(order.begin(), order.end(), more_likely);
+  const std::int64_t k = o.top_k > 0 ? std::min<std::int64_t>(o.top_k, vocab) : vocab;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), more_likely);
+  const double mx = double(logits[order[0]]);
+  std::vector<double> weights(static_cast<std::size_t>(k));
+  double total = 0;
+  for (std::int64_t i = 0; i < k; ++i) {
+    weights[static_cast<std::size_t>(i)] =
+        std::exp((double(logits[order[static_cast<std::size_t>(i)]]) - mx) / o.temperature);
+    total += weights[static_cast<std::size_t>(i)];
+  }
+  double u = uniform01(rng) * total;
+  for (std::int64_t i = 0; i < k; ++i) {
+    u -= weights[static_cast<std::size_t>(i)];
+    if (u < 0) return order[static_cast<std::size_t>(i)];
+  }
+  return order[static_cast<std::size_t>(k - 1)];
+}
+}  // namespace detail
+
+/// Continues `prompt` (token ids) by up to max_new_tokens tokens; returns the new tokens only.
+/// The context is cut from the left to the model's max_positions.
+template <class Model>
+std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> prompt,
+                                   const GenerateOptions& options = {}) {
+  using T = typename Model::Scalar;
+  if (prompt.empty()) throw ConfigError("generate: the prompt is empty (give at least one token)");
+  const std::int64_t vocab = model.config().vocab_size;
+  for (std::int64_t t : prompt)
+    if (t < 0 || t >= vocab)
+      throw ConfigError("generate: prompt token " + std::to_string(t) +
+                        " outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  if (options.top_k < 0) throw ConfigError("generate: top_k must be ≥ 0");
+  std::mt19937_64 rng(options.seed);
+  std::vector<std::int64_t> context = std::move(prompt), generated;
+  // Room left for the policy's virtual / prefix tokens is the policy's business: the decoder
+  // throws a clear error if they do not fit.
+  const std::int64_t window = model.config().max_positions;
+  for (std::int64_t n = 0; n < options.max_new_tokens; ++n) {
+    if (static_cast<std::int64_t>(context.size()) > window)
+      context.erase(context.begin(), context.end() - window);
+    Batch batch;
+    batch.batch = 1;
+    batch.seq = static_cast<std::int64_t>(context.size());
+    batch.input_ids = context;
+    Tape<T> tape(false);
+    const ForwardResult<T> out = model.forward(tape, batch, false);
+    const std::int64_t last = out.logits.shape()[1] - 1;
+    const std::int64_t token =
+        detail::pick_token(out.logits.value().data() + last * vocab, vocab, options, rng);
+    generated.push_back(token);
+    context.push_back(token);
+    if (options.stop_token && token == *options.stop_token) break;
+  }
+  return generated;
+}
+
+}  // namespace peft

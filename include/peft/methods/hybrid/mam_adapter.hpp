@@ -1,0 +1,36 @@
+#pragma once
+// MAM adapter ("mix-and-match", He et al., 2022, "Towards a Unified View of Parameter-Efficient
+// Transfer Learning"): prefix tuning in attention plus a scaled parallel adapter on the MLP,
+// the combination that paper's study of the design space (modified representation, insertion
+// form, composition function) found best: MLP(x) + s · U σ(D x), beside the MLP, reading its
+// input, with s = 4 and prefix keys/values in every layer (30 virtual tokens and width 512 in the
+// paper, for models of hidden size 1024).
+//
+//   using MAMAdapter = Compose<PrefixTuning, ParallelAdapter>;
+//
+// Files, counting, merging: as Compose (the prefix and the adapter are not mergeable).
+#include "peft/methods/additive/bottleneck_adapter.hpp"
+#include "peft/methods/additive/prefix_tuning.hpp"
+#include "peft/methods/hybrid/compose.hpp"
+
+namespace peft {
+
+using MAMAdapter = Compose<PrefixTuning, ParallelAdapter>;
+
+struct MamSizes {
+  std::int64_t prefix_tokens = 30;
+  std::int64_t adapter_width = 512;
+  double scaling = 4.0;
+};
+
+/// A MAM adapter config; the paper's sizes by default (scale them down for small models).
+inline MAMAdapter::Config mam_config(const MamSizes& sizes = {}) {
+  PrefixTuningConfig prefix;
+  prefix.num_virtual_tokens = sizes.prefix_tokens;
+  ParallelAdapter::Config adapter;
+  adapter.bottleneck_size = sizes.adapter_width;
+  adapter.scaling = sizes.scaling;
+  return MAMAdapter::Config(prefix, adapter);
+}
+
+}  // namespace peft

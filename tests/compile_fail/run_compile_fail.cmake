@@ -1,0 +1,28 @@
+# Runs at test time (cmake -P): compiles SOURCE with the compiler and include folders the
+# library's consumers get, once with -DPEFT_COMPILE_FAIL_CONTROL (must compile: the include
+# paths are right) and once without (must fail, with EXPECT in the diagnostics).
+#   -DCXX=... -DSOURCE=... -DEXPECT=<regex> -DINCLUDES=<dir|dir|...> -DSTD=c++20
+string(REPLACE "|" ";" _includes "${INCLUDES}")
+set(_flags -std=${STD} -fsyntax-only -fopenmp)
+foreach(_dir IN LISTS _includes)
+  if(_dir)
+    list(APPEND _flags "-isystem" "${_dir}")
+  endif()
+endforeach()
+
+execute_process(COMMAND "${CXX}" ${_flags} -DPEFT_COMPILE_FAIL_CONTROL "${SOURCE}"
+  RESULT_VARIABLE _rc ERROR_VARIABLE _err OUTPUT_VARIABLE _out)
+if(NOT _rc EQUAL 0)
+  message(FATAL_ERROR "the control build of ${SOURCE} failed, so the test proves nothing:\n${_err}")
+endif()
+
+execute_process(COMMAND "${CXX}" ${_flags} "${SOURCE}"
+  RESULT_VARIABLE _rc ERROR_VARIABLE _err OUTPUT_VARIABLE _out)
+if(_rc EQUAL 0)
+  message(FATAL_ERROR "${SOURCE} compiled, but the composition rule must reject it")
+endif()
+if(NOT "${_err}${_out}" MATCHES "${EXPECT}")
+  message(FATAL_ERROR "${SOURCE} failed to compile, but not with the expected message "
+                      "'${EXPECT}':\n${_err}")
+endif()
+message(STATUS "${SOURCE}: rejected as expected ('${EXPECT}')")
