@@ -461,8 +461,7 @@ TEST_CASE_TEMPLATE("selective: each method trains well below the base model's lo
         p.name.find("embed_tokens") != std::string::npos ||
         p.name.find("lm_head") != std::string::npos)
       p.var.value().vector() *= 25.0f;
-  if constexpr (requires { model.adapter().on_base_weights_loaded(); })
-    model.adapter().on_base_weights_loaded();
+  model.base_weights_changed();
   const Batch batch = cycle_batch();
   if constexpr (std::is_same_v<typename C::Policy, peft::FishMask>)
     model.adapter().calibrate(model, std::vector<Batch>{batch});

@@ -171,9 +171,13 @@ class Decoder {
     }
     if (!config_.tie_word_embeddings && !file.contains("lm_head.weight"))
       throw FileError(file.name() + ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
-    // Adapters initialised from base tensors (prompt tuning from token embeddings, PiSSA from
-    // the weights' singular vectors, DoRA's magnitudes from the weights' norms) redo it now that
-    // the real weights are in.
+    base_weights_changed();
+  }
+
+  /// Adapters initialised from base tensors (prompt tuning from token embeddings, PiSSA from
+  /// the weights' singular vectors, DoRA's magnitudes from the weights' norms) redo it: call
+  /// after replacing base weights by hand (load_base_weights calls it).
+  void base_weights_changed() {
     if constexpr (requires(std::vector<nn::Linear<T>*>& m) { adapter_.on_base_weights_loaded(m); }) {
       std::vector<nn::Linear<T>*> modules = linear_modules();
       adapter_.on_base_weights_loaded(modules);

@@ -421,9 +421,12 @@ struct Compose {
     }
 
     /// Components initialised from base tensors redo it once the real weights are in.
-    void on_base_weights_loaded() {
+    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
       for_each_state([&](auto& state) {
-        if constexpr (requires { state.on_base_weights_loaded(); }) state.on_base_weights_loaded();
+        if constexpr (requires { state.on_base_weights_loaded(modules); })
+          state.on_base_weights_loaded(modules);
+        else if constexpr (requires { state.on_base_weights_loaded(); })
+          state.on_base_weights_loaded();
       });
     }
 

@@ -162,8 +162,7 @@ void proxy_train(Model& model, const Workload& w, const SearchOptions& o, double
                  CandidateResult& row) {
   auto base = model.base_parameters();
   for (std::size_t i = 0; i < base.size(); ++i) base[i].var.value() = w.base[i].var.value();
-  if constexpr (requires { model.adapter().on_base_weights_loaded(); })
-    model.adapter().on_base_weights_loaded();
+  model.base_weights_changed();
   for (const NamedParameter<float>& p : model.trainable_parameters())
     row.trained_parameters += p.var.value().numel();
   TrainerOptions t;

@@ -269,8 +269,11 @@ struct Gated {
       return inner_.extra_loss(tape);
     }
 
-    void on_base_weights_loaded() {
-      if constexpr (requires { inner_.on_base_weights_loaded(); }) inner_.on_base_weights_loaded();
+    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
+      if constexpr (requires { inner_.on_base_weights_loaded(modules); })
+        inner_.on_base_weights_loaded(modules);
+      else if constexpr (requires { inner_.on_base_weights_loaded(); })
+        inner_.on_base_weights_loaded();
     }
 
     /// P's tensors, then the gates.
