@@ -32,6 +32,18 @@
 //   Var<T> extra_loss(Tape<T>&)          // a regulariser [1] added to the training loss
 //   void merge(std::vector<nn::Linear<T>*>&); void unmerge(std::vector<nn::Linear<T>*>&);
 //       fold the adapter into the base weights and back (mergeable methods only)
+//   bool adapts(const nn::Linear<T>&) const
+//       with a linear hook: whether it adapted this module (Compose routes each projection to
+//       the one component that adapts it)
+//   void on_base_weights_loaded(std::vector<nn::Linear<T>*>&)   (or with no argument)
+//       redo initialisation that depends on base weights (PiSSA, DoRA magnitudes, prompt
+//       tuning from token embeddings) once real weights are in: Decoder::base_weights_changed()
+//   void observe_attention_input(Tape<T>&, int layer, const Var<T>& x)
+//       sees a block's normalised attention input before its projections (UniPELT's gates;
+//       called by Compose from its linear routing)
+//   static ParameterCount count_parameters(const ModelConfig&, const std::vector<LinearShape>&,
+//                                          const Config&)   // `peft count`, from shapes alone
+//   static bool accepts(const nlohmann::json&)           // loadable from adapter_config.json
 //
 // ORDER AT A SITE: the decoder calls the hooks in the order listed above within each block.
 #include <concepts>
