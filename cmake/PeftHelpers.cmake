@@ -48,8 +48,9 @@ function(peft_configure_executable target)
     # INTERFACE target does not impose it on consumers.
     target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CXX>:-march=native>")
     # GCC 12's own AVX-512 intrinsic headers (`__m512 __Y = __Y;`), inlined through Eigen, trip
-    # -Wmaybe-uninitialized: a false positive in the compiler's headers, not in this project.
-    target_compile_options(${target} PRIVATE "$<$<COMPILE_LANG_AND_ID:CXX,GNU>:-Wno-maybe-uninitialized>")
+    # -W(maybe-)uninitialized: false positives in the compiler's headers, not in this project.
+    target_compile_options(${target} PRIVATE
+      "$<$<COMPILE_LANG_AND_ID:CXX,GNU>:-Wno-maybe-uninitialized;-Wno-uninitialized>")
   endif()
   set_target_properties(${target} PROPERTIES UNITY_BUILD OFF)
 endfunction()
