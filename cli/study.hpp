@@ -565,13 +565,13 @@ inline std::string format_double(double x, int precision) {
 inline void print_table(std::ostream& out, const std::vector<MethodResult>& rows) {
   out << '\n'
       << std::left << std::setw(16) << "family" << std::setw(18) << "method" << std::right
-      << std::setw(12) << "trainable" << std::setw(10) << "trainable%" << std::setw(11)
+      << std::setw(12) << "trainable" << std::setw(12) << "trainable%" << std::setw(11)
       << "eval_loss" << std::setw(10) << "accuracy" << std::setw(10) << "ms/step" << std::setw(10)
       << "peak_MB" << '\n'
-      << std::string(97, '-') << '\n';
+      << std::string(99, '-') << '\n';
   for (const MethodResult& r : rows) {
     out << std::left << std::setw(16) << r.family << std::setw(18) << r.method << std::right
-        << std::setw(12) << r.trainable << std::setw(10) << format_double(r.trainable_pct(), 3)
+        << std::setw(12) << r.trainable << std::setw(12) << format_double(r.trainable_pct(), 3)
         << std::setw(11) << format_double(r.eval_loss, 4) << std::setw(10)
         << format_double(r.eval_accuracy, 3) << std::setw(10) << format_double(r.ms_per_step, 1)
         << std::setw(10) << format_double(r.peak_mem_mb, 1);
