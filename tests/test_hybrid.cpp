@@ -18,6 +18,8 @@
 #include <random>
 #include <string>
 
+#include "tiny_models.hpp"
+
 namespace {
 
 using peft::Batch;
@@ -27,52 +29,10 @@ using peft::Tape;
 using peft::Tensor;
 using peft::Var;
 
-ModelConfig tiny_gpt2() {
-  ModelConfig c;
-  c.model_type = "gpt2";
-  c.vocab_size = 12;
-  c.hidden_size = 8;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 4;
-  c.intermediate_size = 16;
-  c.max_positions = 32;
-  c.tie_word_embeddings = true;
-  return c;
-}
-
-ModelConfig tiny_llama() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = 12;
-  c.hidden_size = 8;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.intermediate_size = 12;
-  c.max_positions = 32;
-  c.norm_eps = 1e-6;
-  c.tie_word_embeddings = false;
-  c.attention_bias = c.mlp_bias = false;
-  return c;
-}
-
-template <class Arch>
-ModelConfig tiny_config() {
-  if constexpr (std::is_same_v<Arch, peft::arch::Gpt2>) return tiny_gpt2();
-  else return tiny_llama();
-}
-
-Batch padded_batch() {
-  Batch b;
-  b.batch = 2;
-  b.seq = 5;
-  b.input_ids = {1, 5, 7, 2, 9, 3, 3, 8, 0, 0};
-  b.attention_mask = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
-  return b;
-}
+using test_support::padded_batch;
+using test_support::tiny_config;
+using test_support::tiny_gpt2;
+using test_support::tiny_llama;
 
 double max_abs_diff(const Tensor<double>& a, const Tensor<double>& b) {
   REQUIRE(a.shape() == b.shape());
