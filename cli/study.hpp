@@ -187,27 +187,6 @@ inline ModelConfig study_model(std::int64_t vocab, std::int64_t positions) {
   return c;
 }
 
-/// config.json in the reference's LlamaConfig spelling, so the cached base loads like any
-/// reference checkpoint (Decoder::load, peft inspect).
-inline nlohmann::json llama_config_json(const ModelConfig& c) {
-  return {{"model_type", "llama"},
-          {"architectures", {"LlamaForCausalLM"}},
-          {"vocab_size", c.vocab_size},
-          {"hidden_size", c.hidden_size},
-          {"num_hidden_layers", c.num_layers},
-          {"num_attention_heads", c.num_heads},
-          {"num_key_value_heads", c.num_kv_heads},
-          {"head_dim", c.head_dim},
-          {"intermediate_size", c.intermediate_size},
-          {"max_position_embeddings", c.max_positions},
-          {"rms_norm_eps", c.norm_eps},
-          {"rope_theta", c.rope_theta},
-          {"tie_word_embeddings", c.tie_word_embeddings},
-          {"attention_bias", c.attention_bias},
-          {"mlp_bias", c.mlp_bias},
-          {"hidden_act", "silu"}};
-}
-
 // ---------------------------------------------------------------------------------------------
 // Phase 1: the pretrained base, from the cache or trained now.
 
@@ -216,7 +195,7 @@ inline fs::path pretrained_base(const Settings& s, const ModelConfig& model,
                                 const std::function<Batch(std::mt19937_64&)>& train_batch,
                                 const std::vector<Batch>& eval_batches, const std::string& data_key,
                                 std::ostream& out, Progress& progress) {
-  nlohmann::json key = {{"study-cache-format", 1}, {"model", llama_config_json(model)},
+  nlohmann::json key = {{"study-cache-format", 1}, {"model", model.to_json()},
                         {"data", data_key},        {"steps", s.pretrain_steps},
                         {"batch", s.batch},        {"lr", s.pretrain_lr},
                         {"seed", s.seed},          {"threads", s.threads}};
@@ -264,7 +243,7 @@ inline fs::path pretrained_base(const Settings& s, const ModelConfig& model,
   info["eval_token_accuracy"] = m.token_accuracy;
   info["train_seconds"] = r.train_seconds;
   write_text_atomically(dir / "pretraining.json", info.dump(2) + "\n");
-  write_text_atomically(dir / "config.json", llama_config_json(model).dump(2) + "\n");
+  write_text_atomically(dir / "config.json", model.to_json().dump(2) + "\n");
   return dir;
 }
 
@@ -608,7 +587,7 @@ inline void write_json(const fs::path& path, const Settings& s, const Workload& 
   j["batch"] = s.batch;
   j["accuracy"] = w.exact_match ? "exact match of the answer" : "next-byte accuracy";
   j["wall_seconds"] = seconds;
-  j["model"] = llama_config_json(w.model);
+  j["model"] = w.model.to_json();
   j["results"] = nlohmann::json::array();
   for (const MethodResult& r : rows) {
     nlohmann::json curve = nlohmann::json::array();

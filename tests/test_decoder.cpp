@@ -332,3 +332,13 @@ TEST_CASE("Llama 3 rope scaling: high frequencies kept, low ones slowed by the f
   for (std::size_t i = 0; i < scaled.size(); ++i) CHECK(scaled[i] <= base[i]);
   CHECK(peft::base_parameter_count<peft::arch::Llama>(c) == 1235814400);  // Llama-3.2-1B
 }
+
+TEST_CASE("ModelConfig::to_json writes a config.json that reads back to the same config") {
+  for (const std::string type : {"gpt2", "llama"}) {
+    CAPTURE(type);
+    const ModelConfig c = tiny_config(type);
+    const ModelConfig back = ModelConfig::from_json(c.to_json(), "written config.json");
+    CHECK(back.to_json() == c.to_json());
+    CHECK(back.kv_dim() == c.kv_dim());
+  }
+}

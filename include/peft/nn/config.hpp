@@ -56,6 +56,39 @@ struct ModelConfig {
     if (norm_eps <= 0 || rope_theta <= 0) fail("eps and rope theta must be positive");
   }
 
+  /// The config.json transformers would write for this config (LLaMA: LlamaConfig's fields;
+  /// GPT-2: GPT2Config's), so that a model this library builds loads like a reference one.
+  nlohmann::json to_json() const {
+    if (model_type == "gpt2")
+      return {{"model_type", "gpt2"},
+              {"architectures", {"GPT2LMHeadModel"}},
+              {"vocab_size", vocab_size},
+              {"n_embd", hidden_size},
+              {"n_layer", num_layers},
+              {"n_head", num_heads},
+              {"n_inner", intermediate_size},
+              {"n_positions", max_positions},
+              {"layer_norm_epsilon", norm_eps},
+              {"activation_function", "gelu_new"},
+              {"tie_word_embeddings", tie_word_embeddings}};
+    return {{"model_type", "llama"},
+            {"architectures", {"LlamaForCausalLM"}},
+            {"vocab_size", vocab_size},
+            {"hidden_size", hidden_size},
+            {"num_hidden_layers", num_layers},
+            {"num_attention_heads", num_heads},
+            {"num_key_value_heads", num_kv_heads},
+            {"head_dim", head_dim},
+            {"intermediate_size", intermediate_size},
+            {"max_position_embeddings", max_positions},
+            {"rms_norm_eps", norm_eps},
+            {"rope_theta", rope_theta},
+            {"tie_word_embeddings", tie_word_embeddings},
+            {"attention_bias", attention_bias},
+            {"mlp_bias", mlp_bias},
+            {"hidden_act", "silu"}};
+  }
+
   /// Reads a transformers `config.json` (GPT2LMHeadModel or LlamaForCausalLM).
   static ModelConfig from_json(const nlohmann::json& j, const std::string& source) {
     auto fail = [&](const std::string& what) { throw ConfigError(source + ": " + what); };

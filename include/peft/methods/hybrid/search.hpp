@@ -422,25 +422,6 @@ inline void print_table(std::ostream& out, const SearchResult& r) {
   }
 }
 
-/// A ModelConfig as a transformers LlamaConfig config.json (for `peft count`).
-inline nlohmann::json llama_config_json(const ModelConfig& c) {
-  return {{"model_type", "llama"},
-          {"architectures", {"LlamaForCausalLM"}},
-          {"vocab_size", c.vocab_size},
-          {"hidden_size", c.hidden_size},
-          {"num_hidden_layers", c.num_layers},
-          {"num_attention_heads", c.num_heads},
-          {"num_key_value_heads", c.num_kv_heads},
-          {"head_dim", c.head_dim},
-          {"intermediate_size", c.intermediate_size},
-          {"max_position_embeddings", c.max_positions},
-          {"rms_norm_eps", c.norm_eps},
-          {"rope_theta", c.rope_theta},
-          {"tie_word_embeddings", c.tie_word_embeddings},
-          {"attention_bias", c.attention_bias},
-          {"mlp_bias", c.mlp_bias},
-          {"hidden_act", "silu"}};
-}
 
 /// Writes into `dir`: adapter_config.json (the best candidate's config), config.json (the
 /// searched model's), search_table.md, search.json (every row, the budget and the cost).
@@ -454,7 +435,7 @@ inline void write_results(const std::filesystem::path& dir, const SearchResult& 
     if (!out) throw FileError((dir / name).string() + ": write failed");
   };
   write("adapter_config.json", best.candidate.config_json(o.model).dump(2) + "\n");
-  write("config.json", llama_config_json(o.model).dump(2) + "\n");
+  write("config.json", o.model.to_json().dump(2) + "\n");
   std::ostringstream table;
   print_table(table, r);
   write("search_table.md", table.str());
