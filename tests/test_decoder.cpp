@@ -136,7 +136,7 @@ TEST_CASE("merge then unmerge restores the base weights; merged logits equal unm
   for (const std::string type : {"gpt2", "llama"}) {
     auto run = [&](auto& model) {
       randomise_adapter(model, 200);
-      std::vector<std::vector<float>> before;
+      std::vector<peft::AlignedVector<float>> before;
       for (auto& p : model.base_parameters()) before.push_back(p.var.value().values());
       const auto unmerged = model.logits(tiny_batch());
       model.merge();

@@ -233,7 +233,7 @@ TEST_CASE("trainer: k micro-batches of one batch give the gradient of that batch
     std::mt19937_64 rng(1);
     return mixture().train_batch(rng, 4);
   }();
-  std::vector<std::vector<float>> after;
+  std::vector<peft::AlignedVector<float>> after;
   for (int accumulation : {1, 3}) {
     Model model(tiny_config(), tiny_lora(), 3);
     peft::TrainerOptions o = tiny_options(1);
@@ -301,7 +301,7 @@ TEST_CASE("checkpoint: a process killed while writing checkpoints leaves a loada
   const auto step = state.at("step").get<int>();
   CHECK(step >= 1);
   // Whole and consistent: every element holds the step the state names.
-  const std::vector<float>& values = params[0].var.value().values();
+  const auto& values = params[0].var.value().values();
   CHECK(values.front() == float(step));
   CHECK(values.back() == float(step));
   fs::remove_all(dir);

@@ -125,7 +125,7 @@ Var<T> attention(Tape<T>& tape, const Var<T>& q, const Var<T>& k, const Var<T>& 
   }
   const std::int64_t tile = detail::kAttentionTile;
   Tensor<T> out(qs);
-  std::vector<T> lse(static_cast<std::size_t>(B * H * Tq));  // kept for backward
+  AlignedVector<T> lse(static_cast<std::size_t>(B * H * Tq));  // kept for backward
 
   PEFT_PARALLEL_FOR
   for (std::int64_t bh = 0; bh < B * H; ++bh) {
@@ -213,7 +213,7 @@ namespace detail {
 // it; doing the same keeps float64 runs within rounding of the reference.
 template <class T>
 void rope_table(std::int64_t positions, std::int64_t offset, const std::vector<float>& inv_freq,
-                std::vector<T>& cos_table, std::vector<T>& sin_table) {
+                AlignedVector<T>& cos_table, AlignedVector<T>& sin_table) {
   const auto half = static_cast<std::int64_t>(inv_freq.size());
   cos_table.resize(static_cast<std::size_t>(positions * half));
   sin_table.resize(cos_table.size());
@@ -239,7 +239,7 @@ inline std::vector<float> rope_default_frequencies(std::int64_t head_dim, double
 // Rotates every head of x [B, T, heads·D] in place; inverse = the transposed rotation.
 template <class T>
 void rope_apply(T* x, std::int64_t rows_bt, std::int64_t seq, std::int64_t heads,
-                std::int64_t head_dim, const std::vector<T>& cs, const std::vector<T>& sn,
+                std::int64_t head_dim, const AlignedVector<T>& cs, const AlignedVector<T>& sn,
                 bool inverse) {
   const std::int64_t half = head_dim / 2;
   for (std::int64_t r = 0; r < rows_bt; ++r) {
@@ -271,7 +271,7 @@ Var<T> rope(Tape<T>& tape, const Var<T>& x, const std::vector<float>& inverse_fr
   detail::check(xs.size() == 3 && head_dim > 0 && xs[2] % head_dim == 0, "rope",
                 "expects [B, T, heads·D] with D = 2·frequencies; got " + shape_string(xs));
   const std::int64_t seq = xs[1], heads = xs[2] / head_dim, rows = xs[0] * xs[1];
-  std::vector<T> cs, sn;
+  AlignedVector<T> cs, sn;
   detail::rope_table<T>(seq, position_offset, inverse_frequencies, cs, sn);
   Tensor<T> out = x.value();
   detail::rope_apply(out.data(), rows, seq, heads, head_dim, cs, sn, false);

@@ -9,7 +9,9 @@
 // arithmetic. Inside an OpenMP region (per-head attention products), the product is serial.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "peft/core/ops/gemm_avx512.hpp"
 #include "peft/core/tensor.hpp"
 
 #if defined(_OPENMP)
@@ -23,6 +25,17 @@ using StridedConstMatrixMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStri
 template <class T>
 using StridedMatrixMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
 
+// Whether a float product of this size goes to the packed AVX-512 kernel: below a 12 x 32 tile
+// or about 64^3 multiply-adds, packing costs more than it saves and Eigen's product is as fast.
+inline bool use_packed_avx512(std::int64_t m, std::int64_t n, std::int64_t k) {
+#if defined(__AVX512F__)
+  return m >= 12 && n >= 32 && k >= 8 && double(m) * double(n) * double(k) >= double(1 << 18);
+#else
+  (void)m, (void)n, (void)k;
+  return false;
+#endif
+}
+
 // One thread's product. A is stored [m, k] (or [k, m] with trans_a) with row stride lda; B is
 // stored [k, n] (or [n, k] with trans_b) with row stride ldb; C is [m, n] with row stride ldc.
 template <class T>
@@ -30,16 +43,28 @@ void gemm_serial(const T* a, std::int64_t lda, bool trans_a, const T* b, std::in
                  bool trans_b, T* c, std::int64_t ldc, std::int64_t m, std::int64_t n,
                  std::int64_t k, T alpha, bool accumulate) {
   if (m <= 0 || n <= 0) return;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_packed_avx512(m, n, k)) {
+      avx512::gemm(a, lda, trans_a, b, ldb, trans_b, c, ldc, m, n, k, alpha, accumulate);
+      return;
+    }
+  }
+#endif
   StridedMatrixMap<T> cm(c, m, n, Eigen::OuterStride<>(ldc));
   if (!accumulate) cm.setZero();
   if (k <= 0) return;
   const StridedConstMatrixMap<T> as(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
   const StridedConstMatrixMap<T> bs(b, trans_b ? n : k, trans_b ? k : n, Eigen::OuterStride<>(ldb));
   // α is folded into Eigen's product kernel (a scalar factor of an operand is extracted).
-  if (!trans_a && !trans_b) cm.noalias() += alpha * as * bs;
-  else if (!trans_a && trans_b) cm.noalias() += alpha * as * bs.transpose();
-  else if (trans_a && !trans_b) cm.noalias() += alpha * as.transpose() * bs;
-  else cm.noalias() += alpha * as.transpose() * bs.transpose();
+  if (!trans_a && !trans_b)
+    cm.noalias() += alpha * as * bs;
+  else if (!trans_a && trans_b)
+    cm.noalias() += alpha * as * bs.transpose();
+  else if (trans_a && !trans_b)
+    cm.noalias() += alpha * as.transpose() * bs;
+  else
+    cm.noalias() += alpha * as.transpose() * bs.transpose();
 }
 
 // Below this many multiply-adds a product runs on one thread: starting a team costs more.
@@ -75,8 +100,8 @@ void gemm(const T* a, std::int64_t lda, bool trans_a, const T* b, std::int64_t l
     if (end > begin) {
       if (split_rows) {
         const T* a_block = trans_a ? a + begin : a + begin * lda;
-        gemm_serial(a_block, lda, trans_a, b, ldb, trans_b, c + begin * ldc, ldc, end - begin, n,
-                    k, alpha, accumulate);
+        gemm_serial(a_block, lda, trans_a, b, ldb, trans_b, c + begin * ldc, ldc, end - begin, n, k,
+                    alpha, accumulate);
       } else {
         const T* b_block = trans_b ? b + begin * ldb : b + begin;
         gemm_serial(a, lda, trans_a, b_block, ldb, trans_b, c + begin, ldc, m, end - begin, k,

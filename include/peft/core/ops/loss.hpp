@@ -17,7 +17,7 @@ namespace detail {
 // in row order afterwards, so the loss does not depend on the thread count.
 template <class T>
 T cross_entropy_rows(const T* logits, std::int64_t n, std::int64_t vocab,
-                     const std::vector<std::int64_t>& targets, std::vector<T>& lse,
+                     const std::vector<std::int64_t>& targets, AlignedVector<T>& lse,
                      std::int64_t& counted) {
   for (std::int64_t r = 0; r < n; ++r) {
     const std::int64_t y = targets[static_cast<std::size_t>(r)];
@@ -26,7 +26,7 @@ T cross_entropy_rows(const T* logits, std::int64_t n, std::int64_t vocab,
                        std::to_string(vocab) + ")");
   }
   lse.assign(static_cast<std::size_t>(n), T(0));
-  std::vector<T> row_loss(static_cast<std::size_t>(n), T(0));
+  AlignedVector<T> row_loss(static_cast<std::size_t>(n), T(0));
   PEFT_PARALLEL_FOR
   for (std::int64_t r = 0; r < n; ++r) {
     const std::int64_t y = targets[static_cast<std::size_t>(r)];
@@ -51,7 +51,7 @@ T cross_entropy_rows(const T* logits, std::int64_t n, std::int64_t vocab,
 // on counted rows, 0 on the others; `accumulate` adds instead. out may alias logits.
 template <class T>
 void cross_entropy_grad(const T* logits, std::int64_t n, std::int64_t vocab,
-                        const std::vector<std::int64_t>& targets, const std::vector<T>& lse,
+                        const std::vector<std::int64_t>& targets, const AlignedVector<T>& lse,
                         T scale, T* out, bool accumulate) {
   using RowArray = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
   using ConstRowArray = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
@@ -81,7 +81,7 @@ Var<T> cross_entropy(Tape<T>& tape, const Var<T>& logits, const std::vector<std:
   detail::check(static_cast<std::int64_t>(targets.size()) == n, "cross_entropy",
                 "targets size " + std::to_string(targets.size()) + " != logits rows " +
                     std::to_string(n));
-  std::vector<T> lse;
+  AlignedVector<T> lse;
   std::int64_t counted = 0;
   const T mean = detail::cross_entropy_rows(logits.value().data(), n, vocab, targets, lse, counted);
   Var<T> result = detail::make_output(tape, Tensor<T>({1}, mean), logits);
@@ -119,7 +119,7 @@ LogitsAndLoss<T> linear_cross_entropy(Tape<T>& tape, const Var<T>& x, const Var<
   detail::check(static_cast<std::int64_t>(targets.size()) == n, "linear_cross_entropy",
                 "targets size " + std::to_string(targets.size()) + " != logits rows " +
                     std::to_string(n));
-  std::vector<T> lse;
+  AlignedVector<T> lse;
   std::int64_t counted = 0;
   const T mean =
       detail::cross_entropy_rows(out.logits.value().data(), n, vocab, targets, lse, counted);

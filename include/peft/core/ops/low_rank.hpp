@@ -71,8 +71,8 @@ Var<T> lora_linear(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const V
       const int threads = detail::row_block_threads(n, work);
       // Per-thread partial sums of dA [r, in] and dB [out, r] (reductions over rows), added in
       // thread order afterwards; everything else is row-local, as in the forward.
-      std::vector<T> partial_a(need_a ? std::size_t(threads) * std::size_t(r * in) : 0, T(0));
-      std::vector<T> partial_b(need_b ? std::size_t(threads) * std::size_t(out_features * r) : 0,
+      AlignedVector<T> partial_a(need_a ? std::size_t(threads) * std::size_t(r * in) : 0, T(0));
+      AlignedVector<T> partial_b(need_b ? std::size_t(threads) * std::size_t(out_features * r) : 0,
                                T(0));
       const T* gs = g.data();
       const T* xs = x.value().data();
@@ -84,7 +84,7 @@ Var<T> lora_linear(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const V
       T* gx = need_x ? x.grad().data() : nullptr;
       detail::parallel_row_blocks(n, work, [&](std::int64_t r0, std::int64_t rows, int id) {
         // gh = s g B [rows, r]: the gradient reaching h, scaled.
-        std::vector<T> gh(static_cast<std::size_t>(rows * r), T(0));
+        AlignedVector<T> gh(static_cast<std::size_t>(rows * r), T(0));
         const T* g_rows = gs + r0 * out_features;
         if (need_a || need_x)
           detail::gemm_serial(g_rows, out_features, false, bs, r, false, gh.data(), r, rows, r,

@@ -15,7 +15,7 @@ namespace detail {
 template <class T, class Term>
 void column_sums(std::int64_t rows, std::int64_t d, T* out, Term term) {
   const int threads = max_threads();
-  std::vector<T> partial(static_cast<std::size_t>(threads * d), T(0));
+  AlignedVector<T> partial(static_cast<std::size_t>(threads * d), T(0));
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
 #endif
@@ -45,7 +45,7 @@ Var<T> layer_norm(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const Va
   using RowArray = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
   using ConstRowArray = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
   Tensor<T> out(x.value().shape());
-  std::vector<T> mean(static_cast<std::size_t>(rows)), rstd(static_cast<std::size_t>(rows));
+  AlignedVector<T> mean(static_cast<std::size_t>(rows)), rstd(static_cast<std::size_t>(rows));
   const ConstRowArray w(weight.value().data(), d);
   const T* b = bias ? bias.value().data() : nullptr;
   const T* xs = x.value().data();
@@ -106,7 +106,7 @@ Var<T> rms_norm(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, T eps) {
   const std::int64_t rows = x.value().rows(), d = x.value().cols();
   detail::check(weight.value().numel() == d, "rms_norm", "weight size != last dimension");
   Tensor<T> out(x.value().shape());
-  std::vector<T> rstd(static_cast<std::size_t>(rows));
+  AlignedVector<T> rstd(static_cast<std::size_t>(rows));
   const T* w = weight.value().data();
   PEFT_PARALLEL_FOR_IF(rows * d >= detail::kParallelMinElements)
   for (std::int64_t r = 0; r < rows; ++r) {

@@ -82,7 +82,7 @@ void sparse_entries_backward(const SparsePattern& p, const Tensor<T>& g, const T
   if (!values.requires_grad()) return;
   T* dv = values.grad().data();
   const int threads = rows * k >= (1 << 16) ? max_threads() : 1;
-  std::vector<std::vector<T>> partial(static_cast<std::size_t>(threads));
+  std::vector<AlignedVector<T>> partial(static_cast<std::size_t>(threads));
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
 #endif
@@ -92,7 +92,7 @@ void sparse_entries_backward(const SparsePattern& p, const Tensor<T>& g, const T
 #else
     const std::int64_t id = 0, p_count = 1;
 #endif
-    std::vector<T>& acc = partial[static_cast<std::size_t>(id)];
+    AlignedVector<T>& acc = partial[static_cast<std::size_t>(id)];
     acc.assign(static_cast<std::size_t>(k), T(0));
     for (std::int64_t n = rows * id / p_count; n < rows * (id + 1) / p_count; ++n) {
       const T* gr = g.data() + n * out;
@@ -101,7 +101,7 @@ void sparse_entries_backward(const SparsePattern& p, const Tensor<T>& g, const T
         acc[static_cast<std::size_t>(j)] += gr[po[j]] * xr[pi[j]];
     }
   }
-  for (const std::vector<T>& acc : partial)
+  for (const AlignedVector<T>& acc : partial)
     for (std::int64_t j = 0; j < k; ++j) dv[j] += acc[static_cast<std::size_t>(j)];
 }
 
