@@ -6,12 +6,22 @@
 // tensors. Adding a family is one line: BENCHMARK_TEMPLATE(BM_TrainingStep, peft::SomePolicy)
 // ->Apply(step_sizes), with a step_policy_config<SomePolicy> specialisation when its default
 // config does not attach anywhere.
+#include "../cli/bench_step.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <peft/peft.hpp>
 #include <random>
 
-#include "../cli/bench_step.hpp"
+// The hybrid row: LoRA (the step's rank and targets) composed with a serial adapter.
+using LoraWithSerialAdapter = peft::Compose<peft::LoRA, peft::SerialAdapter>;
+template <>
+inline LoraWithSerialAdapter::Config peft::cli::step_policy_config<LoraWithSerialAdapter>(
+    const StepOptions& o) {
+  return LoraWithSerialAdapter::Config(step_policy_config<peft::LoRA>(o),
+                                       peft::SerialAdapter::Config{});
+}
 
 namespace {
 
@@ -46,6 +56,22 @@ void BM_TrainingStep(benchmark::State& state) {
   state.counters["trainable"] = double(work.trainable_count());
 }
 BENCHMARK_TEMPLATE(BM_TrainingStep, peft::LoRA)->Apply(step_sizes);
+
+// One step of each other family at the 2-layer size, with default configs: IA3 on c_attn and
+// mlp.c_proj (the reference's GPT-2 default), a serial bottleneck adapter after each block's
+// attention and MLP, BitFit on every bias, and LoRA (as in the LoRA step) composed with a serial
+// adapter. (Prefix-based methods need max_positions > seq, which the peer's model does not have.)
+void family_step_sizes(benchmark::internal::Benchmark* b) {
+  b->Args({2, 768, 4, 256});
+  b->ArgNames({"layers", "d", "batch", "seq"})
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(3);
+}
+BENCHMARK_TEMPLATE(BM_TrainingStep, peft::IA3)->Apply(family_step_sizes);              // additive
+BENCHMARK_TEMPLATE(BM_TrainingStep, peft::SerialAdapter)->Apply(family_step_sizes);    // additive
+BENCHMARK_TEMPLATE(BM_TrainingStep, peft::BitFit)->Apply(family_step_sizes);           // selective
+BENCHMARK_TEMPLATE(BM_TrainingStep, LoraWithSerialAdapter)->Apply(family_step_sizes);  // hybrid
 
 // Inference (no tape) of a LoRA model, adapter unmerged (base product + low-rank path) or
 // merged into W (base product only). args: layers, d, batch, seq.

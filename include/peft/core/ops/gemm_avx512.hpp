@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 
 #include "peft/core/tensor.hpp"
 
@@ -32,82 +33,93 @@ inline constexpr std::int64_t kKc = 256;   // depth of one packed block: B's pan
 inline constexpr std::int64_t kMc = 144;   // rows of A packed at once (144 x 256 floats: in L2)
 inline constexpr std::int64_t kNc = 1024;  // columns of B packed at once (256 x 1024 floats: in L2)
 
-// Element (i, p) of op(A) and (p, j) of op(B), for A stored [m, k] (or [k, m] when transposed).
-inline float a_at(const float* a, std::int64_t lda, bool trans, std::int64_t i, std::int64_t p) {
-  return trans ? a[p * lda + i] : a[i * lda + p];
+// Masks for the first `cols` of a 32-wide panel row, as two halves of 16.
+inline __mmask16 low_mask(std::int64_t cols) {
+  return static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1u);
+}
+inline __mmask16 high_mask(std::int64_t cols) {
+  return static_cast<__mmask16>(cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1u);
 }
 
-// Packs op(A)[i0 : i0+mc, p0 : p0+kc] as consecutive kMr-row panels, each stored p-major
-// (kMr values of column p, then column p+1, ...); rows past m are zeros.
+// Packs op(A)[i0 : i0+mc, p0 : p0+count] into consecutive kMr-row panels of depth `depth`, each
+// stored p-major (kMr values of column p, then of column p+1, ...), at depth `offset` inside each
+// panel; rows past mc are zeros. (offset and depth let two operands share one packed block.)
 inline void pack_a(const float* a, std::int64_t lda, bool trans, std::int64_t i0, std::int64_t mc,
-                   std::int64_t p0, std::int64_t kc, float* packed) {
-  for (std::int64_t ir = 0; ir < mc; ir += kMr) {
+                   std::int64_t p0, std::int64_t count, std::int64_t depth, std::int64_t offset,
+                   float* packed) {
+  for (std::int64_t ir = 0; ir < mc; ir += kMr, packed += kMr * depth) {
     const std::int64_t rows = std::min(kMr, mc - ir);
+    float* dst = packed + offset * kMr;
     if (!trans) {
       for (std::int64_t i = 0; i < kMr; ++i) {
         if (i < rows) {
           const float* src = a + (i0 + ir + i) * lda + p0;
-          for (std::int64_t p = 0; p < kc; ++p) packed[p * kMr + i] = src[p];
+          for (std::int64_t p = 0; p < count; ++p) dst[p * kMr + i] = src[p];
         } else {
-          for (std::int64_t p = 0; p < kc; ++p) packed[p * kMr + i] = 0.0f;
+          for (std::int64_t p = 0; p < count; ++p) dst[p * kMr + i] = 0.0f;
         }
       }
     } else {
-      for (std::int64_t p = 0; p < kc; ++p) {
+      for (std::int64_t p = 0; p < count; ++p) {
         const float* src = a + (p0 + p) * lda + i0 + ir;
         std::int64_t i = 0;
-        for (; i < rows; ++i) packed[p * kMr + i] = src[i];
-        for (; i < kMr; ++i) packed[p * kMr + i] = 0.0f;
+        for (; i < rows; ++i) dst[p * kMr + i] = src[i];
+        for (; i < kMr; ++i) dst[p * kMr + i] = 0.0f;
       }
     }
-    packed += kMr * kc;
   }
 }
 
-// Packs op(B)[p0 : p0+kc, j0 : j0+nc] as consecutive kNr-column panels, each stored p-major
-// (kNr values of row p, then row p+1, ...); columns past n are zeros.
-inline void pack_b(const float* b, std::int64_t ldb, bool trans, std::int64_t p0, std::int64_t kc,
-                   std::int64_t j0, std::int64_t nc, float* packed) {
-  for (std::int64_t jr = 0; jr < nc; jr += kNr) {
+// Packs scale · op(B)[p0 : p0+count, j0 : j0+nc] into consecutive kNr-column panels of depth
+// `depth`, each stored p-major (kNr values of row p, then of row p+1, ...), at depth `offset`
+// inside each panel; columns past nc are zeros.
+inline void pack_b(const float* b, std::int64_t ldb, bool trans, std::int64_t p0,
+                   std::int64_t count, std::int64_t j0, std::int64_t nc, std::int64_t depth,
+                   std::int64_t offset, float scale, float* packed) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  // Gathers address rows by 32-bit offsets; absurdly long rows take the scalar path.
+  const bool gather = ldb <= std::int64_t(1) << 25;
+  for (std::int64_t jr = 0; jr < nc; jr += kNr, packed += kNr * depth) {
     const std::int64_t cols = std::min(kNr, nc - jr);
+    const __mmask16 lo = low_mask(cols), hi = high_mask(cols);
+    float* dst = packed + offset * kNr;
     if (!trans) {
-      const __mmask16 lo = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1u);
-      const __mmask16 hi = static_cast<__mmask16>(cols >= 32   ? 0xFFFF
-                                                  : cols <= 16 ? 0
-                                                               : (1u << (cols - 16)) - 1u);
-      for (std::int64_t p = 0; p < kc; ++p) {
+      for (std::int64_t p = 0; p < count; ++p) {
         const float* src = b + (p0 + p) * ldb + j0 + jr;
-        _mm512_store_ps(packed + p * kNr, _mm512_maskz_loadu_ps(lo, src));
-        _mm512_store_ps(packed + p * kNr + 16, _mm512_maskz_loadu_ps(hi, src + 16));
+        _mm512_store_ps(dst + p * kNr, _mm512_mul_ps(factor, _mm512_maskz_loadu_ps(lo, src)));
+        _mm512_store_ps(dst + p * kNr + 16,
+                        _mm512_mul_ps(factor, _mm512_maskz_loadu_ps(hi, src + 16)));
       }
-    } else {
+    } else if (gather) {
       // op(B) = Bᵀ: column j of the panel is row j0+jr+j of B. Gather the 32 rows' p-th values.
-      const __mmask16 lo = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1u);
-      const __mmask16 hi = static_cast<__mmask16>(cols >= 32   ? 0xFFFF
-                                                  : cols <= 16 ? 0
-                                                               : (1u << (cols - 16)) - 1u);
       const __m512i row_offsets = _mm512_mullo_epi32(
           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
           _mm512_set1_epi32(static_cast<int>(ldb)));
       const float* rows_lo = b + (j0 + jr) * ldb + p0;
       const float* rows_hi = rows_lo + 16 * ldb;
-      for (std::int64_t p = 0; p < kc; ++p) {
-        _mm512_store_ps(packed + p * kNr, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lo,
-                                                                   row_offsets, rows_lo + p, 4));
-        _mm512_store_ps(
-            packed + p * kNr + 16,
+      for (std::int64_t p = 0; p < count; ++p) {
+        const __m512 low =
+            _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lo, row_offsets, rows_lo + p, 4);
+        const __m512 high =
             hi ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), hi, row_offsets, rows_hi + p, 4)
-               : _mm512_setzero_ps());
+               : _mm512_setzero_ps();
+        _mm512_store_ps(dst + p * kNr, _mm512_mul_ps(factor, low));
+        _mm512_store_ps(dst + p * kNr + 16, _mm512_mul_ps(factor, high));
       }
+    } else {
+      for (std::int64_t p = 0; p < count; ++p)
+        for (std::int64_t j = 0; j < kNr; ++j)
+          dst[p * kNr + j] = j < cols ? scale * b[(j0 + jr + j) * ldb + p0 + p] : 0.0f;
     }
-    packed += kNr * kc;
   }
 }
 
 // C[0:rows, 0:cols] = (overwrite ? 0 : C) + α · (packed A panel · packed B panel), kc deep.
-inline void micro_kernel(std::int64_t kc, const float* __restrict ap, const float* __restrict bp,
-                         float* c, std::int64_t ldc, float alpha, bool overwrite, std::int64_t rows,
-                         std::int64_t cols) {
+// Kept out of line: inlined into the packing loops, GCC 12 spills the 24 accumulators.
+[[gnu::noinline]] inline void micro_kernel(std::int64_t kc, const float* __restrict ap,
+                                           const float* __restrict bp, float* c, std::int64_t ldc,
+                                           float alpha, bool overwrite, std::int64_t rows,
+                                           std::int64_t cols) {
   __m512 acc[kMr][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) {
@@ -161,24 +173,69 @@ struct PackBuffers {
   }
 };
 
-/// C (+)= α op(A) op(B) on this thread; the same contract as detail::gemm_serial.
-inline void gemm(const float* a, std::int64_t lda, bool trans_a, const float* b, std::int64_t ldb,
-                 bool trans_b, float* c, std::int64_t ldc, std::int64_t m, std::int64_t n,
-                 std::int64_t k, float alpha, bool accumulate) {
+/// One product term of a sum op(A1) op(B1) + s2 op(A2) op(B2) + ...: op(A) [m, k], op(B) [k, n],
+/// stored as for detail::gemm_serial; `b_scale` multiplies op(B) as it is packed.
+struct Term {
+  const float* a;
+  std::int64_t lda;
+  bool trans_a;
+  const float* b;
+  std::int64_t ldb;
+  bool trans_b;
+  std::int64_t k;
+  float b_scale = 1.0f;
+};
+
+/// C (+)= α Σ_t op(A_t) op(B_t) on this thread, one pass over C for all terms: the terms are
+/// concatenated along k (a LoRA linear's x W and s·h Bᵀ share the register tile, so C is
+/// written once). Terms with k = 0 are skipped; with no k at all, C is zeroed or left as is.
+inline void gemm_terms(std::span<const Term> terms, float* c, std::int64_t ldc, std::int64_t m,
+                       std::int64_t n, float alpha, bool accumulate) {
+  std::int64_t total_k = 0;
+  for (const Term& t : terms) total_k += t.k;
+  if (m <= 0 || n <= 0) return;
+  if (total_k == 0) {
+    if (!accumulate)
+      for (std::int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.0f);
+    return;
+  }
+  // Depth blocks: as few as kKc allows, of equal depth, and a short remainder (a LoRA rank after
+  // a base product's k) joins the last block instead of costing one more pass over C.
+  std::int64_t blocks = (total_k + kKc - 1) / kKc;
+  if (blocks > 1 && total_k - (blocks - 1) * kKc <= kKc / 4) --blocks;
+  const std::int64_t kc_max = (total_k + blocks - 1) / blocks;
   PackBuffers& buffers = PackBuffers::local();
   const std::int64_t nc_max = std::min(kNc, (n + kNr - 1) / kNr * kNr);
   const std::int64_t mc_max = std::min(kMc, (m + kMr - 1) / kMr * kMr);
-  buffers.b.resize(static_cast<std::size_t>(kKc * nc_max));
-  buffers.a.resize(static_cast<std::size_t>(kKc * mc_max));
+  buffers.b.resize(static_cast<std::size_t>(kc_max * nc_max));
+  buffers.a.resize(static_cast<std::size_t>(kc_max * mc_max));
+  // Calls pack(term, first k of the term, count, depth offset) for the terms' pieces that fall
+  // in the block [p0, p0 + kc) of the concatenated k.
+  auto for_pieces = [&](std::int64_t p0, std::int64_t kc, auto pack) {
+    std::int64_t start = 0;
+    for (const Term& t : terms) {
+      const std::int64_t from = std::max(p0, start), to = std::min(p0 + kc, start + t.k);
+      if (to > from) pack(t, from - start, to - from, from - p0);
+      start += t.k;
+    }
+  };
   for (std::int64_t j0 = 0; j0 < n; j0 += kNc) {
     const std::int64_t nc = std::min(kNc, n - j0);
-    for (std::int64_t p0 = 0; p0 < k; p0 += kKc) {
-      const std::int64_t kc = std::min(kKc, k - p0);
+    for (std::int64_t p0 = 0; p0 < total_k; p0 += kc_max) {
+      const std::int64_t kc = std::min(kc_max, total_k - p0);
       const bool overwrite = p0 == 0 && !accumulate;
-      pack_b(b, ldb, trans_b, p0, kc, j0, nc, buffers.b.data());
+      for_pieces(p0, kc,
+                 [&](const Term& t, std::int64_t first, std::int64_t count, std::int64_t offset) {
+                   pack_b(t.b, t.ldb, t.trans_b, first, count, j0, nc, kc, offset, t.b_scale,
+                          buffers.b.data());
+                 });
       for (std::int64_t i0 = 0; i0 < m; i0 += kMc) {
         const std::int64_t mc = std::min(kMc, m - i0);
-        pack_a(a, lda, trans_a, i0, mc, p0, kc, buffers.a.data());
+        for_pieces(p0, kc,
+                   [&](const Term& t, std::int64_t first, std::int64_t count, std::int64_t offset) {
+                     pack_a(t.a, t.lda, t.trans_a, i0, mc, first, count, kc, offset,
+                            buffers.a.data());
+                   });
         for (std::int64_t jr = 0; jr < nc; jr += kNr) {
           const float* bp = buffers.b.data() + jr * kc;
           for (std::int64_t ir = 0; ir < mc; ir += kMr) {
@@ -189,6 +246,14 @@ inline void gemm(const float* a, std::int64_t lda, bool trans_a, const float* b,
       }
     }
   }
+}
+
+/// C (+)= α op(A) op(B) on this thread; the same contract as detail::gemm_serial.
+inline void gemm(const float* a, std::int64_t lda, bool trans_a, const float* b, std::int64_t ldb,
+                 bool trans_b, float* c, std::int64_t ldc, std::int64_t m, std::int64_t n,
+                 std::int64_t k, float alpha, bool accumulate) {
+  const Term term{a, lda, trans_a, b, ldb, trans_b, k};
+  gemm_terms(std::span<const Term>(&term, 1), c, ldc, m, n, alpha, accumulate);
 }
 
 }  // namespace peft::ops::detail::avx512

@@ -34,83 +34,101 @@ Var<T> lora_linear(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const V
   Shape out_shape = xv.shape();
   out_shape.back() = out_features;
   Tensor<T> out(out_shape);
-  Tensor<T> h(Shape{n, r});  // x Aᵀ, kept for backward
+  // hᵀ = A xᵀ [r, N], kept for backward. Stored transposed so that its products with the long
+  // N side (here and dB below) have the rank as their short m side, which the packed product
+  // handles at full width; h [N, r] would make every low-rank product skinny.
+  Tensor<T> h_t(Shape{r, n});
   {
     // One parallel region over blocks of rows: every product of the forward is row-local
-    // (y_rows = b + x_rows W, h_rows = x_rows Aᵀ, y_rows += s h_rows Bᵀ), so the threads never
-    // wait on each other, and the low-rank path costs no extra barrier.
+    // (y_rows = b + x_rows W + s h_rows Bᵀ, h_rows = x_rows Aᵀ), so the threads never wait on
+    // each other, and the low-rank path costs no extra barrier. The base and low-rank products
+    // are one sum of products: y is written once.
     const T* xs = xv.data();
     const T* ws = wv.data();
     const T* as = a.value().data();
     const T* bs = b.value().data();
     const T* bias_values = bias ? bias.value().data() : nullptr;
     T* ys = out.data();
-    T* hs = h.data();
+    T* hts = h_t.data();
     detail::parallel_row_blocks(n, double(n) * double(in) * double(out_features),
                                 [&](std::int64_t r0, std::int64_t rows, int) {
-      if (bias_values)
-        for (std::int64_t i = r0; i < r0 + rows; ++i)
-          std::copy_n(bias_values, out_features, ys + i * out_features);
-      detail::gemm_serial(xs + r0 * in, in, false, ws, wv.cols(), out_in, ys + r0 * out_features,
-                          out_features, rows, out_features, in, T(1), true);
-      detail::gemm_serial(xs + r0 * in, in, false, as, in, true, hs + r0 * r, r, rows, r, in,
-                          T(1), true);
-      detail::gemm_serial(hs + r0 * r, r, false, bs, r, true, ys + r0 * out_features,
-                          out_features, rows, out_features, r, s, true);
-    });
+                                  if (bias_values)
+                                    for (std::int64_t i = r0; i < r0 + rows; ++i)
+                                      std::copy_n(bias_values, out_features, ys + i * out_features);
+                                  // h_rows = x_rows Aᵀ, then transposed into hᵀ[:, rows] (r x rows
+                                  // values: cheap)
+                                  AlignedVector<T> h_rows(static_cast<std::size_t>(rows * r));
+                                  detail::gemm_serial(xs + r0 * in, in, false, as, in, true,
+                                                      h_rows.data(), r, rows, r, in, T(1), false);
+                                  for (std::int64_t i = 0; i < rows; ++i)
+                                    for (std::int64_t j = 0; j < r; ++j)
+                                      hts[j * n + r0 + i] = h_rows[std::size_t(i * r + j)];
+                                  // y_rows += x_rows W + s h_rows Bᵀ
+                                  detail::gemm_serial_sum<T>(
+                                      {{xs + r0 * in, in, false, ws, wv.cols(), out_in, in},
+                                       {hts + r0, n, true, bs, r, true, r, s}},
+                                      ys + r0 * out_features, out_features, rows, out_features,
+                                      T(1), true);
+                                });
   }
   Var<T> result = bias ? detail::make_output(tape, std::move(out), x, weight, bias, a, b)
                        : detail::make_output(tape, std::move(out), x, weight, a, b);
   if (result.requires_grad()) {
-    tape.record([x, weight, bias, a, b, result, out_in, s, h = std::move(h), n, in, r,
+    tape.record([x, weight, bias, a, b, result, out_in, s, h_t = std::move(h_t), n, in, r,
                  out_features]() mutable {
       const Tensor<T>& g = std::as_const(result.grad());  // [N, out]
       const bool need_a = a.requires_grad(), need_b = b.requires_grad();
       const bool need_x = x.requires_grad();
       const double work = double(n) * double(in) * double(out_features);
       const int threads = detail::row_block_threads(n, work);
-      // Per-thread partial sums of dA [r, in] and dB [out, r] (reductions over rows), added in
+      // Per-thread partial sums of dA [r, in] and dBᵀ [r, out] (reductions over rows), added in
       // thread order afterwards; everything else is row-local, as in the forward.
       AlignedVector<T> partial_a(need_a ? std::size_t(threads) * std::size_t(r * in) : 0, T(0));
-      AlignedVector<T> partial_b(need_b ? std::size_t(threads) * std::size_t(out_features * r) : 0,
-                               T(0));
+      AlignedVector<T> partial_bt(need_b ? std::size_t(threads) * std::size_t(r * out_features) : 0,
+                                  T(0));
       const T* gs = g.data();
       const T* xs = x.value().data();
       const T* ws = weight.value().data();
       const std::int64_t ldw = weight.value().cols();
       const T* as = a.value().data();
       const T* bs = b.value().data();
-      const T* hs = h.data();
+      const T* hts = h_t.data();
       T* gx = need_x ? x.grad().data() : nullptr;
       detail::parallel_row_blocks(n, work, [&](std::int64_t r0, std::int64_t rows, int id) {
-        // gh = s g B [rows, r]: the gradient reaching h, scaled.
-        AlignedVector<T> gh(static_cast<std::size_t>(rows * r), T(0));
+        // gh = s g_rows B [rows, r]: the gradient reaching h, scaled; and ghᵀ [r, rows], whose
+        // product with x has the rank as its short side (dA below).
+        AlignedVector<T> gh(need_a || need_x ? static_cast<std::size_t>(r * rows) : 0);
+        AlignedVector<T> gh_t(gh.size());
         const T* g_rows = gs + r0 * out_features;
-        if (need_a || need_x)
+        if (need_a || need_x) {
           detail::gemm_serial(g_rows, out_features, false, bs, r, false, gh.data(), r, rows, r,
-                              out_features, s, true);
-        if (need_b)  // dB += s gᵀ h
-          detail::gemm_serial(g_rows, out_features, true, hs + r0 * r, r, false,
-                              partial_b.data() + std::size_t(id) * std::size_t(out_features * r),
-                              r, out_features, r, rows, s, true);
+                              out_features, s, false);
+          for (std::int64_t i = 0; i < rows; ++i)
+            for (std::int64_t j = 0; j < r; ++j)
+              gh_t[std::size_t(j * rows + i)] = gh[std::size_t(i * r + j)];
+        }
+        if (need_b)  // dBᵀ += s hᵀ g
+          detail::gemm_serial(hts + r0, n, false, g_rows, out_features, false,
+                              partial_bt.data() + std::size_t(id) * std::size_t(r * out_features),
+                              out_features, r, out_features, rows, s, true);
         if (need_a)  // dA += ghᵀ x
-          detail::gemm_serial(gh.data(), r, true, xs + r0 * in, in, false,
+          detail::gemm_serial(gh_t.data(), rows, false, xs + r0 * in, in, false,
                               partial_a.data() + std::size_t(id) * std::size_t(r * in), in, r, in,
                               rows, T(1), true);
-        if (need_x) {  // dx += g Wᵀ (out_in: g W) + gh A
-          detail::gemm_serial(g_rows, out_features, false, ws, ldw, !out_in, gx + r0 * in, in, rows,
-                              in, out_features, T(1), true);
-          detail::gemm_serial(gh.data(), r, false, as, in, false, gx + r0 * in, in, rows, in, r,
-                              T(1), true);
-        }
+        if (need_x)  // dx += g Wᵀ (out_in: g W) + gh A, one pass over dx
+          detail::gemm_serial_sum<T>({{g_rows, out_features, false, ws, ldw, !out_in, out_features},
+                                      {gh.data(), r, false, as, in, false, r}},
+                                     gx + r0 * in, in, rows, in, T(1), true);
       });
       for (int t = 0; t < threads; ++t) {
         if (need_a)
           a.grad().vector() +=
               ConstVectorMap<T>(partial_a.data() + std::size_t(t) * std::size_t(r * in), r * in);
         if (need_b)
-          b.grad().vector() += ConstVectorMap<T>(
-              partial_b.data() + std::size_t(t) * std::size_t(out_features * r), out_features * r);
+          b.grad().matrix() +=
+              ConstMatrixMap<T>(partial_bt.data() + std::size_t(t) * std::size_t(r * out_features),
+                                r, out_features)
+                  .transpose();
       }
       // The base weight's and bias's own gradients (full fine-tuning of a LoRA model only).
       if (weight.requires_grad()) {
