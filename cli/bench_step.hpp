@@ -5,6 +5,11 @@
 // fc2. One step = forward, cross-entropy, backward, AdamW on the adapter's tensors only.
 // The last line is `median_ms X min_ms Y peak_rss_mb Z`.
 //
+// `--device cuda` runs the same step on the GPU (include/peft/backend/cuda/lora_decoder.cuh,
+// through cli/cuda_commands.cu): frozen weights in `--dtype bf16` (default there) or fp32 (no
+// TF32), LoRA tensors and AdamW state fp32; the last line is then
+// `median_ms X min_ms Y peak_mem_mb Z` (Z: device memory in use, cudaMemGetInfo).
+//
 // `StepWorkload<Policy>` is the step itself, templated over the PEFT policy, so that
 // benchmarks/ can time a full step of any method family with the same code.
 #include <algorithm>
@@ -28,6 +33,12 @@
 #include <peft/nn/decoder.hpp>
 #include <peft/train/optimizer.hpp>
 
+#if defined(PEFT_WITH_CUDA)
+#include <peft/backend/cuda/export_lora.hpp>
+
+#include "cuda_commands.hpp"
+#endif
+
 namespace peft::cli {
 
 /// The peer's flags (same names, same defaults) plus ours.
@@ -46,6 +57,8 @@ struct StepOptions {
   int threads = 0;  ///< 0: OMP_NUM_THREADS, else the OpenMP default
   bool checkpoint = false;  ///< activation checkpointing: recompute each block in backward
   std::uint64_t seed = 0;
+  std::string device = "cpu";  ///< cpu or cuda
+  std::string dtype;           ///< fp32 or bf16 (CUDA only); empty: fp32 on the CPU, bf16 on CUDA
 };
 
 /// The GPT-2-style config of the peer: learned positions for exactly `seq` tokens, tied head.
@@ -97,6 +110,19 @@ typename Policy::Config step_policy_config(const StepOptions& o) {
   return c;
 }
 
+/// The step's batch: random token ids and random labels (as the peer's targets; the decoder
+/// shifts them by one position), from seed + 1.
+inline Batch random_step_batch(const StepOptions& o) {
+  Batch batch;
+  std::mt19937_64 rng(o.seed + 1);
+  std::uniform_int_distribution<std::int64_t> token(0, o.vocab - 1);
+  batch.batch = o.batch;
+  batch.seq = o.seq;
+  for (std::int64_t i = 0; i < o.batch * o.seq; ++i) batch.input_ids.push_back(token(rng));
+  for (std::int64_t i = 0; i < o.batch * o.seq; ++i) batch.labels.push_back(token(rng));
+  return batch;
+}
+
 /// A frozen random GPT-2 decoder with `Policy` attached, one random batch, and AdamW over the
 /// trainable tensors: `step()` runs one training step.
 template <class Policy, class T = float>
@@ -104,15 +130,9 @@ class StepWorkload {
  public:
   explicit StepWorkload(const StepOptions& o)
       : model_(gpt2_config(o), step_policy_config<Policy>(o), o.seed),
-        optimizer_(model_.trainable_parameters(), AdamWOptions{.lr = 1e-3}) {
+        optimizer_(model_.trainable_parameters(), AdamWOptions{.lr = 1e-3}),
+        batch_(random_step_batch(o)) {
     model_.set_activation_checkpointing(o.checkpoint);
-    std::mt19937_64 rng(o.seed + 1);
-    std::uniform_int_distribution<std::int64_t> token(0, o.vocab - 1);
-    batch_.batch = o.batch;
-    batch_.seq = o.seq;
-    for (std::int64_t i = 0; i < o.batch * o.seq; ++i) batch_.input_ids.push_back(token(rng));
-    // Random labels as the peer's targets; the decoder shifts them by one position.
-    for (std::int64_t i = 0; i < o.batch * o.seq; ++i) batch_.labels.push_back(token(rng));
   }
 
   /// One step; returns the loss.
@@ -172,8 +192,51 @@ inline void print_bench_step_usage(std::ostream& out) {
   out << "usage: peft bench-step [--layers N] [--d N] [--heads N] [--vocab N] [--seq N]\n"
          "                       [--batch N] [--rank N] [--alpha X] [--targets qkv,proj,fc,fc2]\n"
          "                       [--steps N] [--warmup N] [--threads N] [--checkpoint] [--seed N]\n"
+         "                       [--device cpu|cuda] [--dtype fp32|bf16]\n"
          "defaults: the PyTorch peer's (GPT-2 124M, batch 4, seq 256, LoRA r 8 alpha 16 on\n"
-         "qkv, proj, fc, fc2, 5 timed steps after 2 warm-up steps, threads from OMP_NUM_THREADS)\n";
+         "qkv, proj, fc, fc2, 5 timed steps after 2 warm-up steps, threads from OMP_NUM_THREADS);\n"
+         "--device cpu; --dtype: fp32 on the CPU (the only one there), bf16 on CUDA\n";
+}
+
+/// `bench-step --device cuda`: the same model (built on the CPU, with the CPU's initialisation)
+/// and batch, exported to the GPU decoder.
+inline int run_bench_step_cuda(const StepOptions& o, std::ostream& out, std::ostream& err) {
+#if defined(PEFT_WITH_CUDA)
+  if (o.checkpoint) {
+    err << "bench-step: --checkpoint is not implemented on CUDA\n";
+    return 2;
+  }
+  if (cuda_commands::device_count() == 0) {
+    err << "bench-step: error: no CUDA device (the driver reports none)\n";
+    return 2;
+  }
+  cuda_commands::StepRun run;
+  run.bf16 = o.dtype != "fp32";
+  run.warmup = o.warmup;
+  run.steps = o.steps;
+  cuda::DeviceModelSpec spec;
+  std::int64_t trainable = 0, total = 0;
+  {
+    // The CPU model lives only as long as the export needs it.
+    Decoder<arch::Gpt2, LoRA, float> model(gpt2_config(o), step_policy_config<LoRA>(o), o.seed);
+    spec = cuda::export_lora_model(model);
+    for (const NamedParameter<float>& p : model.trainable_parameters())
+      trainable += p.var.value().numel();
+    total = trainable;
+    for (const NamedParameter<float>& p : model.base_parameters()) total += p.var.value().numel();
+  }
+  out << "peft bench-step: gpt2 layers " << o.layers << " d " << o.d << " heads " << o.heads
+      << " vocab " << o.vocab << ", batch " << o.batch << " x seq " << o.seq << ", LoRA r "
+      << o.rank << " alpha " << o.alpha << " on " << o.targets << ", cuda "
+      << (run.bf16 ? "bf16" : "fp32 (no TF32)") << " on " << cuda_commands::device_name() << '\n';
+  out << "trainable " << trainable << " total " << total << '\n';
+  return cuda_commands::bench_step(spec, cuda::device_batch(random_step_batch(o)), run, out);
+#else
+  (void)o;
+  (void)out;
+  err << "bench-step: this build has no CUDA (configure with -DPEFT_WITH_CUDA=ON)\n";
+  return 2;
+#endif
 }
 
 inline int run_bench_step(const std::vector<std::string>& args, std::ostream& out,
@@ -209,6 +272,8 @@ inline int run_bench_step(const std::vector<std::string>& args, std::ostream& ou
       else if (flag == "--warmup") o.warmup = std::stoi(value);
       else if (flag == "--threads") o.threads = std::stoi(value);
       else if (flag == "--seed") o.seed = std::stoull(value);
+      else if (flag == "--device") o.device = value;
+      else if (flag == "--dtype") o.dtype = value;
       else {
         err << "bench-step: unknown flag " << flag << '\n';
         print_bench_step_usage(err);
@@ -221,6 +286,19 @@ inline int run_bench_step(const std::vector<std::string>& args, std::ostream& ou
   }
   if (o.steps < 1 || o.warmup < 0 || o.layers < 1 || o.batch < 1 || o.seq < 1 || o.rank < 1) {
     err << "bench-step: steps, layers, batch, seq and rank must be positive\n";
+    return 2;
+  }
+  if (o.device != "cpu" && o.device != "cuda") {
+    err << "bench-step: --device " << o.device << ": cpu or cuda\n";
+    return 2;
+  }
+  if (!o.dtype.empty() && o.dtype != "fp32" && o.dtype != "bf16") {
+    err << "bench-step: --dtype " << o.dtype << ": fp32 or bf16\n";
+    return 2;
+  }
+  if (o.device == "cuda") return run_bench_step_cuda(o, out, err);
+  if (o.dtype == "bf16") {
+    err << "bench-step: --dtype bf16 runs on --device cuda only (the CPU step is fp32)\n";
     return 2;
   }
   const int threads = apply_threads(o.threads);

@@ -2,7 +2,9 @@
 """Prints the one comparison table of the device check: this project's CUDA benchmarks
 (Google Benchmark JSON, medians) beside the peer's figures (gpu_peer_bench.py JSON lines), as
 ratios to each side's own base GEMM, measured in the same run on the same GPU, with the
-issue-9 targets. Usage: device-compare.py BENCH.json PEER.jsonl (either may be missing)."""
+issue-9 targets, and the GPT-2 124M training step (ours from `peft bench-step --device cuda`,
+whose output device-check.sh collects in STEP.log). Usage:
+device-compare.py BENCH.json PEER.jsonl [STEP.log] (any may be missing)."""
 import json
 import sys
 
@@ -40,6 +42,23 @@ def load_peer(path):
     return rows
 
 
+def load_steps(path):
+    """{dtype: median ms} from `peft bench-step --device cuda` output: its header line names the
+    dtype ("cuda bf16 on ..." / "cuda fp32 (no TF32) on ..."), its last line is
+    "median_ms X min_ms Y peak_mem_mb Z"."""
+    steps, dtype = {}, None
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("peft bench-step:"):
+                    dtype = "bf16" if "cuda bf16" in line else "fp32" if "cuda fp32" in line else None
+                elif line.startswith("median_ms") and dtype:
+                    steps[dtype] = float(line.split()[1])
+    except (OSError, ValueError, IndexError) as e:
+        print(f"(no bench-step results: {e})")
+    return steps
+
+
 def fmt(v, unit=""):
     if v is None:
         return "n/a"
@@ -55,6 +74,7 @@ def ratio(a, b):
 def main():
     ours = load_ours(sys.argv[1] if len(sys.argv) > 1 else "bench.json")
     peer = load_peer(sys.argv[2] if len(sys.argv) > 2 else "peer.jsonl")
+    steps = load_steps(sys.argv[3]) if len(sys.argv) > 3 else {}
 
     def our(name):
         return ours.get(name)
@@ -111,7 +131,8 @@ def main():
 
     for dtype in ["bf16", "fp32"]:
         p = peer_row("gpt2-124M train step", mode="lora", batch=8, seq=512, dtype=dtype)
-        add(f"GPT-2 124M LoRA r8 step 8x512 {dtype} (ms)", None, p and p["ms"], unit="ms")
+        add(f"GPT-2 124M LoRA r8 step 8x512 {dtype} (ms)", steps.get(dtype), p and p["ms"],
+            unit="ms")
     for r in peer:
         if r.get("what") == "gemm 8192^3":
             add(f"peer GEMM 8192^3 {r['dtype']} (TFLOP/s)", None, r["tflops"], unit="t")
@@ -126,8 +147,8 @@ def main():
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                         for i, (c, w) in enumerate(zip(r, widths))))
-    print("ratios: each side over its own base GEMM, same run, same GPU; "
-          "GPT-2 step (ours): not implemented on CUDA yet (docs/cuda.md)")
+    print("ratios: each side over its own base GEMM, same run, same GPU; GPT-2 step: "
+          "median ms of a whole LoRA training step (ours: peft bench-step --device cuda)")
 
 
 if __name__ == "__main__":
