@@ -8,10 +8,9 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <peft/core/ops.hpp>
 #include <random>
 #include <vector>
-
-#include <peft/core/ops.hpp>
 
 namespace {
 
@@ -77,8 +76,8 @@ constexpr auto kGpt2Layout = peft::ops::WeightLayout::InOut;
 void linear_flops(benchmark::State& state, bool backward, bool lora) {
   const double n = double(state.range(0)), in = double(state.range(1));
   const double out = double(state.range(2)), r = double(state.range(3));
-  double flops = 2 * n * in * out;                        // base forward
-  if (backward) flops += 2 * n * in * out;                // dX
+  double flops = 2 * n * in * out;                                 // base forward
+  if (backward) flops += 2 * n * in * out;                         // dX
   if (lora) flops += 2 * n * r * (in + out) * (backward ? 3 : 1);  // h, hBᵀ; gh, dA, dB, dX
   set_flops(state, flops);
 }

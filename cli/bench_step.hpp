@@ -12,6 +12,8 @@
 //
 // `StepWorkload<Policy>` is the step itself, templated over the PEFT policy, so that
 // benchmarks/ can time a full step of any method family with the same code.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -22,8 +24,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <sys/resource.h>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -53,8 +53,8 @@ struct StepOptions {
   double alpha = 16;
   std::string targets = "qkv,proj,fc,fc2";
   int steps = 5;
-  int warmup = 2;   ///< untimed steps before the timed ones (the peer drops its first 2)
-  int threads = 0;  ///< 0: OMP_NUM_THREADS, else the OpenMP default
+  int warmup = 2;           ///< untimed steps before the timed ones (the peer drops its first 2)
+  int threads = 0;          ///< 0: OMP_NUM_THREADS, else the OpenMP default
   bool checkpoint = false;  ///< activation checkpointing: recompute each block in backward
   std::uint64_t seed = 0;
   std::string device = "cpu";  ///< cpu or cuda
@@ -86,10 +86,14 @@ inline std::vector<std::string> gpt2_target_modules(const std::string& peer_targ
   std::stringstream list(peer_targets);
   std::string name;
   while (std::getline(list, name, ',')) {
-    if (name == "qkv") out.push_back("c_attn");
-    else if (name == "proj") out.push_back("attn.c_proj");
-    else if (name == "fc") out.push_back("c_fc");
-    else if (name == "fc2") out.push_back("mlp.c_proj");
+    if (name == "qkv")
+      out.push_back("c_attn");
+    else if (name == "proj")
+      out.push_back("attn.c_proj");
+    else if (name == "fc")
+      out.push_back("c_fc");
+    else if (name == "fc2")
+      out.push_back("mlp.c_proj");
     else if (!name.empty())
       throw ConfigError("bench-step: unknown target '" + name + "' (qkv, proj, fc, fc2)");
   }
@@ -102,7 +106,11 @@ inline std::vector<std::string> gpt2_target_modules(const std::string& peer_targ
 template <class Policy>
 typename Policy::Config step_policy_config(const StepOptions& o) {
   typename Policy::Config c{};
-  if constexpr (requires { c.r; c.lora_alpha; c.targets.target_modules.names; }) {
+  if constexpr (requires {
+                  c.r;
+                  c.lora_alpha;
+                  c.targets.target_modules.names;
+                }) {
     c.r = o.rank;
     c.lora_alpha = o.alpha;
     c.targets.target_modules.names = gpt2_target_modules(o.targets);
@@ -259,21 +267,36 @@ inline int run_bench_step(const std::vector<std::string>& args, std::ostream& ou
     }
     const std::string& value = args[++i];
     try {
-      if (flag == "--layers") o.layers = std::stoll(value);
-      else if (flag == "--d") o.d = std::stoll(value);
-      else if (flag == "--heads") o.heads = std::stoll(value);
-      else if (flag == "--vocab") o.vocab = std::stoll(value);
-      else if (flag == "--seq") o.seq = std::stoll(value);
-      else if (flag == "--batch") o.batch = std::stoll(value);
-      else if (flag == "--rank") o.rank = std::stoi(value);
-      else if (flag == "--alpha") o.alpha = std::stod(value);
-      else if (flag == "--targets") o.targets = value;
-      else if (flag == "--steps") o.steps = std::stoi(value);
-      else if (flag == "--warmup") o.warmup = std::stoi(value);
-      else if (flag == "--threads") o.threads = std::stoi(value);
-      else if (flag == "--seed") o.seed = std::stoull(value);
-      else if (flag == "--device") o.device = value;
-      else if (flag == "--dtype") o.dtype = value;
+      if (flag == "--layers")
+        o.layers = std::stoll(value);
+      else if (flag == "--d")
+        o.d = std::stoll(value);
+      else if (flag == "--heads")
+        o.heads = std::stoll(value);
+      else if (flag == "--vocab")
+        o.vocab = std::stoll(value);
+      else if (flag == "--seq")
+        o.seq = std::stoll(value);
+      else if (flag == "--batch")
+        o.batch = std::stoll(value);
+      else if (flag == "--rank")
+        o.rank = std::stoi(value);
+      else if (flag == "--alpha")
+        o.alpha = std::stod(value);
+      else if (flag == "--targets")
+        o.targets = value;
+      else if (flag == "--steps")
+        o.steps = std::stoi(value);
+      else if (flag == "--warmup")
+        o.warmup = std::stoi(value);
+      else if (flag == "--threads")
+        o.threads = std::stoi(value);
+      else if (flag == "--seed")
+        o.seed = std::stoull(value);
+      else if (flag == "--device")
+        o.device = value;
+      else if (flag == "--dtype")
+        o.dtype = value;
       else {
         err << "bench-step: unknown flag " << flag << '\n';
         print_bench_step_usage(err);
@@ -322,9 +345,8 @@ inline int run_bench_step(const std::vector<std::string>& args, std::ostream& ou
         << std::setprecision(1) << ms << " ms, loss " << std::setprecision(4) << loss << '\n';
   }
   std::sort(times.begin(), times.end());
-  out << std::fixed << std::setprecision(1) << "median_ms " << times[times.size() / 2]
-      << " min_ms " << times.front() << " peak_rss_mb " << std::setprecision(0) << peak_rss_mb()
-      << '\n';
+  out << std::fixed << std::setprecision(1) << "median_ms " << times[times.size() / 2] << " min_ms "
+      << times.front() << " peak_rss_mb " << std::setprecision(0) << peak_rss_mb() << '\n';
   return 0;
 }
 

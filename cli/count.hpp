@@ -4,10 +4,9 @@
 // trainable%: 0.2364".
 #include <cstdio>
 #include <iostream>
+#include <peft/peft.hpp>
 #include <string>
 #include <vector>
-
-#include <peft/peft.hpp>
 
 namespace peft::cli {
 
@@ -25,15 +24,15 @@ inline std::string with_thousands(std::int64_t n) {
 inline std::string trainable_line(std::int64_t trainable, std::int64_t all) {
   char pct[32];
   std::snprintf(pct, sizeof pct, "%.4f", all > 0 ? 100.0 * double(trainable) / double(all) : 0.0);
-  return "trainable params: " + with_thousands(trainable) + " || all params: " +
-         with_thousands(all) + " || trainable%: " + pct;
+  return "trainable params: " + with_thousands(trainable) +
+         " || all params: " + with_thousands(all) + " || trainable%: " + pct;
 }
 
 /// Counts from a model config and an adapter config (both parsed); throws when unsupported.
 inline std::pair<std::int64_t, std::int64_t> count_parameters(const nlohmann::json& model_json,
-                                                             const std::string& model_source,
-                                                             const nlohmann::json& adapter_json,
-                                                             const std::string& adapter_source) {
+                                                              const std::string& model_source,
+                                                              const nlohmann::json& adapter_json,
+                                                              const std::string& adapter_source) {
   const ModelConfig model = ModelConfig::from_json(model_json, model_source);
   std::int64_t trainable = 0, all = 0;
   const bool known = visit_policy_for(adapter_json, [&]<class Policy>() {

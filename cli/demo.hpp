@@ -5,10 +5,9 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <peft/peft.hpp>
 #include <string>
 #include <vector>
-
-#include <peft/peft.hpp>
 
 namespace peft::cli {
 
@@ -24,8 +23,9 @@ inline int run_demo(const std::vector<std::string>& args, std::ostream& out, std
   const LoraConfig config =
       LoraConfig::from_json(adapter_json, (case_dir / "adapter" / "adapter_config.json").string());
   auto model = Decoder<arch::Gpt2, LoRA, float>::load(golden / "models" / "gpt2-tiny", config);
-  io::load_adapter_tensors(model.adapter().parameters(),
-                           io::SafetensorsFile::open(case_dir / "adapter" / "adapter_model.safetensors"));
+  io::load_adapter_tensors(
+      model.adapter().parameters(),
+      io::SafetensorsFile::open(case_dir / "adapter" / "adapter_model.safetensors"));
   const io::SafetensorsFile expected = io::SafetensorsFile::open(case_dir / "expected.safetensors");
   Batch batch;
   batch.batch = expected.info("input_ids").shape[0];
@@ -36,8 +36,9 @@ inline int run_demo(const std::vector<std::string>& args, std::ostream& out, std
   std::int64_t trainable = 0, total = 0;
   for (auto& p : model.trainable_parameters()) trainable += p.var.value().numel();
   for (auto& p : model.base_parameters()) total += p.var.value().numel();
-  out << "gpt2-tiny + LoRA r=" << config.r << " on " << config.targets.target_modules.to_json().dump()
-      << ": " << trainable << " trainable of " << total + trainable << " parameters\n";
+  out << "gpt2-tiny + LoRA r=" << config.r << " on "
+      << config.targets.target_modules.to_json().dump() << ": " << trainable << " trainable of "
+      << total + trainable << " parameters\n";
   AdamW<float> optimizer(model.trainable_parameters(), AdamWOptions{.lr = 1e-2});
   const int steps = 10;
   for (int step = 0; step < steps; ++step) {

@@ -1,9 +1,8 @@
 // The peft command-line front end: build/bin/peft COMMAND [ARGS...].
 #include <iostream>
+#include <peft/peft.hpp>
 #include <string>
 #include <vector>
-
-#include <peft/peft.hpp>
 
 #include "bench_step.hpp"
 #include "count.hpp"
@@ -22,14 +21,18 @@ void print_usage(std::ostream& out) {
          "commands:\n"
          "  bench-step [FLAGS]       time a LoRA training step (the PyTorch peer's flags;\n"
          "                           --device cuda [--dtype bf16|fp32] on a GPU build)\n"
-         "  count MODEL_CONFIG ADAPTER_CONFIG  the reference's trainable-parameter line, from shapes\n"
-         "  demo [GOLDEN_DIR]        load a golden case, train its LoRA a few steps, print the losses\n"
-         "  generate MODEL_DIR ...   continue a prompt (greedy, temperature, top-k; --adapter DIR)\n"
+         "  count MODEL_CONFIG ADAPTER_CONFIG  the reference's trainable-parameter line, from "
+         "shapes\n"
+         "  demo [GOLDEN_DIR]        load a golden case, train its LoRA a few steps, print the "
+         "losses\n"
+         "  generate MODEL_DIR ...   continue a prompt (greedy, temperature, top-k; --adapter "
+         "DIR)\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
          "  parity [--device cpu|cuda] CASE_DIR...  check golden cases (logits, loss,\n"
          "                           gradients, merge, AdamW); cuda: the LoRA cases, fp32\n"
          "  search [--quick] [...]   search PEFT configurations under a parameter budget\n"
-         "  study [--quick] [...]    pretrain a small decoder, adapt it with every method, compare\n"
+         "  study [--quick] [...]    pretrain a small decoder, adapt it with every method, "
+         "compare\n"
          "  help                     this text\n"
          "\n"
          "docs/cli.md describes every command.\n";

@@ -62,13 +62,20 @@ inline int run_search(const std::vector<std::string>& args, std::ostream& out, s
       if (i + 1 >= args.size()) throw ConfigError("option " + a + " needs a value");
       return args[++i];
     };
-    if (a == "--quick") quick = true;
-    else if (a == "--out") dir = value();
-    else if (a == "--task") o.task = data::task_from_name(value());
-    else if (a == "--budget") o.parameter_budget = search_cli::parse_integer(a, value(), 1);
-    else if (a == "--steps") steps = search_cli::parse_integer(a, value(), 1);
-    else if (a == "--candidates") candidates = search_cli::parse_integer(a, value(), 1);
-    else if (a == "--pretrain-steps") pretrain_steps = search_cli::parse_integer(a, value(), 0);
+    if (a == "--quick")
+      quick = true;
+    else if (a == "--out")
+      dir = value();
+    else if (a == "--task")
+      o.task = data::task_from_name(value());
+    else if (a == "--budget")
+      o.parameter_budget = search_cli::parse_integer(a, value(), 1);
+    else if (a == "--steps")
+      steps = search_cli::parse_integer(a, value(), 1);
+    else if (a == "--candidates")
+      candidates = search_cli::parse_integer(a, value(), 1);
+    else if (a == "--pretrain-steps")
+      pretrain_steps = search_cli::parse_integer(a, value(), 0);
     else if (a == "--threads")
       o.threads = static_cast<int>(search_cli::parse_integer(a, value(), 1));
     else if (a == "--seed")
@@ -96,13 +103,13 @@ inline int run_search(const std::vector<std::string>& args, std::ostream& out, s
   search::print_table(out, r);
   const search::CandidateResult& best = r.rows[r.best];
   const search::Candidate& c = best.candidate;
-  out << std::fixed << std::setprecision(4) << "\nbest: " << c.method << " (" << c.targets
-      << ", " << c.layers << ", " << c.size_label << "), " << c.parameters
+  out << std::fixed << std::setprecision(4) << "\nbest: " << c.method << " (" << c.targets << ", "
+      << c.layers << ", " << c.size_label << "), " << c.parameters
       << " trainable parameters of a budget of " << o.parameter_budget << ", eval loss "
       << best.eval_loss << " (base " << r.base_eval_loss << ")\n";
-  out << "cost: " << r.total_steps << " optimizer steps (" << o.pretrain_steps
-      << " pretraining), " << std::setprecision(1) << r.total_seconds << " s in all ("
-      << r.pretrain_seconds << " s pretraining)\n";
+  out << "cost: " << r.total_steps << " optimizer steps (" << o.pretrain_steps << " pretraining), "
+      << std::setprecision(1) << r.total_seconds << " s in all (" << r.pretrain_seconds
+      << " s pretraining)\n";
   search::write_results(dir, r, o);
   out << "wrote " << (dir / "adapter_config.json").string() << ", config.json, search_table.md, "
       << "search.json\n";

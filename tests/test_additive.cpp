@@ -8,10 +8,10 @@
 #include <cmath>
 #include <filesystem>
 #include <peft/peft.hpp>
-
-#include "tiny_models.hpp"
 #include <random>
 #include <string>
+
+#include "tiny_models.hpp"
 
 namespace {
 

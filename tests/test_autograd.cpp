@@ -84,7 +84,8 @@ TEST_CASE("shape errors name both shapes") {
   Var<double> a(random_tensor({2, 3}, 11), true);
   Var<double> b(random_tensor({4, 5}, 12), true);
   Tape<double> tape;
-  CHECK_THROWS_WITH_AS(peft::ops::matmul(tape, a, b), doctest::Contains("[2, 3]"), peft::ShapeError);
+  CHECK_THROWS_WITH_AS(peft::ops::matmul(tape, a, b), doctest::Contains("[2, 3]"),
+                       peft::ShapeError);
   CHECK_THROWS_AS(peft::ops::add(tape, a, b), peft::ShapeError);
   CHECK_THROWS_AS(peft::ops::embedding(tape, a, {7}), peft::ShapeError);
   CHECK_THROWS_AS(peft::ops::cross_entropy(tape, a, {0, 9}), peft::ShapeError);
@@ -104,7 +105,8 @@ TEST_CASE("tensor basics") {
 }
 
 TEST_CASE("cross-entropy: mean over counted tokens, NaN when none is counted") {
-  Var<double> logits(Tensor<double>(Shape{2, 2}, std::vector<double>{0, 0, 0, std::log(3.0)}), false);
+  Var<double> logits(Tensor<double>(Shape{2, 2}, std::vector<double>{0, 0, 0, std::log(3.0)}),
+                     false);
   Tape<double> tape;
   Var<double> loss = peft::ops::cross_entropy(tape, logits, {0, 1});
   // row 0: log 2; row 1: −log(3/4)

@@ -3,7 +3,6 @@
 
 #include <filesystem>
 #include <fstream>
-
 #include <peft/peft.hpp>
 
 namespace {
@@ -60,14 +59,18 @@ void randomise_adapter(Model& model, std::uint64_t seed) {
 
 template <class Arch>
 void check_decoder_lora_gradients(const std::vector<std::string>& targets) {
-  Decoder<Arch, LoRA, double> model(tiny_config(std::string(Arch::model_type)), lora_config(targets), 7);
+  Decoder<Arch, LoRA, double> model(tiny_config(std::string(Arch::model_type)),
+                                    lora_config(targets), 7);
   randomise_adapter(model, 100);
   std::vector<Var<double>> inputs;
   for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
   REQUIRE(!inputs.empty());
   const Batch batch = tiny_batch();
-  auto f = [&](Tape<double>& tape, std::vector<Var<double>>&) { return model.forward(tape, batch).loss; };
-  const auto result = peft::testing::check_gradients(f, inputs, {.step = 1e-6, .rtol = 1e-5, .atol = 1e-8});
+  auto f = [&](Tape<double>& tape, std::vector<Var<double>>&) {
+    return model.forward(tape, batch).loss;
+  };
+  const auto result =
+      peft::testing::check_gradients(f, inputs, {.step = 1e-6, .rtol = 1e-5, .atol = 1e-8});
   INFO(result.message);
   CHECK(result.ok);
 }
@@ -76,7 +79,8 @@ void check_decoder_lora_gradients(const std::vector<std::string>& targets) {
 
 TEST_CASE("LoRA through the whole decoder passes the gradient check (GPT-2 and LLaMA)") {
   check_decoder_lora_gradients<peft::arch::Gpt2>({"c_attn", "c_proj", "c_fc"});
-  check_decoder_lora_gradients<peft::arch::Llama>({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"});
+  check_decoder_lora_gradients<peft::arch::Llama>(
+      {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"});
 }
 
 TEST_CASE("full fine-tuning: every base tensor's gradient matches finite differences") {
@@ -89,8 +93,11 @@ TEST_CASE("full fine-tuning: every base tensor's gradient matches finite differe
       model.set_base_trainable(true);
       for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
       const Batch batch = tiny_batch();
-      auto f = [&](Tape<double>& tape, std::vector<Var<double>>&) { return model.forward(tape, batch).loss; };
-      const auto result = peft::testing::check_gradients(f, inputs, {.step = 1e-6, .rtol = 1e-5, .atol = 1e-8});
+      auto f = [&](Tape<double>& tape, std::vector<Var<double>>&) {
+        return model.forward(tape, batch).loss;
+      };
+      const auto result =
+          peft::testing::check_gradients(f, inputs, {.step = 1e-6, .rtol = 1e-5, .atol = 1e-8});
       INFO(result.message);
       CHECK(result.ok);
     };
@@ -141,20 +148,24 @@ TEST_CASE("merge then unmerge restores the base weights; merged logits equal unm
       const auto unmerged = model.logits(tiny_batch());
       model.merge();
       const auto merged = model.logits(tiny_batch());
-      for (std::int64_t i = 0; i < merged.numel(); ++i) CHECK(merged[i] == doctest::Approx(unmerged[i]).epsilon(1e-5));
+      for (std::int64_t i = 0; i < merged.numel(); ++i)
+        CHECK(merged[i] == doctest::Approx(unmerged[i]).epsilon(1e-5));
       model.unmerge();
       std::size_t k = 0;
       for (auto& p : model.base_parameters()) {
         const auto& now = p.var.value().values();
-        for (std::size_t i = 0; i < now.size(); ++i) CHECK(now[i] == doctest::Approx(before[k][i]).epsilon(1e-6));
+        for (std::size_t i = 0; i < now.size(); ++i)
+          CHECK(now[i] == doctest::Approx(before[k][i]).epsilon(1e-6));
         ++k;
       }
     };
     if (type == "gpt2") {
-      Decoder<peft::arch::Gpt2, LoRA, float> model(tiny_config(type), lora_config({"c_attn", "c_proj"}), 9);
+      Decoder<peft::arch::Gpt2, LoRA, float> model(tiny_config(type),
+                                                   lora_config({"c_attn", "c_proj"}), 9);
       run(model);
     } else {
-      Decoder<peft::arch::Llama, LoRA, float> model(tiny_config(type), lora_config({"v_proj", "down_proj"}), 9);
+      Decoder<peft::arch::Llama, LoRA, float> model(tiny_config(type),
+                                                    lora_config({"v_proj", "down_proj"}), 9);
       run(model);
     }
   }
@@ -175,8 +186,9 @@ TEST_CASE("LoRA adapter: save, load, same logits; the config reads back") {
   CHECK(reread.r == 3);
   CHECK(reread.use_rslora);
   Decoder<peft::arch::Llama, LoRA, float> loaded(mc, reread, 99);
-  peft::io::load_adapter_tensors(loaded.adapter().parameters(),
-                                 peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors"));
+  peft::io::load_adapter_tensors(
+      loaded.adapter().parameters(),
+      peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors"));
   // Same base (same seed) is needed for equal logits: copy the base weights across.
   auto src = model.base_parameters();
   auto dst = loaded.base_parameters();
@@ -184,14 +196,15 @@ TEST_CASE("LoRA adapter: save, load, same logits; the config reads back") {
   CHECK(model.logits(tiny_batch()).values() == loaded.logits(tiny_batch()).values());
   // Bit-exact tensors.
   auto a = model.adapter().parameters(), b = loaded.adapter().parameters();
-  for (std::size_t i = 0; i < a.size(); ++i) CHECK(a[i].var.value().values() == b[i].var.value().values());
+  for (std::size_t i = 0; i < a.size(); ++i)
+    CHECK(a[i].var.value().values() == b[i].var.value().values());
 
   // An adapter written for other targets is rejected, naming the tensor.
   Decoder<peft::arch::Llama, LoRA, float> other(mc, lora_config({"q_proj"}, 3), 1);
-  CHECK_THROWS_WITH_AS(
-      peft::io::load_adapter_tensors(other.adapter().parameters(),
-                                     peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors")),
-      doctest::Contains("v_proj"), peft::FileError);
+  CHECK_THROWS_WITH_AS(peft::io::load_adapter_tensors(
+                           other.adapter().parameters(),
+                           peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors")),
+                       doctest::Contains("v_proj"), peft::FileError);
   std::filesystem::remove_all(dir);
 }
 
@@ -236,12 +249,14 @@ TEST_CASE("rank_pattern and alpha_pattern give per-module ranks and scales") {
     if (p.name.find("v_proj.lora_A") != std::string::npos) CHECK(p.var.shape()[0] == 4);
     if (p.name.find("q_proj.lora_A") != std::string::npos) CHECK(p.var.shape()[0] == 2);
   }
-  CHECK(config.scaling(4, config.alpha_for("model.layers.0.self_attn.v_proj")) == doctest::Approx(2.0));
+  CHECK(config.scaling(4, config.alpha_for("model.layers.0.self_attn.v_proj")) ==
+        doctest::Approx(2.0));
 }
 
 TEST_CASE("targets that match nothing are an error, as in the reference") {
-  CHECK_THROWS_WITH_AS((Decoder<peft::arch::Llama, LoRA, float>(tiny_config("llama"), lora_config({"c_attn"}))),
-                       doctest::Contains("matched no module"), peft::ConfigError);
+  CHECK_THROWS_WITH_AS(
+      (Decoder<peft::arch::Llama, LoRA, float>(tiny_config("llama"), lora_config({"c_attn"}))),
+      doctest::Contains("matched no module"), peft::ConfigError);
 }
 
 TEST_CASE("linear_shapes and base_parameter_count agree with the decoder") {
@@ -274,15 +289,19 @@ TEST_CASE("linear_shapes and base_parameter_count agree with the decoder") {
 
 TEST_CASE("config.json errors are clear") {
   nlohmann::json j = {{"model_type", "mamba"}};
-  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"), doctest::Contains("unknown architecture 'mamba'"),
+  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"),
+                       doctest::Contains("unknown architecture 'mamba'"), peft::ConfigError);
+  j = {{"model_type", "llama"},  {"vocab_size", 10},         {"hidden_size", 8},
+       {"num_hidden_layers", 1}, {"num_attention_heads", 3}, {"num_key_value_heads", 2},
+       {"intermediate_size", 4}};
+  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"), doctest::Contains("must divide"),
                        peft::ConfigError);
-  j = {{"model_type", "llama"}, {"vocab_size", 10}, {"hidden_size", 8}, {"num_hidden_layers", 1},
-       {"num_attention_heads", 3}, {"num_key_value_heads", 2}, {"intermediate_size", 4}};
-  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"), doctest::Contains("must divide"), peft::ConfigError);
   j = {{"model_type", "gpt2"}, {"vocab_size", "big"}};
-  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"), doctest::Contains("vocab_size"), peft::ConfigError);
+  CHECK_THROWS_WITH_AS(ModelConfig::from_json(j, "cfg.json"), doctest::Contains("vocab_size"),
+                       peft::ConfigError);
   // A gpt2 config handed to a LLaMA decoder.
-  CHECK_THROWS_AS((Decoder<peft::arch::Llama, peft::NoPeft, float>(tiny_config("gpt2"))), peft::ConfigError);
+  CHECK_THROWS_AS((Decoder<peft::arch::Llama, peft::NoPeft, float>(tiny_config("gpt2"))),
+                  peft::ConfigError);
 }
 
 TEST_CASE("model.safetensors errors name the file, the tensor and the expected shape") {
@@ -302,8 +321,9 @@ TEST_CASE("model.safetensors errors name the file, the tensor and the expected s
   Decoder<peft::arch::Llama, peft::NoPeft, float> target(mc, {}, 2);
   CHECK_THROWS_WITH_AS(target.load_base_weights(write_without("model.norm.weight", "")),
                        doctest::Contains("model.norm.weight"), peft::FileError);
-  CHECK_THROWS_WITH_AS(target.load_base_weights(write_without("", "model.layers.0.self_attn.q_proj.weight")),
-                       doctest::Contains("q_proj"), peft::FileError);
+  CHECK_THROWS_WITH_AS(
+      target.load_base_weights(write_without("", "model.layers.0.self_attn.q_proj.weight")),
+      doctest::Contains("q_proj"), peft::FileError);
   CHECK_NOTHROW(target.load_base_weights(write_without("", "")));
 }
 
@@ -327,7 +347,7 @@ TEST_CASE("Llama 3 rope scaling: high frequencies kept, low ones slowed by the f
   plain.rope_scaling = {};
   const std::vector<float> base = peft::rope_inverse_frequencies(plain);
   REQUIRE(scaled.size() == 32);
-  CHECK(scaled[0] == base[0]);                                   // wavelength 2π: kept
+  CHECK(scaled[0] == base[0]);                                           // wavelength 2π: kept
   CHECK(scaled[31] == doctest::Approx(base[31] / 32.0f).epsilon(1e-6));  // longest: slowed
   for (std::size_t i = 0; i < scaled.size(); ++i) CHECK(scaled[i] <= base[i]);
   CHECK(peft::base_parameter_count<peft::arch::Llama>(c) == 1235814400);  // Llama-3.2-1B

@@ -6,7 +6,6 @@
 // the search stays within its budget and repeats under a seed. The compile-time composition
 // rules are tested by tests/compile_fail/.
 #include <doctest/doctest.h>
-
 #include <unistd.h>
 
 #include <filesystem>
@@ -62,8 +61,10 @@ peft::LoraConfig attention_lora() {
   peft::LoraConfig c;
   c.r = 2;
   c.lora_alpha = 4;
-  if constexpr (std::is_same_v<Arch, peft::arch::Gpt2>) c.targets.target_modules.names = {"c_attn"};
-  else c.targets.target_modules.names = {"q_proj", "v_proj"};
+  if constexpr (std::is_same_v<Arch, peft::arch::Gpt2>)
+    c.targets.target_modules.names = {"c_attn"};
+  else
+    c.targets.target_modules.names = {"q_proj", "v_proj"};
   return c;
 }
 template <class Arch>
@@ -100,8 +101,8 @@ typename Policy::Config hybrid_config() {
     return MixedWithPrefix::Config(attention_lora<Arch>(), mlp_ia3<Arch>(), small_prefix(),
                                    small_adapter<peft::SerialAdapter>());
   else if constexpr (std::is_same_v<Policy, peft::UniPELT>)
-    return peft::unipelt_config(m, {.lora_r = 2, .lora_alpha = 2, .prefix_tokens = 3,
-                                    .adapter_width = 3});
+    return peft::unipelt_config(
+        m, {.lora_r = 2, .lora_alpha = 2, .prefix_tokens = 3, .adapter_width = 3});
   else
     return peft::mam_config({.prefix_tokens = 3, .adapter_width = 3, .scaling = 4.0});
 }
@@ -112,9 +113,9 @@ struct Case {
   using Policy = PolicyT;
 };
 
-#define HYBRID_CASES                                                                         \
-  Case<peft::arch::Gpt2, Mixed>, Case<peft::arch::Llama, MixedWithPrefix>,                   \
-      Case<peft::arch::Gpt2, peft::UniPELT>, Case<peft::arch::Llama, peft::UniPELT>,         \
+#define HYBRID_CASES                                                                 \
+  Case<peft::arch::Gpt2, Mixed>, Case<peft::arch::Llama, MixedWithPrefix>,           \
+      Case<peft::arch::Gpt2, peft::UniPELT>, Case<peft::arch::Llama, peft::UniPELT>, \
       Case<peft::arch::Gpt2, peft::MAMAdapter>, Case<peft::arch::Llama, peft::MAMAdapter>
 
 template <class C, class T>
@@ -185,7 +186,7 @@ TEST_CASE_TEMPLATE("hybrid: zeroed companions give exactly LoRA's logits", Arch,
 TEST_CASE("hybrid: MAM with a zeroed adapter gives exactly prefix tuning's logits") {
   using Arch = peft::arch::Llama;
   Decoder<Arch, peft::MAMAdapter, double> mam(tiny_config<Arch>(),
-                                               hybrid_config<Arch, peft::MAMAdapter>(), 4);
+                                              hybrid_config<Arch, peft::MAMAdapter>(), 4);
   Decoder<Arch, peft::PrefixTuning, double> prefix(tiny_config<Arch>(), small_prefix(), 4);
   auto mam_prefix = mam.adapter().component<0>().parameters();
   auto single = prefix.adapter().parameters();
@@ -198,8 +199,8 @@ TEST_CASE("hybrid: MAM with a zeroed adapter gives exactly prefix tuning's logit
   CHECK(max_abs_diff(mam.logits(batch), prefix.logits(batch)) > 1e-6);
 }
 
-TEST_CASE_TEMPLATE("hybrid: UniPELT gated off but for the prefix gives prefix tuning's logits", Arch,
-                   peft::arch::Gpt2, peft::arch::Llama) {
+TEST_CASE_TEMPLATE("hybrid: UniPELT gated off but for the prefix gives prefix tuning's logits",
+                   Arch, peft::arch::Gpt2, peft::arch::Llama) {
   Decoder<Arch, peft::UniPELT, double> uni(tiny_config<Arch>(),
                                            hybrid_config<Arch, peft::UniPELT>(), 4);
   perturb_adapter(uni, 8);  // LoRA, adapter and gates all non-trivial
@@ -247,9 +248,9 @@ TEST_CASE_TEMPLATE("hybrid: save, load, same logits; component folders load on t
     CHECK(Q::accepts(j));
     Decoder<typename C::Arch, Q, double> alone(tiny_config<typename C::Arch>(),
                                                Q::Config::from_json(j, folder.string()), 3);
-    peft::io::load_adapter_tensors(alone.adapter().parameters(),
-                                   peft::io::SafetensorsFile::open(folder /
-                                                                   "adapter_model.safetensors"));
+    peft::io::load_adapter_tensors(
+        alone.adapter().parameters(),
+        peft::io::SafetensorsFile::open(folder / "adapter_model.safetensors"));
     auto mine = state.parameters();
     auto theirs = alone.adapter().parameters();
     REQUIRE(mine.size() == theirs.size());
@@ -297,9 +298,9 @@ TEST_CASE_TEMPLATE("hybrid: count_parameters equals the tensors a built composit
   std::int64_t built = 0;
   for (auto& p : model.trainable_parameters()) built += p.var.value().numel();
   const ModelConfig config = tiny_config<typename C::Arch>();
-  const auto counted = C::Policy::count_parameters(
-      config, peft::linear_shapes<typename C::Arch>(config),
-      hybrid_config<typename C::Arch, typename C::Policy>());
+  const auto counted =
+      C::Policy::count_parameters(config, peft::linear_shapes<typename C::Arch>(config),
+                                  hybrid_config<typename C::Arch, typename C::Policy>());
   CHECK(counted.trainable == built);
 }
 
@@ -354,8 +355,8 @@ TEST_CASE_TEMPLATE("hybrid: UniPELT and MAM train well below the base model's lo
   }
   typename P::Config pc;
   if constexpr (std::is_same_v<P, peft::UniPELT>)
-    pc = peft::unipelt_config(config, {.lora_r = 4, .lora_alpha = 8, .prefix_tokens = 4,
-                                       .adapter_width = 8});
+    pc = peft::unipelt_config(
+        config, {.lora_r = 4, .lora_alpha = 8, .prefix_tokens = 4, .adapter_width = 8});
   else
     pc = peft::mam_config({.prefix_tokens = 4, .adapter_width = 8, .scaling = 4.0});
   Decoder<Arch, P, float> model(config, pc, 5);

@@ -64,10 +64,12 @@ struct LinearInOut {
 struct LoraLinear {
   static constexpr const char* name = "lora_linear";
   static Inputs inputs() {
-    return {input({5, 6}, 16), input({6, 7}, 17), input({7}, 18), input({2, 6}, 19), input({7, 2}, 20)};
+    return {input({5, 6}, 16), input({6, 7}, 17), input({7}, 18), input({2, 6}, 19),
+            input({7, 2}, 20)};
   }
   static Var<double> apply(Tape<double>& t, Inputs& x) {
-    return peft::ops::lora_linear(t, x[0], x[1], x[2], peft::ops::WeightLayout::InOut, x[3], x[4], 1.7);
+    return peft::ops::lora_linear(t, x[0], x[1], x[2], peft::ops::WeightLayout::InOut, x[3], x[4],
+                                  1.7);
   }
 };
 struct AddSame {
@@ -146,7 +148,9 @@ struct LayerNorm {
 struct RmsNorm {
   static constexpr const char* name = "rms_norm";
   static Inputs inputs() { return {input({4, 6}, 41), input({6}, 42)}; }
-  static Var<double> apply(Tape<double>& t, Inputs& x) { return peft::ops::rms_norm(t, x[0], x[1], 1e-6); }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::rms_norm(t, x[0], x[1], 1e-6);
+  }
 };
 struct Softmax {
   static constexpr const char* name = "softmax";
@@ -155,7 +159,9 @@ struct Softmax {
 };
 struct AttentionCausalPadded {
   static constexpr const char* name = "attention causal + padding";
-  static Inputs inputs() { return {input({2, 5, 8}, 44), input({2, 5, 8}, 45), input({2, 5, 8}, 46)}; }
+  static Inputs inputs() {
+    return {input({2, 5, 8}, 44), input({2, 5, 8}, 45), input({2, 5, 8}, 46)};
+  }
   static Var<double> apply(Tape<double>& t, Inputs& x) {
     peft::ops::AttentionSpec spec;
     spec.heads = 2;
@@ -167,7 +173,9 @@ struct AttentionCausalPadded {
 };
 struct AttentionGroupedPrefix {
   static constexpr const char* name = "attention grouped-query with prefix";
-  static Inputs inputs() { return {input({2, 3, 12}, 47), input({2, 5, 6}, 48), input({2, 5, 6}, 49)}; }
+  static Inputs inputs() {
+    return {input({2, 3, 12}, 47), input({2, 5, 6}, 48), input({2, 5, 6}, 49)};
+  }
   static Var<double> apply(Tape<double>& t, Inputs& x) {
     peft::ops::AttentionSpec spec;
     spec.heads = 4;
@@ -180,7 +188,9 @@ struct AttentionGroupedPrefix {
 struct Rope {
   static constexpr const char* name = "rope";
   static Inputs inputs() { return {input({2, 3, 8}, 50)}; }
-  static Var<double> apply(Tape<double>& t, Inputs& x) { return peft::ops::rope(t, x[0], 4, 500.0, 3); }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::rope(t, x[0], 4, 500.0, 3);
+  }
 };
 struct Embedding {
   static constexpr const char* name = "embedding";
@@ -192,7 +202,9 @@ struct Embedding {
 struct Concat {
   static constexpr const char* name = "concat";
   static Inputs inputs() { return {input({2, 1, 3}, 52), input({2, 2, 3}, 53)}; }
-  static Var<double> apply(Tape<double>& t, Inputs& x) { return peft::ops::concat(t, {x[0], x[1]}, 1); }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::concat(t, {x[0], x[1]}, 1);
+  }
 };
 struct Split {
   static constexpr const char* name = "split";
@@ -200,7 +212,8 @@ struct Split {
   static Var<double> apply(Tape<double>& t, Inputs& x) {
     auto parts = peft::ops::split(t, x[0], {1, 2, 3}, 2);
     // Weight the pieces differently so that each one's backward is exercised.
-    return peft::ops::concat(t, {peft::ops::scale(t, parts[2], 2.0), parts[0], peft::ops::scale(t, parts[1], -1.0)}, 2);
+    return peft::ops::concat(
+        t, {peft::ops::scale(t, parts[2], 2.0), parts[0], peft::ops::scale(t, parts[1], -1.0)}, 2);
   }
 };
 struct Reshape {
@@ -213,7 +226,9 @@ struct Reshape {
 struct Transpose {
   static constexpr const char* name = "transpose";
   static Inputs inputs() { return {input({2, 3, 4}, 56)}; }
-  static Var<double> apply(Tape<double>& t, Inputs& x) { return peft::ops::transpose(t, x[0], 0, 2); }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::transpose(t, x[0], 0, 2);
+  }
 };
 struct CrossEntropy {
   static constexpr const char* name = "cross_entropy with ignore index";

@@ -2,7 +2,6 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
-
 #include <peft/peft.hpp>
 
 namespace {
@@ -43,7 +42,8 @@ TEST_CASE("optimizers refuse frozen tensors: frozen weights get no optimizer sta
 
 TEST_CASE("SGD with momentum follows torch") {
   Var<double> p(Tensor<double>(Shape{1}, 1.0), true);
-  peft::Sgd<double> opt({{"p", p}}, peft::SgdOptions{.lr = 0.1, .momentum = 0.9, .weight_decay = 0.1});
+  peft::Sgd<double> opt({{"p", p}},
+                        peft::SgdOptions{.lr = 0.1, .momentum = 0.9, .weight_decay = 0.1});
   double w = 1.0, buf = 0.0;
   for (int t = 0; t < 3; ++t) {
     const double g0 = 0.5 - 0.25 * t;

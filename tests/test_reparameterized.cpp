@@ -9,13 +9,12 @@
 #include <cmath>
 #include <filesystem>
 #include <peft/peft.hpp>
-
-#include "tiny_models.hpp"
 #include <random>
 #include <set>
 #include <string>
 
 #include "../cli/count.hpp"
+#include "tiny_models.hpp"
 
 namespace {
 

@@ -16,11 +16,11 @@
 #include <peft/methods/selective/masks.hpp>
 #include <peft/methods/selective/structured.hpp>
 #include <peft/peft.hpp>
-
-#include "tiny_models.hpp"
 #include <random>
 #include <set>
 #include <string>
+
+#include "tiny_models.hpp"
 
 namespace {
 

@@ -2,9 +2,8 @@
 // Tiny models and a padded batch shared by the method-family tests: small enough for
 // finite-difference gradient checks, with GPT-2's biases and tied head and LLaMA's
 // grouped-query attention and untied head.
-#include <type_traits>
-
 #include <peft/peft.hpp>
+#include <type_traits>
 
 namespace test_support {
 
@@ -43,8 +42,10 @@ inline peft::ModelConfig tiny_llama() {
 
 template <class Arch>
 peft::ModelConfig tiny_config() {
-  if constexpr (std::is_same_v<Arch, peft::arch::Gpt2>) return tiny_gpt2();
-  else return tiny_llama();
+  if constexpr (std::is_same_v<Arch, peft::arch::Gpt2>)
+    return tiny_gpt2();
+  else
+    return tiny_llama();
 }
 
 /// Two sequences of 5 tokens, the second right-padded by 2.

@@ -9,6 +9,8 @@
 //   data/      synthetic sequence tasks, byte-level text; generate.hpp: sampling
 //   io/        safetensors, JSON, adapter files
 //   testing/   finite-difference gradient checker, golden-case runner
+#include "peft/arch/gpt2.hpp"
+#include "peft/arch/llama.hpp"
 #include "peft/core/autograd.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/ops.hpp"
@@ -16,8 +18,6 @@
 #include "peft/data/tasks.hpp"
 #include "peft/data/text.hpp"
 #include "peft/generate.hpp"
-#include "peft/arch/gpt2.hpp"
-#include "peft/arch/llama.hpp"
 #include "peft/io/adapter_file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"

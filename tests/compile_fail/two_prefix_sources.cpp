@@ -2,8 +2,8 @@
 // attention's key/value site (Compose's static_assert says so). With
 // PEFT_COMPILE_FAIL_CONTROL defined it composes prefix tuning with LoRA instead, which must
 // compile: the control shows that only the composition rule breaks the build.
-#include <peft/methods/hybrid/compose.hpp>
 #include <peft/methods/additive/prefix_tuning.hpp>
+#include <peft/methods/hybrid/compose.hpp>
 #include <peft/methods/reparameterized/lora.hpp>
 #include <peft/nn/decoder.hpp>
 

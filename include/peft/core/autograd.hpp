@@ -94,13 +94,15 @@ class Tape {
   /// Seeds d(output)/d(output) = `seed` (1 for a scalar loss) and back-propagates.
   /// Gradients accumulate into existing buffers until the caller zeroes them.
   void backward(Var<T>& output, T seed = T(1)) {
-    if (!output.requires_grad()) throw Error("backward() from a value that does not require a gradient");
+    if (!output.requires_grad())
+      throw Error("backward() from a value that does not require a gradient");
     output.grad().fill(seed);
     run_closures();
   }
   /// Back-propagates d(L)/d(output) = `seed` for an output of any shape.
   void backward(Var<T>& output, const Tensor<T>& seed) {
-    if (!output.requires_grad()) throw Error("backward() from a value that does not require a gradient");
+    if (!output.requires_grad())
+      throw Error("backward() from a value that does not require a gradient");
     require_shape(seed, output.shape(), "backward seed");
     output.grad().vector() = seed.vector();
     run_closures();

@@ -3,11 +3,10 @@
 // adapter_model.safetensors, tensors keyed "base_model.model.<module path>.<name>".
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/autograd.hpp"
 #include "peft/io/json.hpp"
@@ -18,7 +17,8 @@ namespace peft::io {
 /// Copies every listed tensor from `file`, checking presence and shape. A tensor in the file
 /// that no parameter claims is an error too: it means the adapter was made for other targets.
 template <class T>
-void load_adapter_tensors(const std::vector<NamedParameter<T>>& params, const SafetensorsFile& file) {
+void load_adapter_tensors(const std::vector<NamedParameter<T>>& params,
+                          const SafetensorsFile& file) {
   std::set<std::string> claimed;
   for (NamedParameter<T> p : params) {
     if (!file.contains(p.name))

@@ -1,8 +1,7 @@
 #pragma once
 // Fields every reference adapter_config.json shares, and reading them strictly.
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "peft/core/error.hpp"
 #include "peft/methods/target_modules.hpp"

@@ -27,8 +27,8 @@
 //   std::int64_t num_prefix_tokens() const;
 //   std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>&, int layer, std::int64_t batch)
 //       keys and values [B, P, kv_heads·head_dim] prepended to a layer's attention
-//   Var<T> after_attention(Tape<T>&, int layer, const Var<T>& attention_out)   // before the residual add
-//   Var<T> after_mlp(Tape<T>&, int layer, const Var<T>& mlp_in, const Var<T>& mlp_out)
+//   Var<T> after_attention(Tape<T>&, int layer, const Var<T>& attention_out)   // before the
+//   residual add Var<T> after_mlp(Tape<T>&, int layer, const Var<T>& mlp_in, const Var<T>& mlp_out)
 //   Var<T> extra_loss(Tape<T>&)          // a regulariser [1] added to the training loss
 //   void merge(std::vector<nn::Linear<T>*>&); void unmerge(std::vector<nn::Linear<T>*>&);
 //       fold the adapter into the base weights and back (mergeable methods only)
@@ -78,8 +78,7 @@ struct None {
 }  // namespace family
 
 template <class F>
-concept FamilyTag =
-    std::same_as<F, family::Additive> || std::same_as<F, family::Selective> ||
+concept FamilyTag = std::same_as<F, family::Additive> || std::same_as<F, family::Selective> ||
     std::same_as<F, family::Reparameterized> || std::same_as<F, family::Hybrid> ||
     std::same_as<F, family::None>;
 
@@ -100,21 +99,21 @@ concept HasPolicyTraits = requires {
   typename P::family;
   typename P::Config;
   { P::name } -> std::convertible_to<std::string_view>;
-} && FamilyTag<typename P::family>;
+}
+&&FamilyTag<typename P::family>;
 
 template <class S, class T>
 concept PolicyState = requires(S state, AttachContext<T>& ctx) {
-  { state.attach(ctx) };
+  {state.attach(ctx)};
   { state.parameters() } -> std::same_as<std::vector<NamedParameter<T>>>;
 };
 
 /// A PEFT policy, as specified at the top of include/peft/methods/policy.hpp.
 template <class P>
-concept PeftPolicy = HasPolicyTraits<P> &&
-                     std::constructible_from<typename P::template State<double>,
-                                             const typename P::Config&> &&
-                     PolicyState<typename P::template State<double>, double> &&
-                     PolicyState<typename P::template State<float>, float>;
+concept PeftPolicy =
+    HasPolicyTraits<P> && std::constructible_from < typename P::template State<double>,
+const typename P::Config& > &&PolicyState<typename P::template State<double>, double>&&
+                                PolicyState<typename P::template State<float>, float>;
 
 /// Hook detection, one concept per optional hook.
 template <class S, class T>

@@ -2,10 +2,9 @@
 // The methods that can be loaded from a reference adapter_config.json, as one type list.
 // A new file-loadable method adds its policy here (it needs `static bool accepts(json)` and
 // `Config::from_json(json, source)`).
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
@@ -35,8 +34,8 @@ template <class... Policies>
 struct PolicyList {};
 
 using LoadablePolicies =
-    PolicyList<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning, PTuning,
-               SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
+    PolicyList<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning,
+               PTuning, SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
                UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
 
 /// Calls `visitor.template operator()<P>()` for the first P of the list accepting `config`;
@@ -58,9 +57,12 @@ bool visit_policy_for(const nlohmann::json& config, Visitor&& visitor) {
 /// Calls `visitor.template operator()<Arch>()` for the architecture of a model config.
 template <class Visitor>
 void visit_arch_for(const std::string& model_type, Visitor&& visitor) {
-  if (model_type == arch::Gpt2::model_type) visitor.template operator()<arch::Gpt2>();
-  else if (model_type == arch::Llama::model_type) visitor.template operator()<arch::Llama>();
-  else throw ConfigError("unknown architecture '" + model_type + "' (supported: gpt2, llama)");
+  if (model_type == arch::Gpt2::model_type)
+    visitor.template operator()<arch::Gpt2>();
+  else if (model_type == arch::Llama::model_type)
+    visitor.template operator()<arch::Llama>();
+  else
+    throw ConfigError("unknown architecture '" + model_type + "' (supported: gpt2, llama)");
 }
 
 }  // namespace peft

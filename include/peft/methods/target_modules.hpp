@@ -11,12 +11,11 @@
 //   component, or after any component when no pattern is given) is listed.
 // - rank_pattern / alpha_pattern: the first key k such that the path matches "(.*\.)?(k)$".
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <regex>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/error.hpp"
 
@@ -36,14 +35,17 @@ struct ModuleSelector {
     if (j.is_null()) return s;
     if (j.is_string()) {
       const std::string text = j.get<std::string>();
-      if (text == "all-linear") s.all_linear = true;
-      else s.regex = text;
+      if (text == "all-linear")
+        s.all_linear = true;
+      else
+        s.regex = text;
       return s;
     }
     if (!j.is_array())
       throw ConfigError(source + ": field '" + field + "' expected a list of names or a regex");
     for (const auto& item : j) {
-      if (!item.is_string()) throw ConfigError(source + ": field '" + field + "' holds a non-string");
+      if (!item.is_string())
+        throw ConfigError(source + ": field '" + field + "' holds a non-string");
       s.names.push_back(item.get<std::string>());
     }
     return s;
@@ -96,7 +98,8 @@ struct TargetRules {
 
   bool selects(const std::string& module_path, bool is_output_head = false) const {
     if (!target_modules.matches(module_path, is_output_head)) return false;
-    if (!exclude_modules.empty() && exclude_modules.matches(module_path, is_output_head)) return false;
+    if (!exclude_modules.empty() && exclude_modules.matches(module_path, is_output_head))
+      return false;
     if (!layers_to_transform.empty()) {
       const std::optional<int> layer = layer_index_of(module_path, layers_pattern);
       if (!layer) return false;
@@ -109,18 +112,20 @@ struct TargetRules {
 
   static TargetRules from_json(const nlohmann::json& j, const std::string& source) {
     TargetRules rules;
-    rules.target_modules =
-        ModuleSelector::from_json(j.value("target_modules", nlohmann::json()), "target_modules", source);
+    rules.target_modules = ModuleSelector::from_json(j.value("target_modules", nlohmann::json()),
+                                                     "target_modules", source);
     rules.exclude_modules = ModuleSelector::from_json(j.value("exclude_modules", nlohmann::json()),
                                                       "exclude_modules", source);
     const nlohmann::json layers = j.value("layers_to_transform", nlohmann::json());
-    if (layers.is_number_integer()) rules.layers_to_transform.push_back(layers.get<int>());
+    if (layers.is_number_integer())
+      rules.layers_to_transform.push_back(layers.get<int>());
     else if (layers.is_array())
       for (const auto& l : layers) rules.layers_to_transform.push_back(l.get<int>());
     else if (!layers.is_null())
       throw ConfigError(source + ": field 'layers_to_transform' expected an integer or a list");
     const nlohmann::json pattern = j.value("layers_pattern", nlohmann::json());
-    if (pattern.is_string()) rules.layers_pattern.push_back(pattern.get<std::string>());
+    if (pattern.is_string())
+      rules.layers_pattern.push_back(pattern.get<std::string>());
     else if (pattern.is_array())
       for (const auto& p : pattern) rules.layers_pattern.push_back(p.get<std::string>());
     return rules;
@@ -130,7 +135,7 @@ struct TargetRules {
     j["exclude_modules"] = exclude_modules.to_json();
     j["layers_to_transform"] =
         layers_to_transform.empty() ? nlohmann::json(nullptr) : nlohmann::json(layers_to_transform);
-    j["layers_pattern"] = layers_pattern.empty()    ? nlohmann::json(nullptr)
+    j["layers_pattern"] = layers_pattern.empty()       ? nlohmann::json(nullptr)
                           : layers_pattern.size() == 1 ? nlohmann::json(layers_pattern[0])
                                                        : nlohmann::json(layers_pattern);
   }

@@ -1,11 +1,10 @@
 #pragma once
 // ModelConfig: the decoder's hyper-parameters, read from a reference `config.json`.
-#include <filesystem>
 #include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/error.hpp"
 
@@ -15,27 +14,27 @@ namespace peft {
 struct RopeScaling {
   std::string type = "default";  ///< "default", "linear" or "llama3"
   double factor = 1.0;
-  double low_freq_factor = 1.0;   ///< llama3
-  double high_freq_factor = 4.0;  ///< llama3
+  double low_freq_factor = 1.0;                    ///< llama3
+  double high_freq_factor = 4.0;                   ///< llama3
   double original_max_position_embeddings = 8192;  ///< llama3
 };
 
 struct ModelConfig {
-  std::string model_type;           ///< "gpt2" or "llama"
+  std::string model_type;  ///< "gpt2" or "llama"
   std::int64_t vocab_size = 0;
-  std::int64_t hidden_size = 0;     ///< d
+  std::int64_t hidden_size = 0;  ///< d
   std::int64_t num_layers = 0;
   std::int64_t num_heads = 0;
-  std::int64_t num_kv_heads = 0;    ///< = num_heads without grouped-query attention
+  std::int64_t num_kv_heads = 0;  ///< = num_heads without grouped-query attention
   std::int64_t head_dim = 0;
   std::int64_t intermediate_size = 0;
-  std::int64_t max_positions = 0;   ///< learned-position rows (GPT-2); a soft bound for LLaMA
+  std::int64_t max_positions = 0;  ///< learned-position rows (GPT-2); a soft bound for LLaMA
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = true;
-  bool attention_bias = true;       ///< biases on the attention projections
-  bool mlp_bias = true;             ///< biases on the MLP projections
+  bool attention_bias = true;  ///< biases on the attention projections
+  bool mlp_bias = true;        ///< biases on the MLP projections
 
   std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
 
@@ -109,7 +108,8 @@ struct ModelConfig {
       return j[key].get<bool>();
     };
     ModelConfig c;
-    if (!j.contains("model_type") || !j["model_type"].is_string()) fail("field 'model_type' missing");
+    if (!j.contains("model_type") || !j["model_type"].is_string())
+      fail("field 'model_type' missing");
     c.model_type = j["model_type"].get<std::string>();
     if (c.model_type == "gpt2") {
       c.vocab_size = get_int("vocab_size");
@@ -118,15 +118,16 @@ struct ModelConfig {
       c.num_heads = get_int("n_head");
       c.num_kv_heads = c.num_heads;
       c.head_dim = c.num_heads > 0 ? c.hidden_size / c.num_heads : 0;
-      c.intermediate_size = j.contains("n_inner") && !j["n_inner"].is_null() ? get_int("n_inner")
-                                                                            : 4 * c.hidden_size;
+      c.intermediate_size =
+          j.contains("n_inner") && !j["n_inner"].is_null() ? get_int("n_inner") : 4 * c.hidden_size;
       c.max_positions = get_int("n_positions");
       c.norm_eps = get_num("layer_norm_epsilon", 1e-5);
       c.tie_word_embeddings = get_bool("tie_word_embeddings", true);
       const std::string act = j.value("activation_function", std::string("gelu_new"));
       if (act != "gelu_new" && act != "gelu_pytorch_tanh")
         fail("activation_function '" + act + "' unsupported (gelu_new / gelu_pytorch_tanh)");
-      if (!get_bool("scale_attn_weights", true) || get_bool("scale_attn_by_inverse_layer_idx", false))
+      if (!get_bool("scale_attn_weights", true) ||
+          get_bool("scale_attn_by_inverse_layer_idx", false))
         fail("only the standard 1/sqrt(head_dim) attention scaling is supported");
       c.attention_bias = c.mlp_bias = true;
     } else if (c.model_type == "llama") {
@@ -141,8 +142,8 @@ struct ModelConfig {
                        ? get_int("head_dim")
                        : (c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
       c.intermediate_size = get_int("intermediate_size");
-      c.max_positions = j.contains("max_position_embeddings") ? get_int("max_position_embeddings")
-                                                              : 2048;
+      c.max_positions =
+          j.contains("max_position_embeddings") ? get_int("max_position_embeddings") : 2048;
       c.norm_eps = get_num("rms_norm_eps", 1e-6);
       c.tie_word_embeddings = get_bool("tie_word_embeddings", false);
       c.attention_bias = get_bool("attention_bias", false);

@@ -29,7 +29,8 @@ struct Batch {
   std::int64_t seq = 0;
   std::vector<std::int64_t> input_ids;       ///< [B·T]
   std::vector<std::int64_t> attention_mask;  ///< [B·T], 1 = token, 0 = padding; empty: all 1
-  std::vector<std::int64_t> labels;          ///< [B·T], −100 = ignored; empty: input_ids with −100 at padding
+  std::vector<std::int64_t>
+      labels;  ///< [B·T], −100 = ignored; empty: input_ids with −100 at padding
 
   void validate() const {
     const auto n = static_cast<std::size_t>(batch * seq);
@@ -44,13 +45,13 @@ struct Batch {
 
 template <class T>
 struct ForwardResult {
-  Var<T> logits;                     ///< [B, P + T, V] (P virtual tokens of prompt tuning)
-  Var<T> loss;                       ///< [1], defined when the forward was asked for the loss
+  Var<T> logits;  ///< [B, P + T, V] (P virtual tokens of prompt tuning)
+  Var<T> loss;    ///< [1], defined when the forward was asked for the loss
   std::int64_t virtual_tokens = 0;
 };
 
 template <class Arch, class Policy = NoPeft, class T = float>
-  requires PeftPolicy<Policy>
+requires PeftPolicy<Policy>
 class Decoder {
  public:
   using Scalar = T;
@@ -59,8 +60,8 @@ class Decoder {
 
   struct Block {
     Norm attention_norm, mlp_norm;
-    nn::Linear<T> qkv;         // fused (GPT-2)
-    nn::Linear<T> q, k, v;     // separate (LLaMA)
+    nn::Linear<T> qkv;      // fused (GPT-2)
+    nn::Linear<T> q, k, v;  // separate (LLaMA)
     nn::Linear<T> attention_out;
     nn::Linear<T> mlp_in, mlp_out;  // GELU MLP (GPT-2: c_fc, c_proj)
     nn::Linear<T> gate, up, down;   // SwiGLU MLP (LLaMA)
@@ -113,7 +114,8 @@ class Decoder {
     std::vector<NamedParameter<T>> out;
     auto visit = [&](const std::string& name, Var<T>& var) { out.push_back({name, var}); };
     visit(Arch::token_embedding() + ".weight", token_embedding_);
-    if constexpr (Arch::learned_positions) visit(Arch::position_embedding() + ".weight", position_embedding_);
+    if constexpr (Arch::learned_positions)
+      visit(Arch::position_embedding() + ".weight", position_embedding_);
     for (int i = 0; i < static_cast<int>(blocks_.size()); ++i) {
       Block& b = blocks_[static_cast<std::size_t>(i)];
       b.attention_norm.visit_parameters(Arch::attention_norm(i), visit);
@@ -170,7 +172,8 @@ class Decoder {
       p.var.value() = Tensor<T>(p.var.shape(), std::move(values));
     }
     if (!config_.tie_word_embeddings && !file.contains("lm_head.weight"))
-      throw FileError(file.name() + ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
+      throw FileError(file.name() +
+                      ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
     base_weights_changed();
   }
 
@@ -178,7 +181,9 @@ class Decoder {
   /// the weights' singular vectors, DoRA's magnitudes from the weights' norms) redo it: call
   /// after replacing base weights by hand (load_base_weights calls it).
   void base_weights_changed() {
-    if constexpr (requires(std::vector<nn::Linear<T>*>& m) { adapter_.on_base_weights_loaded(m); }) {
+    if constexpr (requires(std::vector<nn::Linear<T>*> & m) {
+                    adapter_.on_base_weights_loaded(m);
+                  }) {
       std::vector<nn::Linear<T>*> modules = linear_modules();
       adapter_.on_base_weights_loaded(modules);
     } else if constexpr (requires { adapter_.on_base_weights_loaded(); }) {
@@ -245,7 +250,8 @@ class Decoder {
         result.logits = project(tape, lm_head_, h);
       // cross_entropy reads [B, T, V] as B·T rows: no flattened copy of the logits.
       if (with_loss)
-        result.loss = ops::cross_entropy(tape, result.logits, shifted_targets(batch, virtual_tokens));
+        result.loss =
+            ops::cross_entropy(tape, result.logits, shifted_targets(batch, virtual_tokens));
     }
     if constexpr (HasExtraLoss<Adapter, T>)
       if (with_loss) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
@@ -258,15 +264,11 @@ class Decoder {
     return forward(tape, batch, false).logits.value();
   }
 
-  void merge()
-    requires Mergeable<Adapter, T>
-  {
+  void merge() requires Mergeable<Adapter, T> {
     auto modules = linear_modules();
     adapter_.merge(modules);
   }
-  void unmerge()
-    requires Mergeable<Adapter, T>
-  {
+  void unmerge() requires Mergeable<Adapter, T> {
     auto modules = linear_modules();
     adapter_.unmerge(modules);
   }
@@ -299,8 +301,8 @@ class Decoder {
         b.k = nn::Linear<T>(Arch::k(i), d, kv, L, ab);
         b.v = nn::Linear<T>(Arch::v(i), d, kv, L, ab);
       }
-      b.attention_out = nn::Linear<T>(Arch::attention_out(i), config_.num_heads * config_.head_dim,
-                                      d, L, ab);
+      b.attention_out =
+          nn::Linear<T>(Arch::attention_out(i), config_.num_heads * config_.head_dim, d, L, ab);
       if constexpr (Arch::gated_mlp) {
         b.gate = nn::Linear<T>(Arch::gate(i), d, ff, L, mb);
         b.up = nn::Linear<T>(Arch::up(i), d, ff, L, mb);
@@ -341,8 +343,10 @@ class Decoder {
   }
 
   Var<T> project(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
-    if constexpr (HasLinearHook<Adapter, T>) return adapter_.linear(tape, lin, x);
-    else return lin.forward_base(tape, x);
+    if constexpr (HasLinearHook<Adapter, T>)
+      return adapter_.linear(tape, lin, x);
+    else
+      return lin.forward_base(tape, x);
   }
 
   // [B, prefix + Tn] key visibility: prefix and virtual tokens always visible, then the mask.
@@ -359,19 +363,23 @@ class Decoder {
   }
 
   // targets[b, t] = labels'[b, t + 1], labels' = −100 over virtual tokens, then the labels.
-  static std::vector<std::int64_t> shifted_targets(const Batch& batch, std::int64_t virtual_tokens) {
+  static std::vector<std::int64_t> shifted_targets(const Batch& batch,
+                                                   std::int64_t virtual_tokens) {
     const std::int64_t Tn = batch.seq + virtual_tokens;
-    std::vector<std::int64_t> targets(static_cast<std::size_t>(batch.batch * Tn), ops::kIgnoreIndex);
+    std::vector<std::int64_t> targets(static_cast<std::size_t>(batch.batch * Tn),
+                                      ops::kIgnoreIndex);
     for (std::int64_t b = 0; b < batch.batch; ++b)
       for (std::int64_t t = 0; t + 1 < Tn; ++t) {
         const std::int64_t src = t + 1 - virtual_tokens;  // index into the real tokens
         if (src < 0) continue;
         const auto i = static_cast<std::size_t>(b * batch.seq + src);
         std::int64_t label;
-        if (!batch.labels.empty()) label = batch.labels[i];
+        if (!batch.labels.empty())
+          label = batch.labels[i];
         else
-          label = (!batch.attention_mask.empty() && batch.attention_mask[i] == 0) ? ops::kIgnoreIndex
-                                                                                  : batch.input_ids[i];
+          label = (!batch.attention_mask.empty() && batch.attention_mask[i] == 0)
+                      ? ops::kIgnoreIndex
+                      : batch.input_ids[i];
         targets[static_cast<std::size_t>(b * Tn + t)] = label;
       }
     return targets;
@@ -434,7 +442,8 @@ class Decoder {
     Var<T> m = b.mlp_norm.forward(tape, h);
     Var<T> mlp;
     if constexpr (Arch::gated_mlp) {
-      Var<T> gated = ops::mul(tape, ops::silu(tape, project(tape, b.gate, m)), project(tape, b.up, m));
+      Var<T> gated =
+          ops::mul(tape, ops::silu(tape, project(tape, b.gate, m)), project(tape, b.up, m));
       mlp = project(tape, b.down, gated);
     } else {
       mlp = project(tape, b.mlp_out, ops::gelu_tanh(tape, project(tape, b.mlp_in, m)));

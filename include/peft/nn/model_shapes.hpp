@@ -15,7 +15,7 @@ struct LinearShape {
   std::string name;  ///< module path, as nn::Linear::name
   std::int64_t in_features = 0;
   std::int64_t out_features = 0;
-  int layer = -1;     ///< -1 for the output head
+  int layer = -1;  ///< -1 for the output head
   bool bias = false;
 };
 
@@ -53,7 +53,8 @@ std::int64_t base_parameter_count(const ModelConfig& c) {
   if constexpr (Arch::learned_positions) n += c.max_positions * c.hidden_size;
   for (const LinearShape& l : linear_shapes<Arch>(c))
     n += l.in_features * l.out_features + (l.bias ? l.out_features : 0);
-  const std::int64_t norm = Arch::learned_positions ? 2 * c.hidden_size : c.hidden_size;  // scale (+ shift)
+  const std::int64_t norm =
+      Arch::learned_positions ? 2 * c.hidden_size : c.hidden_size;  // scale (+ shift)
   n += (2 * c.num_layers + 1) * norm;
   return n;
 }

@@ -23,10 +23,11 @@ struct Linear {
   int layer = -1;  ///< the block it belongs to, -1 outside the blocks (lm_head)
 
   Linear() = default;
-  Linear(std::string module_name, std::int64_t in, std::int64_t out, ops::WeightLayout weight_layout,
-         bool with_bias)
+  Linear(std::string module_name, std::int64_t in, std::int64_t out,
+         ops::WeightLayout weight_layout, bool with_bias)
       : name(std::move(module_name)), in_features(in), out_features(out), layout(weight_layout) {
-    weight = Var<T>(Tensor<T>(layout == ops::WeightLayout::OutIn ? Shape{out, in} : Shape{in, out}));
+    weight =
+        Var<T>(Tensor<T>(layout == ops::WeightLayout::OutIn ? Shape{out, in} : Shape{in, out}));
     if (with_bias) bias = Var<T>(Tensor<T>(Shape{out}));
   }
 
@@ -40,8 +41,10 @@ struct Linear {
       throw ShapeError(name + ": weight delta is [" + std::to_string(delta_out_in.rows()) + ", " +
                        std::to_string(delta_out_in.cols()) + "], expected [" +
                        std::to_string(out_features) + ", " + std::to_string(in_features) + "]");
-    if (layout == ops::WeightLayout::OutIn) weight.value().matrix() += delta_out_in;
-    else weight.value().matrix() += delta_out_in.transpose();
+    if (layout == ops::WeightLayout::OutIn)
+      weight.value().matrix() += delta_out_in;
+    else
+      weight.value().matrix() += delta_out_in.transpose();
   }
 
   /// The weight as [out, in], a copy (for methods whose math is defined on W [out, in]).
@@ -76,7 +79,9 @@ struct RmsNorm {
   T eps = T(1e-6);
   RmsNorm() = default;
   RmsNorm(std::int64_t d, double epsilon) : weight(Tensor<T>(Shape{d}, T(1))), eps(T(epsilon)) {}
-  Var<T> forward(Tape<T>& tape, const Var<T>& x) const { return ops::rms_norm(tape, x, weight, eps); }
+  Var<T> forward(Tape<T>& tape, const Var<T>& x) const {
+    return ops::rms_norm(tape, x, weight, eps);
+  }
   template <class Visitor>
   void visit_parameters(const std::string& prefix, Visitor&& visit) {
     visit(prefix + ".weight", weight);

@@ -69,7 +69,8 @@ struct GoldenTolerances {
 
 namespace detail {
 // max |a − b| / max |b|: the README's relative measure.
-inline double relative_error(const std::vector<double>& actual, const std::vector<double>& expected) {
+inline double relative_error(const std::vector<double>& actual,
+                             const std::vector<double>& expected) {
   if (actual.size() != expected.size()) return std::numeric_limits<double>::infinity();
   double diff = 0, scale = 0;
   for (std::size_t i = 0; i < actual.size(); ++i) {
@@ -79,7 +80,8 @@ inline double relative_error(const std::vector<double>& actual, const std::vecto
   }
   return scale > 0 ? diff / scale : diff;
 }
-inline double max_abs_error(const std::vector<double>& actual, const std::vector<double>& expected) {
+inline double max_abs_error(const std::vector<double>& actual,
+                            const std::vector<double>& expected) {
   if (actual.size() != expected.size()) return std::numeric_limits<double>::infinity();
   double diff = 0;
   for (std::size_t i = 0; i < actual.size(); ++i) {
@@ -101,7 +103,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   const io::SafetensorsFile expected = io::SafetensorsFile::open(case_dir / "expected.safetensors");
   const io::SafetensorsFile adapter_file =
       io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors");
-  auto config = Policy::Config::from_json(adapter_json, (adapter_dir / "adapter_config.json").string());
+  auto config =
+      Policy::Config::from_json(adapter_json, (adapter_dir / "adapter_config.json").string());
   auto model = Decoder<Arch, Policy, T>::load(model_dir, config);
   auto load_adapter = [&] { io::load_adapter_tensors(model.adapter().parameters(), adapter_file); };
   load_adapter();
@@ -128,7 +131,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
                        shape_string(Shape(logits_shape.begin(), logits_shape.end())));
     check("logits", relative_error(as_doubles(out.logits.value()), expected.read<double>("logits")),
           tol.logits);
-    check("loss", max_abs_error({double(out.loss.value()[0])}, expected.read<double>("loss")), tol.loss);
+    check("loss", max_abs_error({double(out.loss.value()[0])}, expected.read<double>("loss")),
+          tol.loss);
     tape.backward(out.loss);
     for (NamedParameter<T>& p : model.trainable_parameters()) {
       const std::string key = "grad." + p.name;
@@ -137,13 +141,17 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
         continue;
       }
       const Tensor<T> g = p.var.has_grad() ? p.var.grad() : Tensor<T>::zeros(p.var.shape());
-      check(key, relative_error(as_doubles(g), expected.read<double>(key, p.var.shape())), tol.grad);
+      check(key, relative_error(as_doubles(g), expected.read<double>(key, p.var.shape())),
+            tol.grad);
     }
     for (const io::TensorInfo& info : expected.tensors())
       if (info.name.starts_with("grad.")) {
         bool known = false;
-        for (NamedParameter<T>& p : model.trainable_parameters()) known = known || "grad." + p.name == info.name;
-        if (!known) check(info.name + " (no such trainable tensor)", std::numeric_limits<double>::infinity(), tol.grad);
+        for (NamedParameter<T>& p : model.trainable_parameters())
+          known = known || "grad." + p.name == info.name;
+        if (!known)
+          check(info.name + " (no such trainable tensor)", std::numeric_limits<double>::infinity(),
+                tol.grad);
       }
   }
 
@@ -156,7 +164,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
             tol.logits);
       model.unmerge();
     } else {
-      check("merged_logits (method cannot merge)", std::numeric_limits<double>::infinity(), tol.logits);
+      check("merged_logits (method cannot merge)", std::numeric_limits<double>::infinity(),
+            tol.logits);
     }
   }
 
@@ -185,11 +194,13 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
       tape.backward(out.loss);
       optimizer.step();
     }
-    check("train_losses", max_abs_error(losses, expected.read<double>("train_losses")), tol.train_losses);
+    check("train_losses", max_abs_error(losses, expected.read<double>("train_losses")),
+          tol.train_losses);
     for (NamedParameter<T>& p : model.trainable_parameters()) {
       const std::string key = "trained." + p.name;
       if (!expected.contains(key)) continue;
-      check(key, relative_error(as_doubles(p.var.value()), expected.read<double>(key, p.var.shape())),
+      check(key,
+            relative_error(as_doubles(p.var.value()), expected.read<double>(key, p.var.shape())),
             tol.trained);
     }
   }
@@ -198,7 +209,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
 
 /// Runs one case folder; never throws (a case that cannot run is a FAIL saying why).
 template <class T = double>
-GoldenReport run_golden_case(const std::filesystem::path& case_dir, const GoldenTolerances& tol = {}) {
+GoldenReport run_golden_case(const std::filesystem::path& case_dir,
+                             const GoldenTolerances& tol = {}) {
   GoldenReport report;
   report.case_name = case_dir.filename().string();
   if (report.case_name.empty()) report.case_name = case_dir.parent_path().filename().string();
@@ -212,17 +224,18 @@ GoldenReport run_golden_case(const std::filesystem::path& case_dir, const Golden
     const std::string model_type = model_json.value("model_type", std::string());
     const bool supported = visit_policy_for(adapter_json, [&]<class Policy>() {
       visit_arch_for(model_type, [&]<class Arch>() {
-        detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report, tol);
+        detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report,
+                                          tol);
       });
     });
     if (!supported) {
-      report.failure = "method " + adapter_json.value("peft_type", std::string("?")) +
-                       " (" + case_json.value("method", std::string("?")) + ") is not supported yet";
+      report.failure = "method " + adapter_json.value("peft_type", std::string("?")) + " (" +
+                       case_json.value("method", std::string("?")) + ") is not supported yet";
       return report;
     }
-    report.passed = !report.checks.empty() &&
-                    std::all_of(report.checks.begin(), report.checks.end(),
-                                [](const QuantityCheck& c) { return c.ok(); });
+    report.passed =
+        !report.checks.empty() && std::all_of(report.checks.begin(), report.checks.end(),
+                                              [](const QuantityCheck& c) { return c.ok(); });
   } catch (const std::exception& e) {
     report.passed = false;
     report.failure = std::string("error: ") + e.what();

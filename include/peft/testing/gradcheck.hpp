@@ -17,7 +17,7 @@
 namespace peft::testing {
 
 struct GradCheckOptions {
-  double step = 1e-6;   ///< finite-difference step h
+  double step = 1e-6;  ///< finite-difference step h
   double rtol = 1e-6;
   double atol = 1e-8;
   std::uint64_t seed = 1234;

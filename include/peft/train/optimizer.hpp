@@ -119,10 +119,14 @@ class Sgd {
       if (wd != T(0)) g.vector() += wd * p.value().vector();
       if (mu != T(0)) {
         Tensor<T>& b = buffers_[k];
-        if (b.empty()) b = g;
-        else b.vector() = mu * b.vector() + (T(1) - damp) * g.vector();
-        if (options_.nesterov) g.vector() += mu * b.vector();
-        else g = b;
+        if (b.empty())
+          b = g;
+        else
+          b.vector() = mu * b.vector() + (T(1) - damp) * g.vector();
+        if (options_.nesterov)
+          g.vector() += mu * b.vector();
+        else
+          g = b;
       }
       p.value().vector() -= lr * g.vector();
     }

@@ -1,8 +1,8 @@
 #pragma once
 // Multi-head scaled dot-product attention (causal and key-padding masks, grouped-query heads)
 // and the rotary position embedding (rotate-half form).
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -107,9 +107,9 @@ Var<T> attention(Tape<T>& tape, const Var<T>& q, const Var<T>& k, const Var<T>& 
   detail::check(qs[2] == H * D && ks[2] == KV * D && ks[0] == qs[0], "attention",
                 "head sizes do not match q " + shape_string(qs) + ", k " + shape_string(ks));
   const std::int64_t B = qs[0], Tq = qs[1], S = ks[1], group = H / KV;
-  detail::check(spec.key_visible.empty() ||
-                    static_cast<std::int64_t>(spec.key_visible.size()) == B * S,
-                "attention", "key mask must have B·S entries");
+  detail::check(
+      spec.key_visible.empty() || static_cast<std::int64_t>(spec.key_visible.size()) == B * S,
+      "attention", "key mask must have B·S entries");
   const T scale = T(1) / std::sqrt(T(D));
   std::vector<detail::AttentionRows> geometry(static_cast<std::size_t>(B));
   for (std::int64_t b = 0; b < B; ++b) {
@@ -150,8 +150,7 @@ Var<T> attention(Tape<T>& tape, const Var<T>& q, const Var<T>& k, const Var<T>& 
   if (result.requires_grad()) {
     // The closure owns its copy of the key mask: the spec may be gone by the time it runs.
     tape.record([q, k, v, result, lse = std::move(lse), geometry = std::move(geometry),
-                 key_visible = spec.key_visible, B, Tq, S, H, KV, D, group, scale,
-                 tile]() mutable {
+                 key_visible = spec.key_visible, B, Tq, S, H, KV, D, group, scale, tile]() mutable {
       if (!key_visible.empty())
         for (std::int64_t b = 0; b < B; ++b)
           geometry[static_cast<std::size_t>(b)].visible = key_visible.data() + b * S;
@@ -277,12 +276,12 @@ Var<T> rope(Tape<T>& tape, const Var<T>& x, const std::vector<float>& inverse_fr
   detail::rope_apply(out.data(), rows, seq, heads, head_dim, cs, sn, false);
   Var<T> result = detail::make_output(tape, std::move(out), x);
   if (result.requires_grad()) {
-    tape.record([x, result, rows, seq, heads, head_dim, cs = std::move(cs),
-                 sn = std::move(sn)]() mutable {
-      Tensor<T> g = result.grad();
-      detail::rope_apply(g.data(), rows, seq, heads, head_dim, cs, sn, true);
-      x.grad().vector() += g.vector();
-    });
+    tape.record(
+        [x, result, rows, seq, heads, head_dim, cs = std::move(cs), sn = std::move(sn)]() mutable {
+          Tensor<T> g = result.grad();
+          detail::rope_apply(g.data(), rows, seq, heads, head_dim, cs, sn, true);
+          x.grad().vector() += g.vector();
+        });
   }
   return result;
 }

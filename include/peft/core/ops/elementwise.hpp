@@ -40,16 +40,20 @@ template <class T>
 Var<T> add(Tape<T>& tape, const Var<T>& a, const Var<T>& b) {
   const std::int64_t block = detail::broadcast_block(a.value(), b.value(), "add");
   Tensor<T> out = a.value();
-  if (block) detail::as_rows(out, block).rowwise() += b.value().vector().transpose();
-  else out.vector() += b.value().vector();
+  if (block)
+    detail::as_rows(out, block).rowwise() += b.value().vector().transpose();
+  else
+    out.vector() += b.value().vector();
   Var<T> result = detail::make_output(tape, std::move(out), a, b);
   if (result.requires_grad()) {
     tape.record([a, b, result, block]() mutable {
       const Tensor<T>& g = result.grad();
       if (a.requires_grad()) a.grad().vector() += g.vector();
       if (b.requires_grad()) {
-        if (block) b.grad().vector() += detail::as_rows(g, block).colwise().sum().transpose();
-        else b.grad().vector() += g.vector();
+        if (block)
+          b.grad().vector() += detail::as_rows(g, block).colwise().sum().transpose();
+        else
+          b.grad().vector() += g.vector();
       }
     });
   }
@@ -61,8 +65,10 @@ template <class T>
 Var<T> mul(Tape<T>& tape, const Var<T>& a, const Var<T>& b) {
   const std::int64_t block = detail::broadcast_block(a.value(), b.value(), "mul");
   Tensor<T> out = a.value();
-  if (block) detail::as_rows(out, block).array().rowwise() *= b.value().vector().transpose().array();
-  else out.vector().array() *= b.value().vector().array();
+  if (block)
+    detail::as_rows(out, block).array().rowwise() *= b.value().vector().transpose().array();
+  else
+    out.vector().array() *= b.value().vector().array();
   Var<T> result = detail::make_output(tape, std::move(out), a, b);
   if (result.requires_grad()) {
     tape.record([a, b, result, block]() mutable {
@@ -71,17 +77,19 @@ Var<T> mul(Tape<T>& tape, const Var<T>& a, const Var<T>& b) {
         if (block)
           detail::as_rows(a.grad(), block).array() +=
               detail::as_rows(g, block).array().rowwise() * b.value().vector().transpose().array();
-        else a.grad().vector().array() += g.vector().array() * b.value().vector().array();
+        else
+          a.grad().vector().array() += g.vector().array() * b.value().vector().array();
       }
       if (b.requires_grad()) {
         if (block)
-          b.grad().vector() += (detail::as_rows(g, block).array() *
-                                detail::as_rows(a.value(), block).array())
-                                   .colwise()
-                                   .sum()
-                                   .matrix()
-                                   .transpose();
-        else b.grad().vector().array() += g.vector().array() * a.value().vector().array();
+          b.grad().vector() +=
+              (detail::as_rows(g, block).array() * detail::as_rows(a.value(), block).array())
+                  .colwise()
+                  .sum()
+                  .matrix()
+                  .transpose();
+        else
+          b.grad().vector().array() += g.vector().array() * a.value().vector().array();
       }
     });
   }

@@ -25,7 +25,8 @@ Var<T> matmul(Tape<T>& tape, const Var<T>& a, const Var<T>& b, bool trans_a = fa
   const bool batched = av.rank() == 3 && bv.rank() == 3;
   detail::check(bv.rank() == 2 || batched, "matmul",
                 "unsupported ranks " + shape_string(av.shape()) + " x " + shape_string(bv.shape()));
-  detail::check(!trans_a || av.rank() == 2 || batched, "matmul", "trans_a needs a 2-D or batched A");
+  detail::check(!trans_a || av.rank() == 2 || batched, "matmul",
+                "trans_a needs a 2-D or batched A");
   const std::int64_t batch = batched ? av.dim(0) : 1;
   if (batched) detail::check(bv.dim(0) == batch, "matmul", "batch sizes differ");
   const std::int64_t a_rows = batched ? av.dim(1) : av.rows(), a_cols = av.cols();
@@ -36,8 +37,10 @@ Var<T> matmul(Tape<T>& tape, const Var<T>& a, const Var<T>& b, bool trans_a = fa
                 "inner dimensions differ: " + shape_string(av.shape()) + (trans_a ? "ᵀ" : "") +
                     " x " + shape_string(bv.shape()) + (trans_b ? "ᵀ" : ""));
   Shape out_shape;
-  if (batched) out_shape = {batch, m, n};
-  else if (trans_a) out_shape = {m, n};
+  if (batched)
+    out_shape = {batch, m, n};
+  else if (trans_a)
+    out_shape = {m, n};
   else {
     out_shape = av.shape();
     out_shape.back() = n;
@@ -108,8 +111,10 @@ void linear_backward(const Tensor<T>& g, const Var<T>& x, const Var<T>& weight, 
   if (weight.requires_grad()) {
     const T* xv = x.value().data();
     T* gw = weight.grad().data();
-    if (out_in) gemm(g.data(), out, true, xv, in, false, gw, in, out, in, rows, T(1), true);
-    else gemm(xv, in, true, g.data(), out, false, gw, out, in, out, rows, T(1), true);
+    if (out_in)
+      gemm(g.data(), out, true, xv, in, false, gw, in, out, in, rows, T(1), true);
+    else
+      gemm(xv, in, true, g.data(), out, false, gw, out, in, out, rows, T(1), true);
   }
   if (bias && bias.requires_grad()) bias.grad().vector() += g.matrix().colwise().sum().transpose();
 }

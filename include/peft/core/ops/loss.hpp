@@ -65,8 +65,10 @@ void cross_entropy_grad(const T* logits, std::int64_t n, std::int64_t vocab,
     }
     const ConstRowArray z(logits + r * vocab, vocab);
     const T l = lse[static_cast<std::size_t>(r)];
-    if (accumulate) o += scale * (z - l).exp();
-    else o = scale * (z - l).exp();
+    if (accumulate)
+      o += scale * (z - l).exp();
+    else
+      o = scale * (z - l).exp();
     o[y] -= scale;
   }
 }
@@ -76,11 +78,12 @@ void cross_entropy_grad(const T* logits, std::int64_t n, std::int64_t vocab,
 /// not counted (torch's semantics: NaN when none is). logits [N, V] (leading dimensions are
 /// flattened into rows), targets [N]. Out [1]. Backward keeps only each row's log-sum-exp.
 template <class T>
-Var<T> cross_entropy(Tape<T>& tape, const Var<T>& logits, const std::vector<std::int64_t>& targets) {
+Var<T> cross_entropy(Tape<T>& tape, const Var<T>& logits,
+                     const std::vector<std::int64_t>& targets) {
   const std::int64_t n = logits.value().rows(), vocab = logits.value().cols();
-  detail::check(static_cast<std::int64_t>(targets.size()) == n, "cross_entropy",
-                "targets size " + std::to_string(targets.size()) + " != logits rows " +
-                    std::to_string(n));
+  detail::check(
+      static_cast<std::int64_t>(targets.size()) == n, "cross_entropy",
+      "targets size " + std::to_string(targets.size()) + " != logits rows " + std::to_string(n));
   AlignedVector<T> lse;
   std::int64_t counted = 0;
   const T mean = detail::cross_entropy_rows(logits.value().data(), n, vocab, targets, lse, counted);
@@ -116,9 +119,9 @@ LogitsAndLoss<T> linear_cross_entropy(Tape<T>& tape, const Var<T>& x, const Var<
     out.logits = linear(no_record, x, weight, bias, layout);
   }
   const std::int64_t n = out.logits.value().rows(), vocab = out.logits.value().cols();
-  detail::check(static_cast<std::int64_t>(targets.size()) == n, "linear_cross_entropy",
-                "targets size " + std::to_string(targets.size()) + " != logits rows " +
-                    std::to_string(n));
+  detail::check(
+      static_cast<std::int64_t>(targets.size()) == n, "linear_cross_entropy",
+      "targets size " + std::to_string(targets.size()) + " != logits rows " + std::to_string(n));
   AlignedVector<T> lse;
   std::int64_t counted = 0;
   const T mean =
@@ -128,15 +131,16 @@ LogitsAndLoss<T> linear_cross_entropy(Tape<T>& tape, const Var<T>& x, const Var<
   out.loss = Var<T>(Tensor<T>({1}, mean), grad);
   if (grad) {
     tape.record([x, weight, bias, logits = out.logits, loss = out.loss, targets,
-                 lse = std::move(lse), n, vocab, counted, out_in = layout == WeightLayout::OutIn]()
-                    mutable {
+                 lse = std::move(lse), n, vocab, counted,
+                 out_in = layout == WeightLayout::OutIn]() mutable {
       const bool from_loss = loss.has_grad() && counted > 0;
       if (!from_loss && !logits.has_grad()) return;
       Tensor<T> g = logits.sole_handle() ? std::move(logits.value()) : logits.value();
       if (from_loss)
         detail::cross_entropy_grad(g.data(), n, vocab, targets, lse, loss.grad()[0] / T(counted),
                                    g.data(), false);
-      else g.set_zero();
+      else
+        g.set_zero();
       if (logits.has_grad()) g.vector() += std::as_const(logits).grad().vector();
       logits = Var<T>{};  // the logits' own gradient buffer, if any, is not needed any more
       detail::linear_backward(std::as_const(g), x, weight, bias, out_in);

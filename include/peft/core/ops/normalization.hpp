@@ -3,9 +3,8 @@
 #include <cmath>
 #include <vector>
 
-#include "peft/core/ops/gemm.hpp"
-
 #include "peft/core/ops/common.hpp"
+#include "peft/core/ops/gemm.hpp"
 
 namespace peft::ops {
 
@@ -59,8 +58,10 @@ Var<T> layer_norm(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const Va
     mean[static_cast<std::size_t>(r)] = mu;
     rstd[static_cast<std::size_t>(r)] = rs;
     RowArray yr(ys + r * d, d);
-    if (b) yr = (xr - mu) * rs * w + ConstRowArray(b, d);
-    else yr = (xr - mu) * rs * w;
+    if (b)
+      yr = (xr - mu) * rs * w + ConstRowArray(b, d);
+    else
+      yr = (xr - mu) * rs * w;
   }
   Var<T> result = bias ? detail::make_output(tape, std::move(out), x, weight, bias)
                        : detail::make_output(tape, std::move(out), x, weight);
@@ -75,10 +76,9 @@ Var<T> layer_norm(Tape<T>& tape, const Var<T>& x, const Var<T>& weight, const Va
         return (xs[r * d + i] - mean[row]) * rstd[row];
       };
       if (weight.requires_grad())
-        detail::column_sums<T>(rows, d, weight.grad().data(),
-                               [&](std::int64_t r, std::int64_t i) {
-                                 return g[r * d + i] * xhat(r, i);
-                               });
+        detail::column_sums<T>(rows, d, weight.grad().data(), [&](std::int64_t r, std::int64_t i) {
+          return g[r * d + i] * xhat(r, i);
+        });
       if (bias && bias.requires_grad())
         detail::column_sums<T>(rows, d, bias.grad().data(),
                                [&](std::int64_t r, std::int64_t i) { return g[r * d + i]; });

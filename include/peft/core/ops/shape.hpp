@@ -41,8 +41,10 @@ void swap_axes_copy(const T* x, const Shape& xs, std::size_t a, std::size_t b, T
   std::vector<std::int64_t> idx(rank, 0);
   std::int64_t src = 0;
   for (std::int64_t o = 0; o < n; ++o) {
-    if (add) out[o] += x[src];
-    else out[o] = x[src];
+    if (add)
+      out[o] += x[src];
+    else
+      out[o] = x[src];
     for (std::size_t i = rank; i-- > 0;) {
       if (++idx[i] < os[i]) {
         src += in_stride[i];
@@ -168,7 +170,8 @@ Var<T> embedding(Tape<T>& tape, const Var<T>& table, const std::vector<std::int6
     if (ids[i] < 0 || ids[i] >= vocab)
       throw ShapeError("embedding: token id " + std::to_string(ids[i]) + " outside [0, " +
                        std::to_string(vocab) + ")");
-    std::copy_n(table.value().data() + ids[i] * d, d, out.data() + static_cast<std::int64_t>(i) * d);
+    std::copy_n(table.value().data() + ids[i] * d, d,
+                out.data() + static_cast<std::int64_t>(i) * d);
   }
   Var<T> result = detail::make_output(tape, std::move(out), table);
   if (result.requires_grad()) {
@@ -176,7 +179,8 @@ Var<T> embedding(Tape<T>& tape, const Var<T>& table, const std::vector<std::int6
       const T* g = result.grad().data();
       T* gt = table.grad().data();
       for (std::size_t i = 0; i < ids.size(); ++i)
-        for (std::int64_t j = 0; j < d; ++j) gt[ids[i] * d + j] += g[static_cast<std::int64_t>(i) * d + j];
+        for (std::int64_t j = 0; j < d; ++j)
+          gt[ids[i] * d + j] += g[static_cast<std::int64_t>(i) * d + j];
     });
   }
   return result;

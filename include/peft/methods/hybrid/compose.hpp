@@ -36,13 +36,12 @@
 #include <cstddef>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/core/ops.hpp"
 #include "peft/io/adapter_file.hpp"
@@ -101,9 +100,9 @@ std::string component_folder(std::size_t index) {
 template <class T>
 Var<T> scale_rows(Tape<T>& tape, const Var<T>& x, const Var<T>& g) {
   const std::int64_t rows = g.value().numel(), n = x.value().numel();
-  ops::detail::check(rows > 0 && n % rows == 0, "scale_rows",
-                     "gate of " + std::to_string(rows) + " entries does not divide " +
-                         shape_string(x.shape()));
+  ops::detail::check(
+      rows > 0 && n % rows == 0, "scale_rows",
+      "gate of " + std::to_string(rows) + " entries does not divide " + shape_string(x.shape()));
   const std::int64_t width = n / rows;
   Tensor<T> out = x.value();
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -251,8 +250,7 @@ struct Compose {
   class State {
     using States = std::tuple<detail::StateOf<P, T>...>;
     static constexpr bool any_linear = (HasLinearHook<detail::StateOf<P, T>, T> || ...);
-    static constexpr bool any_observer =
-        (ObservesAttentionInput<detail::StateOf<P, T>, T> || ...);
+    static constexpr bool any_observer = (ObservesAttentionInput<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_tokens = (HasVirtualTokens<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_prefix = (HasPrefix<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_after_attention =
@@ -292,9 +290,8 @@ struct Compose {
       }
     }
 
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x)
-      requires(any_linear || any_observer)
-    {
+    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
+                  const Var<T>& x) requires(any_linear || any_observer) {
       if constexpr (any_observer) {
         if (module.layer >= 0 &&
             first_site_of_layer_[static_cast<std::size_t>(module.layer)] == module.site)
@@ -316,9 +313,7 @@ struct Compose {
       return route(tape, module, x, owner, std::index_sequence_for<P...>{});
     }
 
-    std::int64_t num_virtual_tokens() const
-      requires(any_tokens)
-    {
+    std::int64_t num_virtual_tokens() const requires(any_tokens) {
       std::int64_t n = 0;
       std::apply(
           [&](const auto&... s) {
@@ -332,9 +327,7 @@ struct Compose {
           states_);
       return n;
     }
-    Var<T> prepend_virtual_tokens(Tape<T>& tape, const Var<T>& embeddings)
-      requires(any_tokens)
-    {
+    Var<T> prepend_virtual_tokens(Tape<T>& tape, const Var<T>& embeddings) requires(any_tokens) {
       Var<T> out = embeddings;
       for_each_state([&](auto& state) {
         if constexpr (HasVirtualTokens<std::decay_t<decltype(state)>, T>)
@@ -343,9 +336,7 @@ struct Compose {
       return out;
     }
 
-    std::int64_t num_prefix_tokens() const
-      requires(any_prefix)
-    {
+    std::int64_t num_prefix_tokens() const requires(any_prefix) {
       std::int64_t n = 0;
       std::apply(
           [&](const auto&... s) {
@@ -359,9 +350,8 @@ struct Compose {
           states_);
       return n;
     }
-    std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>& tape, int layer, std::int64_t batch)
-      requires(any_prefix)
-    {
+    std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>& tape, int layer,
+                                                std::int64_t batch) requires(any_prefix) {
       std::pair<Var<T>, Var<T>> out;
       for_each_state([&](auto& state) {
         if constexpr (HasPrefix<std::decay_t<decltype(state)>, T>)
@@ -370,9 +360,8 @@ struct Compose {
       return out;
     }
 
-    Var<T> after_attention(Tape<T>& tape, int layer, const Var<T>& attention_out)
-      requires(any_after_attention)
-    {
+    Var<T> after_attention(Tape<T>& tape, int layer,
+                           const Var<T>& attention_out) requires(any_after_attention) {
       Var<T> h = attention_out;
       for_each_state([&](auto& state) {
         if constexpr (HasAfterAttention<std::decay_t<decltype(state)>, T>)
@@ -381,9 +370,8 @@ struct Compose {
       return h;
     }
 
-    Var<T> after_mlp(Tape<T>& tape, int layer, const Var<T>& mlp_in, const Var<T>& mlp_out)
-      requires(any_after_mlp)
-    {
+    Var<T> after_mlp(Tape<T>& tape, int layer, const Var<T>& mlp_in,
+                     const Var<T>& mlp_out) requires(any_after_mlp) {
       Var<T> h = mlp_out;
       for_each_state([&](auto& state) {
         if constexpr (HasAfterMlp<std::decay_t<decltype(state)>, T>)
@@ -392,9 +380,7 @@ struct Compose {
       return h;
     }
 
-    Var<T> extra_loss(Tape<T>& tape)
-      requires(any_extra_loss)
-    {
+    Var<T> extra_loss(Tape<T>& tape) requires(any_extra_loss) {
       Var<T> total;
       for_each_state([&](auto& state) {
         if constexpr (HasExtraLoss<std::decay_t<decltype(state)>, T>) {
@@ -405,16 +391,12 @@ struct Compose {
       return total;
     }
 
-    void merge(std::vector<nn::Linear<T>*>& modules)
-      requires(any_mergeable)
-    {
+    void merge(std::vector<nn::Linear<T>*>& modules) requires(any_mergeable) {
       for_each_state([&](auto& state) {
         if constexpr (Mergeable<std::decay_t<decltype(state)>, T>) state.merge(modules);
       });
     }
-    void unmerge(std::vector<nn::Linear<T>*>& modules)
-      requires(any_mergeable)
-    {
+    void unmerge(std::vector<nn::Linear<T>*>& modules) requires(any_mergeable) {
       for_each_state_reversed([&](auto& state) {
         if constexpr (Mergeable<std::decay_t<decltype(state)>, T>) state.unmerge(modules);
       });
@@ -536,7 +518,7 @@ void save_component(const std::filesystem::path& dir, State& state, const ModelC
   // Re-parameterised prompts are saved as the reference saves them: their output.
   if constexpr (requires { state.fold(); }) state.fold();
   const nlohmann::json config = state.config().to_json(model);
-  if constexpr (requires(io::SafetensorsWriter& w) { state.write_tensors(w); }) {
+  if constexpr (requires(io::SafetensorsWriter & w) { state.write_tensors(w); }) {
     // Methods with index tensors (the selective family) write their own tensors.
     std::filesystem::create_directories(dir);
     io::SafetensorsWriter writer;
@@ -583,8 +565,7 @@ void save_composite(const std::filesystem::path& dir, Model& model) {
 /// composite must have the same components (checked against the manifest).
 template <class Model>
 void load_composite(const std::filesystem::path& dir, Model& model) {
-  using Policy =
-      typename detail::ComposeOf<std::decay_t<decltype(model.adapter().config())>>::type;
+  using Policy = typename detail::ComposeOf<std::decay_t<decltype(model.adapter().config())>>::type;
   const std::filesystem::path manifest_path = dir / "adapter_config.json";
   const nlohmann::json manifest = io::load_json(manifest_path);
   if (!Policy::accepts(manifest))

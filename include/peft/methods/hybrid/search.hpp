@@ -26,13 +26,12 @@
 #include <functional>
 #include <iomanip>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <ostream>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "peft/data/tasks.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
@@ -50,9 +49,9 @@ namespace peft::search {
 struct SearchOptions {
   data::TaskKind task = data::TaskKind::KeyValue;  ///< the downstream task
   std::int64_t parameter_budget = 4000;  ///< no candidate trains more parameters than this
-  std::int64_t proxy_steps = 60;          ///< training steps per candidate
-  std::int64_t max_candidates = 12;       ///< candidates trained (after the budget filter)
-  std::int64_t pretrain_steps = 300;      ///< base pretraining (0: a random base)
+  std::int64_t proxy_steps = 60;         ///< training steps per candidate
+  std::int64_t max_candidates = 12;      ///< candidates trained (after the budget filter)
+  std::int64_t pretrain_steps = 300;     ///< base pretraining (0: a random base)
   std::int64_t batch = 16;
   std::int64_t eval_examples = 96;
   std::uint64_t seed = 0;
@@ -89,12 +88,12 @@ struct CandidateResult;
 
 /// One point of the design space.
 struct Candidate {
-  std::string method;   ///< the policy's name, or the named composition's ("unipelt", ...)
-  std::string targets;  ///< "attention", "qv", "mlp", "all", or "-" where the method has none
-  std::string layers;   ///< "all" or "upper"
-  std::int64_t size = 0;          ///< rank, virtual tokens or bottleneck width
-  std::string size_label;         ///< what `size` is ("r=4", "tokens=8", ...)
-  std::int64_t parameters = 0;    ///< trainable, counted from shapes before training
+  std::string method;      ///< the policy's name, or the named composition's ("unipelt", ...)
+  std::string targets;     ///< "attention", "qv", "mlp", "all", or "-" where the method has none
+  std::string layers;      ///< "all" or "upper"
+  std::int64_t size = 0;   ///< rank, virtual tokens or bottleneck width
+  std::string size_label;  ///< what `size` is ("r=4", "tokens=8", ...)
+  std::int64_t parameters = 0;  ///< trainable, counted from shapes before training
   double lr = 1e-2;
   /// Builds the model from the pretrained base, trains it, evaluates it.
   std::function<void(const Workload&, const SearchOptions&, CandidateResult&)> run;
@@ -105,8 +104,8 @@ struct Candidate {
 struct CandidateResult {
   Candidate candidate;
   double eval_loss = std::numeric_limits<double>::quiet_NaN();
-  double accuracy = 0;   ///< exact match on the eval examples
-  double seconds = 0;    ///< proxy training and evaluation
+  double accuracy = 0;  ///< exact match on the eval examples
+  double seconds = 0;   ///< proxy training and evaluation
   std::int64_t steps = 0;
   std::int64_t trained_parameters = 0;  ///< counted on the built model (equals the shapes count)
 };
@@ -128,8 +127,8 @@ struct SearchResult {
   std::int64_t over_budget = 0;       ///< dropped before training
   double base_eval_loss = 0;          ///< the pretrained base on the downstream task
   double pretrain_seconds = 0;
-  double total_seconds = 0;           ///< the whole search, pretraining included
-  std::int64_t total_steps = 0;       ///< optimizer steps, pretraining included
+  double total_seconds = 0;      ///< the whole search, pretraining included
+  std::int64_t total_steps = 0;  ///< optimizer steps, pretraining included
 };
 
 namespace detail {
@@ -185,8 +184,8 @@ void proxy_train(Model& model, const Workload& w, const SearchOptions& o, double
 /// A candidate of policy P with `config`.
 template <class P>
 Candidate make_candidate(const ModelConfig& model, typename P::Config config, std::string targets,
-                         std::string layers, std::int64_t size, std::string size_label,
-                         double lr, std::string method = std::string(P::name)) {
+                         std::string layers, std::int64_t size, std::string size_label, double lr,
+                         std::string method = std::string(P::name)) {
   Candidate c;
   c.method = std::move(method);
   c.targets = std::move(targets);
@@ -261,13 +260,13 @@ inline std::vector<Candidate> design_space(const ModelConfig& model) {
         "mam_adapter"));
   }
   for (int r : {2, 4}) {
-    const auto c = unipelt_config(model, {.lora_r = r, .lora_alpha = 2.0 * r,
-                                          .prefix_tokens = r, .adapter_width = 2 * r});
-    out.push_back(detail::make_candidate<UniPELT>(
-        model, c, "qv", "all", r,
-        "r=" + std::to_string(r) + ",tokens=" + std::to_string(r) + ",width=" +
-            std::to_string(2 * r),
-        1e-2, "unipelt"));
+    const auto c = unipelt_config(
+        model, {.lora_r = r, .lora_alpha = 2.0 * r, .prefix_tokens = r, .adapter_width = 2 * r});
+    out.push_back(detail::make_candidate<UniPELT>(model, c, "qv", "all", r,
+                                                  "r=" + std::to_string(r) +
+                                                      ",tokens=" + std::to_string(r) +
+                                                      ",width=" + std::to_string(2 * r),
+                                                  1e-2, "unipelt"));
   }
   return out;
 }
@@ -365,9 +364,8 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
   SearchResult result;
   std::vector<Candidate> space = design_space(o.model);
   result.space_size = static_cast<std::int64_t>(space.size());
-  std::vector<Candidate> chosen =
-      select_candidates(std::move(space), o.parameter_budget, o.max_candidates, o.seed,
-                        result.over_budget);
+  std::vector<Candidate> chosen = select_candidates(std::move(space), o.parameter_budget,
+                                                    o.max_candidates, o.seed, result.over_budget);
   if (chosen.empty())
     throw ConfigError("search: no candidate fits a budget of " +
                       std::to_string(o.parameter_budget) + " trainable parameters");
@@ -376,10 +374,9 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
   result.base_eval_loss = w.base_eval_loss;
   if (progress)
     *progress << "search: " << result.space_size << " candidates in the space, "
-              << result.over_budget << " over the budget of " << o.parameter_budget
-              << ", training " << chosen.size() << " for " << o.proxy_steps
-              << " steps each (base eval loss " << std::fixed << std::setprecision(4)
-              << w.base_eval_loss << ")\n";
+              << result.over_budget << " over the budget of " << o.parameter_budget << ", training "
+              << chosen.size() << " for " << o.proxy_steps << " steps each (base eval loss "
+              << std::fixed << std::setprecision(4) << w.base_eval_loss << ")\n";
   for (Candidate& c : chosen) {
     CandidateResult row;
     row.candidate = std::move(c);
@@ -388,8 +385,8 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
     row.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     result.total_steps += row.steps;
     if (progress)
-      *progress << "  " << std::setw(16) << std::left << row.candidate.method << std::right
-                << " " << std::setw(9) << row.candidate.targets << " " << std::setw(5)
+      *progress << "  " << std::setw(16) << std::left << row.candidate.method << std::right << " "
+                << std::setw(9) << row.candidate.targets << " " << std::setw(5)
                 << row.candidate.layers << " " << std::setw(22) << row.candidate.size_label << " "
                 << std::setw(7) << row.candidate.parameters << " params  loss " << std::fixed
                 << std::setprecision(4) << row.eval_loss << "  " << std::setprecision(1)
@@ -417,11 +414,10 @@ inline void print_table(std::ostream& out, const SearchResult& r) {
     std::snprintf(acc, sizeof acc, "%.3f", row.accuracy);
     std::snprintf(secs, sizeof secs, "%.1f", row.seconds);
     out << "| " << i + 1 << (i == r.best ? " (best)" : "") << " | " << c.method << " | "
-        << c.targets << " | " << c.layers << " | " << c.size_label << " | " << c.parameters
-        << " | " << loss << " | " << acc << " | " << secs << " |\n";
+        << c.targets << " | " << c.layers << " | " << c.size_label << " | " << c.parameters << " | "
+        << loss << " | " << acc << " | " << secs << " |\n";
   }
 }
-
 
 /// Writes into `dir`: adapter_config.json (the best candidate's config), config.json (the
 /// searched model's), search_table.md, search.json (every row, the budget and the cost).
@@ -454,20 +450,20 @@ inline void write_results(const std::filesystem::path& dir, const SearchResult& 
                     {"steps", row.steps},
                     {"config", c.config_json(o.model)}});
   }
-  const nlohmann::json summary = {
-      {"task", std::string(data::task_name(o.task))},
-      {"parameter_budget", o.parameter_budget},
-      {"proxy_steps", o.proxy_steps},
-      {"seed", o.seed},
-      {"threads", o.threads},
-      {"space_size", r.space_size},
-      {"over_budget", r.over_budget},
-      {"base_eval_loss", r.base_eval_loss},
-      {"best", r.best},
-      {"cost", {{"total_seconds", r.total_seconds},
-                {"pretrain_seconds", r.pretrain_seconds},
-                {"total_steps", r.total_steps}}},
-      {"candidates", rows}};
+  const nlohmann::json summary = {{"task", std::string(data::task_name(o.task))},
+                                  {"parameter_budget", o.parameter_budget},
+                                  {"proxy_steps", o.proxy_steps},
+                                  {"seed", o.seed},
+                                  {"threads", o.threads},
+                                  {"space_size", r.space_size},
+                                  {"over_budget", r.over_budget},
+                                  {"base_eval_loss", r.base_eval_loss},
+                                  {"best", r.best},
+                                  {"cost",
+                                   {{"total_seconds", r.total_seconds},
+                                    {"pretrain_seconds", r.pretrain_seconds},
+                                    {"total_steps", r.total_steps}}},
+                                  {"candidates", rows}};
   write("search.json", summary.dump(2) + "\n");
 }
 

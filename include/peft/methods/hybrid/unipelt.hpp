@@ -135,8 +135,9 @@ struct Gated {
     ParameterCount count = P::count_parameters(model, linears, config.inner);
     using S = detail::StateOf<P>;
     if constexpr (HasLinearHook<S, float>) {
-      static_assert(requires { config.inner.targets.selects(std::string(), false); },
-                    "Gated: counting linear gates needs the method's `targets` rules");
+      static_assert(
+          requires { config.inner.targets.selects(std::string(), false); },
+          "Gated: counting linear gates needs the method's `targets` rules");
       for (const LinearShape& l : linears)
         if (config.inner.targets.selects(l.name, l.layer < 0)) count.trainable += l.in_features + 1;
     }
@@ -199,20 +200,19 @@ struct Gated {
 
     /// Whether the gated method changes `module` (Compose's routing question).
     bool adapts(const nn::Linear<T>& module) const {
-      if constexpr (inner_linear) return inner_.adapts(module);
-      else return false;
+      if constexpr (inner_linear)
+        return inner_.adapts(module);
+      else
+        return false;
     }
 
     /// Keeps the block's attention input at the first position, for the prefix gate.
-    void observe_attention_input(Tape<T>& tape, int layer, const Var<T>& x)
-      requires(inner_prefix)
-    {
+    void observe_attention_input(Tape<T>& tape, int layer, const Var<T>& x) requires(inner_prefix) {
       first_position_[static_cast<std::size_t>(layer)] = ops::slice(tape, x, 1, 0, 1);  // [B,1,d]
     }
 
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x)
-      requires(inner_linear || inner_prefix)
-    {
+    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
+                  const Var<T>& x) requires(inner_linear || inner_prefix) {
       // Standalone (outside Compose) the gate sees the attention input here.
       if constexpr (inner_prefix)
         if (module.layer >= 0 &&
@@ -228,44 +228,39 @@ struct Gated {
       }
     }
 
-    std::int64_t num_prefix_tokens() const
-      requires(inner_prefix)
-    {
+    std::int64_t num_prefix_tokens() const requires(inner_prefix) {
       return inner_.num_prefix_tokens();
     }
-    std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>& tape, int layer, std::int64_t batch)
-      requires(inner_prefix)
-    {
+    std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>& tape, int layer,
+                                                std::int64_t batch) requires(inner_prefix) {
       const Var<T>& first = first_position_[static_cast<std::size_t>(layer)];
       if (!first.defined())
-        throw ConfigError("Gated<" + std::string(P::name) + ">: no attention input was seen for "
-                          "layer " + std::to_string(layer) + " (the prefix gate reads it)");
+        throw ConfigError("Gated<" + std::string(P::name) +
+                          ">: no attention input was seen for "
+                          "layer " +
+                          std::to_string(layer) + " (the prefix gate reads it)");
       auto [keys, values] = inner_.prefix_key_values(tape, layer, batch);
       Var<T> g = prefix_gates_[static_cast<std::size_t>(layer)]->forward(tape, first);  // [B,1,1]
       return {detail::scale_rows(tape, keys, g), detail::scale_rows(tape, values, g)};
     }
 
-    Var<T> after_attention(Tape<T>& tape, int layer, const Var<T>& h)
-      requires(HasAfterAttention<Inner, T>)
-    {
+    Var<T> after_attention(Tape<T>& tape, int layer,
+                           const Var<T>& h) requires(HasAfterAttention<Inner, T>) {
       const auto& gate = attention_gates_[static_cast<std::size_t>(layer)];
       Var<T> adapted = inner_.after_attention(tape, layer, h);
       if (!gate) return adapted;
       return gated_residual(tape, h, adapted, gate->forward(tape, h));
     }
 
-    Var<T> after_mlp(Tape<T>& tape, int layer, const Var<T>& mlp_in, const Var<T>& mlp_out)
-      requires(HasAfterMlp<Inner, T>)
-    {
+    Var<T> after_mlp(Tape<T>& tape, int layer, const Var<T>& mlp_in,
+                     const Var<T>& mlp_out) requires(HasAfterMlp<Inner, T>) {
       const auto& gate = mlp_gates_[static_cast<std::size_t>(layer)];
       Var<T> adapted = inner_.after_mlp(tape, layer, mlp_in, mlp_out);
       if (!gate) return adapted;
       return gated_residual(tape, mlp_out, adapted, gate->forward(tape, mlp_out));
     }
 
-    Var<T> extra_loss(Tape<T>& tape)
-      requires(HasExtraLoss<Inner, T>)
-    {
+    Var<T> extra_loss(Tape<T>& tape) requires(HasExtraLoss<Inner, T>) {
       return inner_.extra_loss(tape);
     }
 
@@ -305,16 +300,14 @@ struct Gated {
     }
 
     /// Projected prefixes are saved as their output (the reference's layout).
-    void fold()
-      requires(requires(Inner i) { i.fold(); })
-    {
-      inner_.fold();
-    }
+    void fold() requires(requires(Inner i) { i.fold(); }) { inner_.fold(); }
 
    private:
     static bool adapts_layer(const Config& c, int layer) {
-      if constexpr (requires { c.inner.adapts_layer(layer); }) return c.inner.adapts_layer(layer);
-      else return true;
+      if constexpr (requires { c.inner.adapts_layer(layer); })
+        return c.inner.adapts_layer(layer);
+      else
+        return true;
     }
 
     // W x + G ⊙ Δ(x).
@@ -380,8 +373,10 @@ inline UniPELT::Config unipelt_config(const ModelConfig& model, const UniPeltSiz
   LoraConfig lora;
   lora.r = sizes.lora_r;
   lora.lora_alpha = sizes.lora_alpha;
-  if (model.model_type == "gpt2") lora.targets.target_modules.names = {"c_attn"};
-  else lora.targets.target_modules.names = {"q_proj", "v_proj"};
+  if (model.model_type == "gpt2")
+    lora.targets.target_modules.names = {"c_attn"};
+  else
+    lora.targets.target_modules.names = {"q_proj", "v_proj"};
   PrefixTuningConfig prefix;
   prefix.num_virtual_tokens = sizes.prefix_tokens;
   SerialAdapter::Config adapter;

@@ -131,7 +131,9 @@ struct DoRA {
     /// m = ‖W + s B A‖ per row (= ‖W‖ while B = 0): the model then equals the base model.
     /// Runs at attach; a model whose base weights are loaded afterwards (Decoder::load) and
     /// that is not given a trained adapter calls it again once they are in place.
-    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) { initialise_magnitude(modules); }
+    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
+      initialise_magnitude(modules);
+    }
     void initialise_magnitude(const std::vector<nn::Linear<T>*>& modules) {
       for (nn::Linear<T>* lin : modules)
         if (ModuleAdapter* m = adapters_.find(lin->site); m && !m->merged)
