@@ -4,6 +4,7 @@
 // the base model's; where the method promises it, the adapted model starts at the base model's
 // output; IA3 and SSF merge to the unmerged logits; counts as the reference prints them.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -122,7 +123,8 @@ std::string case_name() {
 }
 
 std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() / "peft_test_additive" / name;
+  std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                              ("peft_test_additive_" + std::to_string(::getpid())) / name;
   std::filesystem::remove_all(dir);
   return dir;
 }

@@ -1,5 +1,6 @@
 // The decoder (GPT-2 and LLaMA flavours), model files, target rules and LoRA end to end.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -172,7 +173,8 @@ TEST_CASE("merge then unmerge restores the base weights; merged logits equal unm
 }
 
 TEST_CASE("LoRA adapter: save, load, same logits; the config reads back") {
-  const auto dir = std::filesystem::temp_directory_path() / "peft_test_lora_adapter";
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("peft_test_lora_adapter_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   const ModelConfig mc = tiny_config("llama");
   LoraConfig config = lora_config({"q_proj", "v_proj"}, 3);

@@ -5,6 +5,7 @@
 // fields; counts as the reference prints them; AdaLoRA's budget ends at target_r; DyLoRA at
 // several ranks equals LoRA cut to that rank.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -206,8 +207,8 @@ std::string case_name() {
 }
 
 std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / "peft_test_reparameterized" / name;
+  std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                              ("peft_test_reparameterized_" + std::to_string(::getpid())) / name;
   std::filesystem::remove_all(dir);
   return dir;
 }

@@ -6,6 +6,7 @@
 // short training run well below the base model's loss. Also the sparse op on its own, both of
 // its routes, and BitFit's clear refusal on a model without biases.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -75,7 +76,8 @@ void perturb_trainable(Model& model, std::uint64_t seed, double amplitude = 0.3)
 }
 
 std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() / "peft_test_selective" / name;
+  std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                              ("peft_test_selective_" + std::to_string(::getpid())) / name;
   std::filesystem::remove_all(dir);
   return dir;
 }
