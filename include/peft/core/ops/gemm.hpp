@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "peft/core/ops/gemm_avx512.hpp"
+#include "peft/core/ops/gemm_term.hpp"
 #include "peft/core/tensor.hpp"
 
 #if defined(_OPENMP)
@@ -70,20 +71,6 @@ void gemm_serial(const T* a, std::int64_t lda, bool trans_a, const T* b, std::in
     cm.noalias() += alpha * as.transpose() * bs.transpose();
 }
 
-/// One term of a sum of products (see gemm_serial_sum): op(A) [m, k] op(B) [k, n], stored as
-/// for gemm_serial, with op(B) multiplied by b_scale.
-template <class T>
-struct GemmTerm {
-  const T* a;
-  std::int64_t lda;
-  bool trans_a;
-  const T* b;
-  std::int64_t ldb;
-  bool trans_b;
-  std::int64_t k;
-  T b_scale = T(1);
-};
-
 /// C (+)= α Σ_t b_scale_t op(A_t) op(B_t) on one thread. On AVX-512 float builds the terms share
 /// one packed product (concatenated along k), so C is read and written once instead of once per
 /// term: a LoRA linear's base and low-rank products cost one pass over the output.
@@ -95,13 +82,9 @@ void gemm_serial_sum(std::initializer_list<GemmTerm<T>> terms, T* c, std::int64_
   if constexpr (std::is_same_v<T, float>) {
     std::int64_t total_k = 0;
     for (const GemmTerm<T>& t : terms) total_k += t.k;
-    if (terms.size() <= 4 && use_packed_avx512(m, n, total_k)) {
-      avx512::Term packed[4];
-      std::size_t count = 0;
-      for (const GemmTerm<T>& t : terms)
-        packed[count++] = {t.a, t.lda, t.trans_a, t.b, t.ldb, t.trans_b, t.k, t.b_scale};
-      avx512::gemm_terms(std::span<const avx512::Term>(packed, count), c, ldc, m, n, alpha,
-                         accumulate);
+    if (use_packed_avx512(m, n, total_k)) {
+      avx512::gemm_terms(std::span<const GemmTerm<T>>(terms.begin(), terms.size()), c, ldc, m, n,
+                         alpha, accumulate);
       return;
     }
   }

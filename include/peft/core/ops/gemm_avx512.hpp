@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <span>
 
+#include "peft/core/ops/gemm_term.hpp"
 #include "peft/core/tensor.hpp"
 
 namespace peft::ops::detail::avx512 {
@@ -173,18 +174,7 @@ struct PackBuffers {
   }
 };
 
-/// One product term of a sum op(A1) op(B1) + s2 op(A2) op(B2) + ...: op(A) [m, k], op(B) [k, n],
-/// stored as for detail::gemm_serial; `b_scale` multiplies op(B) as it is packed.
-struct Term {
-  const float* a;
-  std::int64_t lda;
-  bool trans_a;
-  const float* b;
-  std::int64_t ldb;
-  bool trans_b;
-  std::int64_t k;
-  float b_scale = 1.0f;
-};
+using Term = GemmTerm<float>;
 
 /// C (+)= α Σ_t op(A_t) op(B_t) on this thread, one pass over C for all terms: the terms are
 /// concatenated along k (a LoRA linear's x W and s·h Bᵀ share the register tile, so C is
