@@ -9,7 +9,7 @@ template <class Policy>
 void report(const char* label, const peft::ModelConfig& model,
             const typename Policy::Config& config) {
   const auto shapes = peft::linear_shapes<peft::arch::Llama>(model);
-  const peft::ParameterCount c = Policy::count_parameters(model, shapes, config);
+  const peft::ParameterCount c = peft::count_parameters<Policy>(model, shapes, config);
   const std::int64_t all =
       peft::base_parameter_count<peft::arch::Llama>(model) + c.trainable + c.frozen;
   std::printf("%-26s %s\n", label, peft::cli::trainable_line(c.trainable, all).c_str());

@@ -23,7 +23,7 @@ int main() {
   ia3.feedforward_modules.names = {"down_proj"};
   const LoraAttentionIa3Mlp::Config config{lora, ia3};
 
-  const auto counted = LoraAttentionIa3Mlp::count_parameters(
+  const auto counted = peft::count_parameters<LoraAttentionIa3Mlp>(
       model, peft::linear_shapes<peft::arch::Llama>(model), config);
   peft::Decoder<peft::arch::Llama, LoraAttentionIa3Mlp, float> net(model, config, /*seed=*/1);
 

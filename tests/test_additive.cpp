@@ -376,7 +376,7 @@ std::pair<std::int64_t, std::int64_t> count(const nlohmann::json& model_json,
   const bool known = peft::visit_policy_for(adapter_json, [&]<class Policy>() {
     const auto config = Policy::Config::from_json(adapter_json, "adapter");
     peft::visit_arch_for(model.model_type, [&]<class Arch>() {
-      const auto c = Policy::count_parameters(model, peft::linear_shapes<Arch>(model), config);
+      const auto c = peft::count_parameters<Policy>(model, peft::linear_shapes<Arch>(model), config);
       trainable = c.trainable;
       all = peft::base_parameter_count<Arch>(model) + c.trainable + c.frozen;
     });
@@ -461,7 +461,7 @@ TEST_CASE_TEMPLATE("additive: count_parameters equals the tensors a built adapte
   std::int64_t built = 0;
   for (auto& p : model.trainable_parameters()) built += p.var.value().numel();
   const ModelConfig config = tiny_config<typename C::Arch>();
-  const auto counted = PolicyOf<typename C::Policy>::count_parameters(
+  const auto counted = peft::count_parameters<PolicyOf<typename C::Policy>>(
       config, peft::linear_shapes<typename C::Arch>(config), config_for<typename C::Policy>());
   CHECK(counted.trainable == built);
 }

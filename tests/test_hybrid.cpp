@@ -299,7 +299,7 @@ TEST_CASE_TEMPLATE("hybrid: count_parameters equals the tensors a built composit
   for (auto& p : model.trainable_parameters()) built += p.var.value().numel();
   const ModelConfig config = tiny_config<typename C::Arch>();
   const auto counted =
-      C::Policy::count_parameters(config, peft::linear_shapes<typename C::Arch>(config),
+      peft::count_parameters<typename C::Policy>(config, peft::linear_shapes<typename C::Arch>(config),
                                   hybrid_config<typename C::Arch, typename C::Policy>());
   CHECK(counted.trainable == built);
 }
@@ -417,7 +417,7 @@ TEST_CASE("hybrid: search returns a configuration within its budget, repeatably"
   bool found = false;
   peft::visit_policy_for(chosen, [&]<class P>() {
     const auto c = P::Config::from_json(chosen, "chosen");
-    const auto n = P::count_parameters(model, peft::linear_shapes<peft::arch::Llama>(model), c);
+    const auto n = peft::count_parameters<P>(model, peft::linear_shapes<peft::arch::Llama>(model), c);
     CHECK(n.trainable == first.rows[first.best].candidate.parameters);
     CHECK(n.trainable <= o.parameter_budget);
     found = true;

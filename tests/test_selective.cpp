@@ -319,7 +319,7 @@ TEST_CASE_TEMPLATE("selective: the trained entries are the budget, exactly, from
                    ALL_CASES) {
   INFO(case_name<C>());
   auto model = make_model<C, double>();
-  const auto counted = C::Policy::count_parameters(
+  const auto counted = peft::count_parameters<typename C::Policy>(
       model.config(), peft::linear_shapes<typename C::Arch>(model.config()), C::config());
   std::int64_t built = 0;
   for (auto& p : model.trainable_parameters()) built += p.var.value().numel();
@@ -488,7 +488,7 @@ TEST_CASE("selective: BitFit on a model without biases is a clear error") {
   ModelConfig mc = tiny_llama();
   CHECK_THROWS_WITH_AS((Decoder<Llama, peft::BitFit, double>(mc, {}, 1)),
                        doctest::Contains("no bias terms"), peft::ConfigError);
-  CHECK_THROWS_AS(peft::BitFit::count_parameters(mc, peft::linear_shapes<Llama>(mc), {}),
+  CHECK_THROWS_AS(peft::count_parameters<peft::BitFit>(mc, peft::linear_shapes<Llama>(mc), {}),
                   peft::ConfigError);
   mc.attention_bias = true;  // a LLaMA with attention biases has something to train
   Decoder<Llama, peft::BitFit, double> with_bias(mc, {}, 1);
@@ -557,7 +557,7 @@ TEST_CASE("selective: diff pruning's L0 penalty pulls the open gates toward the 
   CHECK(end < 0.3);
   model.adapter().prune();
   CHECK(model.adapter().trained_entries() ==
-        peft::DiffPruning::count_parameters(model.config(),
+        peft::count_parameters<peft::DiffPruning>(model.config(),
                                             peft::linear_shapes<Gpt2>(model.config()), c)
             .trainable);
 }

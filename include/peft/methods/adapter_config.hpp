@@ -1,5 +1,7 @@
 #pragma once
 // Fields every reference adapter_config.json shares, and reading them strictly.
+#include <cmath>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -22,6 +24,12 @@ V json_or(const nlohmann::json& j, const char* key, V fallback, const std::strin
   } catch (const nlohmann::json::exception&) {
     throw ConfigError(source + ": field '" + key + "' has the wrong type (" + v.dump() + ")");
   }
+}
+
+/// An integral value as a JSON integer (the reference writes `8`, not `8.0`).
+inline nlohmann::json json_number(double v) {
+  if (std::floor(v) == v && std::abs(v) < 9.0e15) return static_cast<std::int64_t>(v);
+  return v;
 }
 
 /// Throws unless the config's peft_type is `expected`.

@@ -1,51 +1,82 @@
 #pragma once
-// The PEFT policy concept: what a method is, the hooks it may implement, its family tag.
+// THE METHOD CONTRACT (second edition). Every PEFT method of the library, and any method an
+// outside project writes, is a policy P as specified here; every protocol the decoder, Compose,
+// the trainer, the savers and the commands use is named below as a concept, and nothing is
+// detected elsewhere. docs/tutorial-new-method.md writes a method against it end to end.
 //
-// WHAT A POLICY IS
-//   A type P (a plain struct, never instantiated itself) that names a method:
-//     using family = peft::family::Additive | Selective | Reparameterized | Hybrid;
-//     static constexpr std::string_view name;        // "lora", "ia3", ...
-//     struct Config;                                 // its hyper-parameters, as values
-//     template <class T> class State;                // its tensors and hooks for scalar T
-//   `Decoder<Arch, P, T>` owns one `P::State<T>`, built from a `P::Config`.
+// 1. REQUIRED OF P (concept PeftPolicy)
+//   using family = peft::family::Additive | Selective | Reparameterized | Hybrid;
+//   static constexpr std::string_view name;        // "lora", "ia3", ... (unique in a registry)
+//   struct Config;                                 // its hyper-parameters, as values
+//   template <class T> class State;                // its tensors and hooks for scalar T
+//   Optional: static constexpr std::string_view title ("LoRA": used in messages; default name).
 //
-// REQUIRED OF State<T>
+// 2. REQUIRED OF P::State<T> (concept PolicyState)
 //   explicit State(const P::Config&);
-//   void attach(AttachContext<T>&);      // once, at build: pick the modules to adapt (by the
-//                                        // reference's target rules) and create the tensors
-//   std::vector<NamedParameter<T>> parameters();  // every tensor the adapter file holds, keyed as
-//                                        // the reference keys it ("base_model.model.<module>.
+//   const P::Config& config() const;
+//   void attach(AttachContext<T>&);      // once, at build: pick the modules to adapt and create
+//                                        // the tensors (a SiteTable does both, site_table.hpp)
+//   std::vector<NamedParameter<T>> parameters();  // every tensor the adapter file holds, keyed
+//                                        // as the reference keys it ("base_model.model.<module>.
 //                                        // <name>"); trainable ones have requires_grad()
 //
-// OPTIONAL HOOKS (detected with `requires`; a hook a policy lacks costs nothing)
-//   Var<T> linear(Tape<T>&, const nn::Linear<T>& module, const Var<T>& x)
-//       replaces the module's forward y = base(x) at every projection site (qkv / q, k, v, o,
-//       fc, proj / gate, up, down, lm_head); the policy returns module.forward_base(...) for
-//       modules it did not attach to.
-//   std::int64_t num_virtual_tokens() const;
-//   Var<T> prepend_virtual_tokens(Tape<T>&, const Var<T>& embeddings)    // [B,T,d] -> [B,P+T,d]
-//   std::int64_t num_prefix_tokens() const;
+// 3. OPTIONAL HOOKS OF State<T> (each a concept below; a hook a state lacks costs nothing).
+//    The decoder calls them in this order within each block:
+//   void before_attention(Tape<T>&, int layer, const Var<T>& x)    HasBeforeAttention
+//       sees the block's normalised attention input before its projections (UniPELT's gates)
+//   void adapt(Projection<T>&)                                      HasProjectionHook
+//       at every projection site (qkv / q, k, v, o, fc, proj / gate, up, down, lm_head):
+//       CONTRIBUTES to the module's product — an input or output scale, a low-rank term, a
+//       delta, a shift, or (where the method truly is one) a replacement — as data
+//       (nn/projection.hpp, which fixes their order). Several methods may adapt one module.
+//   std::int64_t num_virtual_tokens() const;                        HasVirtualTokens
+//   Var<T> prepend_virtual_tokens(Tape<T>&, const Var<T>& embeddings)   [B,T,d] -> [B,P+T,d]
+//   std::int64_t num_prefix_tokens() const;                         HasPrefix
 //   std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>&, int layer, std::int64_t batch)
 //       keys and values [B, P, kv_heads·head_dim] prepended to a layer's attention
-//   Var<T> after_attention(Tape<T>&, int layer, const Var<T>& attention_out)   // before the
-//   residual add Var<T> after_mlp(Tape<T>&, int layer, const Var<T>& mlp_in, const Var<T>& mlp_out)
-//   Var<T> extra_loss(Tape<T>&)          // a regulariser [1] added to the training loss
-//   void merge(std::vector<nn::Linear<T>*>&); void unmerge(std::vector<nn::Linear<T>*>&);
-//       fold the adapter into the base weights and back (mergeable methods only)
-//   bool adapts(const nn::Linear<T>&) const
-//       with a linear hook: whether it adapted this module (Compose routes each projection to
-//       the one component that adapts it)
-//   void on_base_weights_loaded(std::vector<nn::Linear<T>*>&)   (or with no argument)
-//       redo initialisation that depends on base weights (PiSSA, DoRA magnitudes, prompt
-//       tuning from token embeddings) once real weights are in: Decoder::base_weights_changed()
-//   void observe_attention_input(Tape<T>&, int layer, const Var<T>& x)
-//       sees a block's normalised attention input before its projections (UniPELT's gates;
-//       called by Compose from its linear routing)
-//   static ParameterCount count_parameters(const ModelConfig&, const std::vector<LinearShape>&,
-//                                          const Config&)   // `peft count`, from shapes alone
-//   static bool accepts(const nlohmann::json&)           // loadable from adapter_config.json
+//   Var<T> after_attention(Tape<T>&, int layer, const Var<T>& o)    HasAfterAttention
+//       before the residual add
+//   Var<T> after_mlp(Tape<T>&, int layer, const Var<T>& in, const Var<T>& out)  HasAfterMlp
+//   Var<T> extra_loss(Tape<T>&)                                     HasExtraLoss
+//       a regulariser [1] added to the training loss
 //
-// ORDER AT A SITE: the decoder calls the hooks in the order listed above within each block.
+// 4. OPTIONAL CAPABILITIES (named concepts; what each enables)
+//   Mergeable             merge(modules) / unmerge(modules): fold into the base weights and back
+//                         (Decoder::merge, golden merged logits)
+//   Unloadable            unload(modules): merge for good and drop the adapter
+//   DependsOnBaseWeights  on_base_weights_loaded(modules): redo initialisation that reads the
+//                         base weights (PiSSA, DoRA norms, prompt init from the vocabulary)
+//   Savable (of P)        Config::to_json(const ModelConfig&) -> the reference adapter_config.json
+//                         (a TabledConfig gets it from its field table, config_fields.hpp)
+//   Loadable (of P)       static Config Config::from_json(json, source) and
+//                         static bool accepts(json) (the registry dispatches adapter files on it)
+//   WritesOwnTensors      write_tensors(io::SafetensorsWriter&) const: tensors that are not
+//                         parameters() (index tensors of the selective family); else the
+//                         saver writes parameters()
+//   ReadsOwnTensors       read_tensors(const io::SafetensorsFile&, linears); else the loader
+//                         fills parameters() by name
+//   FoldsBeforeSaving     fold(): re-parameterised tensors saved as the reference saves them
+//                         (prefix / P-tuning encoders write their output)
+//   CountableFromShapes (of P)  static count_parameters(ModelConfig, shapes, Config), or a site
+//                         table declaration (site_tensors) from which peft::count_parameters<P>
+//                         derives it
+//   Calibrated            calibrate(model, batches) before training (FishMask's Fisher pass)
+//   AllocatesBudget       update_and_allocate(step) after each optimizer step (AdaLoRA)
+//   SamplesRank           sample_rank() before each step, set_rank(b) (DyLoRA)
+//   TrainsInTwoPhases     prune() between a dense and a sparse phase (diff pruning)
+//
+// 5. ROOM FOR WHAT COMES NEXT (how each plugs in without reopening this contract)
+//   - Frozen-weight storage formats (fp32, bf16, fp16, NF4): a module's weight becomes a
+//     storage that Projection::compute() multiplies by; methods contribute as above and read W
+//     only through a read-only dequantized view (nn::Linear::weight_out_in()).
+//   - Devices: State<T> gains the decoder's device parameter; contributions are device
+//     tensors, computed by the device's Projection::compute().
+//   - Named adapters on one model: a model holds several P::State<T> by name; a per-row adapter
+//     index turns a projection's contributions into a grouped product (one term per group).
+//   - Train/eval mode and randomness: hooks will receive a context with the mode and an RNG
+//     keyed by (seed, step, sample, site), so that N data-parallel ranks reproduce one process;
+//     a state's running values (AdaLoRA's importance averages, DyLoRA's sampler, diff pruning's
+//     gates) go into checkpoints through a `state_tensors()` capability beside parameters().
 #include <concepts>
 #include <random>
 #include <string_view>
@@ -53,10 +84,19 @@
 #include <vector>
 
 #include "peft/core/autograd.hpp"
+#include "peft/methods/site_table.hpp"
 #include "peft/nn/config.hpp"
+#include "peft/nn/model_shapes.hpp"
 #include "peft/nn/modules.hpp"
+#include "peft/nn/projection.hpp"
 
 namespace peft {
+
+namespace io {
+struct TensorInfo;
+class SafetensorsFile;
+class SafetensorsWriter;
+}  // namespace io
 
 namespace family {
 struct Additive {
@@ -103,9 +143,10 @@ concept HasPolicyTraits = requires {
 &&FamilyTag<typename P::family>;
 
 template <class S, class T>
-concept PolicyState = requires(S state, AttachContext<T>& ctx) {
+concept PolicyState = requires(S state, const S cstate, AttachContext<T>& ctx) {
   {state.attach(ctx)};
   { state.parameters() } -> std::same_as<std::vector<NamedParameter<T>>>;
+  cstate.config();
 };
 
 /// A PEFT policy, as specified at the top of include/peft/methods/policy.hpp.
@@ -115,10 +156,82 @@ concept PeftPolicy =
 const typename P::Config& > &&PolicyState<typename P::template State<double>, double>&&
                                 PolicyState<typename P::template State<float>, float>;
 
-/// Hook detection, one concept per optional hook.
+namespace detail {
+
+/// The contract checked one requirement at a time, each failing with its own message that
+/// names the member and the spec section (and nothing else: a failed policy is replaced by
+/// NoPeft below, so that the model's code raises no further errors).
+template <class P>
+struct PolicyCheck {
+  static constexpr bool has_name = requires {
+    { P::name } -> std::convertible_to<std::string_view>;
+  };
+  static constexpr bool has_family = requires { typename P::family; };
+  static constexpr bool has_config = requires { typename P::Config; };
+  static constexpr bool has_state = requires { typename P::template State<float>; };
+  static_assert(has_name, "peft policy: missing `static constexpr std::string_view name` "
+                          "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_family, "peft policy: missing `using family = peft::family::...` "
+                            "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_config, "peft policy: missing `struct Config` "
+                            "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_state, "peft policy: missing `template <class T> class State` "
+                           "(include/peft/methods/policy.hpp, section 1)");
+  static constexpr bool traits = has_name && has_family && has_config && has_state;
+  template <class S, class C>
+  static constexpr bool constructible = std::constructible_from<S, const C&>;
+  template <class S>
+  static constexpr bool attaches = requires(S s, AttachContext<float>& ctx) { s.attach(ctx); };
+  template <class S>
+  static constexpr bool lists = requires(S s) {
+    { s.parameters() } -> std::same_as<std::vector<NamedParameter<float>>>;
+  };
+  template <class S>
+  static constexpr bool configured = requires(const S s) { s.config(); };
+  static constexpr bool state_ok = [] {
+    if constexpr (traits) {
+      using S = typename P::template State<float>;
+      return constructible<S, typename P::Config> && attaches<S> && lists<S> && configured<S>;
+    } else {
+      return false;
+    }
+  }();
+  static constexpr bool ok = traits && state_ok;
+};
+
+template <class P>
+constexpr bool check_state() {
+  using S = typename P::template State<float>;
+  using C = PolicyCheck<P>;
+  static_assert(C::template constructible<S, typename P::Config>,
+                "peft policy: State<T> needs `explicit State(const Config&)` "
+                "(include/peft/methods/policy.hpp, section 2)");
+  static_assert(C::template attaches<S>,
+                "peft policy: State<T> needs `void attach(AttachContext<T>&)` "
+                "(include/peft/methods/policy.hpp, section 2)");
+  static_assert(C::template lists<S>,
+                "peft policy: State<T> needs `std::vector<NamedParameter<T>> parameters()` "
+                "(include/peft/methods/policy.hpp, section 2)");
+  static_assert(C::template configured<S>,
+                "peft policy: State<T> needs `const Config& config() const` "
+                "(include/peft/methods/policy.hpp, section 2)");
+  return true;
+}
+
+template <class P>
+constexpr bool check_policy() {
+  if constexpr (PolicyCheck<P>::traits) return check_state<P>();
+  return PolicyCheck<P>::ok;
+}
+
+}  // namespace detail
+
+/// Hook detection, one concept per optional hook (section 3 above).
 template <class S, class T>
-concept HasLinearHook = requires(S s, Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
-  { s.linear(tape, m, x) } -> std::same_as<Var<T>>;
+concept HasProjectionHook = requires(S s, Projection<T>& p) { s.adapt(p); };
+template <class S, class T>
+concept HasBeforeAttention = requires(S s, Tape<T>& tape, const Var<T>& x) {
+  s.before_attention(tape, 0, x);
 };
 template <class S, class T>
 concept HasVirtualTokens = requires(S s, const S cs, Tape<T>& tape, const Var<T>& h) {
@@ -142,11 +255,80 @@ template <class S, class T>
 concept HasExtraLoss = requires(S s, Tape<T>& tape) {
   { s.extra_loss(tape) } -> std::same_as<Var<T>>;
 };
+
+/// Transitional: the first edition's replacing hook `Var<T> linear(tape, module, x)`, kept
+/// while methods move to `adapt`; new code uses `adapt`.
+template <class S, class T>
+concept HasLinearHook = requires(S s, Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
+  { s.linear(tape, m, x) } -> std::same_as<Var<T>>;
+};
+
+/// Capabilities (section 4 above).
 template <class S, class T>
 concept Mergeable = requires(S s, std::vector<nn::Linear<T>*>& modules) {
   s.merge(modules);
   s.unmerge(modules);
 };
+template <class S, class T>
+concept Unloadable = requires(S s, std::vector<nn::Linear<T>*>& modules) { s.unload(modules); };
+template <class S, class T>
+concept DependsOnBaseWeights = requires(S s, std::vector<nn::Linear<T>*>& modules) {
+  s.on_base_weights_loaded(modules);
+};
+template <class P>
+concept Savable = requires(const typename P::Config& c, const ModelConfig& m) {
+  { c.to_json(m) } -> std::convertible_to<nlohmann::json>;
+};
+template <class P>
+concept Loadable = requires(const nlohmann::json& j, const std::string& source) {
+  { P::Config::from_json(j, source) } -> std::convertible_to<typename P::Config>;
+  { P::accepts(j) } -> std::convertible_to<bool>;
+};
+template <class S>
+concept WritesOwnTensors = requires(const S s, io::SafetensorsWriter& w) { s.write_tensors(w); };
+template <class S, class T>
+concept ReadsOwnTensors = requires(S s, const io::SafetensorsFile& f,
+                                   const std::vector<nn::Linear<T>*>& linears) {
+  s.read_tensors(f, linears);
+};
+template <class S>
+concept FoldsBeforeSaving = requires(S s) { s.fold(); };
+template <class P>
+concept CountsOwnParameters = requires(const ModelConfig& m, const std::vector<LinearShape>& l,
+                                       const typename P::Config& c) {
+  { P::count_parameters(m, l, c) } -> std::same_as<ParameterCount>;
+};
+template <class P>
+concept DeclaresSiteTensors = requires(const typename P::Config& c, const ModuleSite& site) {
+  { P::site_tensors(c, site) } -> std::convertible_to<SiteTensors>;
+};
+template <class P>
+concept CountableFromShapes = CountsOwnParameters<P> || DeclaresSiteTensors<P>;
+template <class S, class Model, class Batches>
+concept Calibrated = requires(S s, Model& model, const Batches& batches) {
+  s.calibrate(model, batches);
+};
+template <class S>
+concept AllocatesBudget = requires(S s) { s.update_and_allocate(0); };
+template <class S>
+concept SamplesRank = requires(S s) {
+  s.sample_rank();
+  s.set_rank(1);
+  { s.config().r } -> std::convertible_to<int>;
+};
+template <class S>
+concept TrainsInTwoPhases = requires(S s) { s.prune(); };
+
+/// What a method adds to a model, from shapes alone: its own count, or its site declaration.
+template <class P>
+requires CountableFromShapes<P> ParameterCount count_parameters(
+    const ModelConfig& model, const std::vector<LinearShape>& linears,
+    const typename P::Config& config) {
+  if constexpr (CountsOwnParameters<P>)
+    return P::count_parameters(model, linears, config);
+  else
+    return count_site_tensors<P>(linears, config);
+}
 
 /// The base model alone: no adapter tensors, no hooks.
 struct NoPeft {
@@ -156,10 +338,18 @@ struct NoPeft {
   template <class T>
   class State {
    public:
-    explicit State(const Config&) {}
+    explicit State(const Config& config) : config_(config) {}
+    const Config& config() const { return config_; }
     void attach(AttachContext<T>&) {}
     std::vector<NamedParameter<T>> parameters() { return {}; }
+
+   private:
+    Config config_;
   };
+  static ParameterCount count_parameters(const ModelConfig&, const std::vector<LinearShape>&,
+                                         const Config&) {
+    return {};
+  }
 };
 
 }  // namespace peft

@@ -50,9 +50,13 @@ struct ForwardResult {
   std::int64_t virtual_tokens = 0;
 };
 
-template <class Arch, class Policy = NoPeft, class T = float>
-requires PeftPolicy<Policy>
+template <class Arch, class Method = NoPeft, class T = float>
 class Decoder {
+  // The contract, one message per missing member (methods/policy.hpp); a failing method is
+  // replaced by NoPeft so that nothing below adds errors of its own.
+  static_assert(detail::check_policy<Method>());
+  using Policy = std::conditional_t<detail::PolicyCheck<Method>::ok, Method, NoPeft>;
+
  public:
   using Scalar = T;
   using Adapter = typename Policy::template State<T>;
@@ -181,9 +185,7 @@ class Decoder {
   /// the weights' singular vectors, DoRA's magnitudes from the weights' norms) redo it: call
   /// after replacing base weights by hand (load_base_weights calls it).
   void base_weights_changed() {
-    if constexpr (requires(std::vector<nn::Linear<T>*> & m) {
-                    adapter_.on_base_weights_loaded(m);
-                  }) {
+    if constexpr (DependsOnBaseWeights<Adapter, T>) {
       std::vector<nn::Linear<T>*> modules = linear_modules();
       adapter_.on_base_weights_loaded(modules);
     } else if constexpr (requires { adapter_.on_base_weights_loaded(); }) {
@@ -342,11 +344,17 @@ class Decoder {
     adapter_.attach(ctx);
   }
 
+  // The one product path of a projection site: the methods contribute, Projection computes.
   Var<T> project(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
-    if constexpr (HasLinearHook<Adapter, T>)
+    if constexpr (HasProjectionHook<Adapter, T>) {
+      Projection<T> p(tape, lin, x);
+      adapter_.adapt(p);
+      return p.compute();
+    } else if constexpr (HasLinearHook<Adapter, T>) {
       return adapter_.linear(tape, lin, x);
-    else
+    } else {
       return lin.forward_base(tape, x);
+    }
   }
 
   // [B, prefix + Tn] key visibility: prefix and virtual tokens always visible, then the mask.
@@ -411,6 +419,7 @@ class Decoder {
   Var<T> block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
                        const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch) {
     Var<T> a = b.attention_norm.forward(tape, x);
+    if constexpr (HasBeforeAttention<Adapter, T>) adapter_.before_attention(tape, layer, a);
     Var<T> q, k, v;
     if constexpr (Arch::fused_qkv) {
       Var<T> qkv = project(tape, b.qkv, a);

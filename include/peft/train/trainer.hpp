@@ -153,21 +153,9 @@ struct TrainResult {
   std::int64_t last_checkpoint_step = -1;
 };
 
-/// Adapters that reallocate their budget from the gradients (AdaLoRA): the trainer calls
-/// update_and_allocate(i) after optimizer step i (0-based), before the gradients are zeroed.
-template <class Adapter>
-concept AllocatesBudget = requires(Adapter a) {
-  a.update_and_allocate(0);
-};
-
-/// Adapters trained at a random rank each step (DyLoRA): the trainer draws the rank before
-/// each step and evaluates at the full rank.
-template <class Adapter>
-concept SamplesRank = requires(Adapter a) {
-  a.sample_rank();
-  a.set_rank(1);
-  { a.config().r } -> std::convertible_to<int>;
-};
+// The trainer's protocols are the contract's capabilities (methods/policy.hpp, section 4):
+// AllocatesBudget (update_and_allocate(i) after optimizer step i, 0-based, before the gradients
+// are zeroed) and SamplesRank (a random rank drawn before each step, the full rank to evaluate).
 
 template <class Model>
 class Trainer {

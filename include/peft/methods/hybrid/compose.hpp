@@ -2,12 +2,14 @@
 // Compose<P...>: several PEFT policies, of any families, attached to one model at once.
 //
 // ORDER AT THE HOOK SITES (the decoder's order within a block, then the components' order):
-//   linear               each projection goes to the one component that adapts it (asked with
-//                        `bool adapts(const nn::Linear<T>&) const`); a module no component
-//                        adapts runs its base product. Two components claiming one module is an
-//                        error at attach time. Before routing, the first projection of each
-//                        block (q, or the fused qkv) is shown to every component with an
-//                        `observe_attention_input(tape, layer, x)` hook (UniPELT's prefix gate).
+//   before_attention     every component, in order.
+//   adapt (projections)  every component contributes to the same Projection, in component order
+//                        (nn/projection.hpp fixes how contributions combine), so several
+//                        components may adapt one module: Compose<LoRA, IA3> on v_proj computes
+//                        (x Wᵀ + b + s B A x) ⊙ l.
+//   linear (transitional) a component still on the first edition's replacing `linear` hook owns
+//                        the modules it `adapts` alone: another component that adapts one of
+//                        them is an error at attach time.
 //   virtual tokens       at most one component (checked at compile time).
 //   prefix keys/values   at most one component (checked at compile time).
 //   after_attention      chained in component order: o ← P_1(o), then P_2, ...
@@ -30,8 +32,7 @@
 //   - at most one component prepends virtual tokens (the decoder has one token site, and a second
 //     set would shift the first's positions);
 //   - at most one component supplies prefix keys/values (one prefix per layer);
-//   - a component with a linear hook says which modules it adapts (`adapts`), so that the
-//     composite can route each module to exactly one component.
+//   - a component with the transitional linear hook says which modules it adapts (`adapts`).
 #include <array>
 #include <cstddef>
 #include <filesystem>
@@ -230,7 +231,7 @@ struct Compose {
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
     ParameterCount total;
-    std::apply([&](const auto&... c) { (add(total, P::count_parameters(model, linears, c)), ...); },
+    std::apply([&](const auto&... c) { (add(total, peft::count_parameters<P>(model, linears, c)), ...); },
                config.components);
     return total;
   }
@@ -250,6 +251,8 @@ struct Compose {
   class State {
     using States = std::tuple<detail::StateOf<P, T>...>;
     static constexpr bool any_linear = (HasLinearHook<detail::StateOf<P, T>, T> || ...);
+    static constexpr bool any_projection = (HasProjectionHook<detail::StateOf<P, T>, T> || ...);
+    static constexpr bool any_before = (HasBeforeAttention<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_observer = (ObservesAttentionInput<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_tokens = (HasVirtualTokens<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_prefix = (HasPrefix<detail::StateOf<P, T>, T> || ...);
@@ -279,6 +282,7 @@ struct Compose {
     /// it.
     void attach(AttachContext<T>& ctx) {
       std::apply([&](auto&... s) { (s.attach(ctx), ...); }, states_);
+      if constexpr (!any_linear) return;
       owner_.assign(ctx.linears.size(), -1);
       first_site_of_layer_.assign(static_cast<std::size_t>(ctx.config.num_layers), -1);
       for (nn::Linear<T>* lin : ctx.linears) {
@@ -288,6 +292,19 @@ struct Compose {
         }
         claim(*lin, std::index_sequence_for<P...>{});
       }
+    }
+
+    void before_attention(Tape<T>& tape, int layer, const Var<T>& x) requires(any_before) {
+      for_each_state([&](auto& state) {
+        if constexpr (HasBeforeAttention<std::decay_t<decltype(state)>, T>)
+          state.before_attention(tape, layer, x);
+      });
+    }
+
+    void adapt(Projection<T>& p) requires(any_projection && !any_linear && !any_observer) {
+      for_each_state([&](auto& state) {
+        if constexpr (HasProjectionHook<std::decay_t<decltype(state)>, T>) state.adapt(p);
+      });
     }
 
     Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
@@ -309,7 +326,13 @@ struct Compose {
       const int owner = module.site >= 0 && static_cast<std::size_t>(module.site) < owner_.size()
                             ? owner_[static_cast<std::size_t>(module.site)]
                             : -1;
-      if (owner < 0) return module.forward_base(tape, x);
+      if (owner < 0) {
+        Projection<T> p(tape, module, x);
+        for_each_state([&](auto& state) {
+          if constexpr (HasProjectionHook<std::decay_t<decltype(state)>, T>) state.adapt(p);
+        });
+        return p.compute();
+      }
       return route(tape, module, x, owner, std::index_sequence_for<P...>{});
     }
 
@@ -452,20 +475,30 @@ struct Compose {
     void claim(const nn::Linear<T>& lin, std::index_sequence<I...>) {
       (claim_one<I>(lin), ...);
     }
+    // Transitional: a component on the replacing linear hook owns its modules alone (owner_);
+    // components that contribute record that they adapt a module (first_contributor_).
     template <std::size_t I>
     void claim_one(const nn::Linear<T>& lin) {
       using S = std::tuple_element_t<I, States>;
-      if constexpr (HasLinearHook<S, T>) {
+      constexpr bool legacy = HasLinearHook<S, T>;
+      if constexpr (legacy || ReportsAdaptedModules<S, T>) {
         if (!std::get<I>(states_).adapts(lin)) return;
-        int& owner = owner_[static_cast<std::size_t>(lin.site)];
-        if (owner >= 0)
+        const auto site = static_cast<std::size_t>(lin.site);
+        if (first_contributor_.size() < owner_.size()) first_contributor_.assign(owner_.size(), -1);
+        int& owner = owner_[site];
+        int& contributor = first_contributor_[site];
+        const int other = owner >= 0 ? owner : (legacy ? contributor : -1);
+        if (other >= 0)
           throw ConfigError("Compose: module '" + lin.name + "' is adapted by component " +
-                            std::to_string(owner) + " (" + component_name(owner) +
+                            std::to_string(other) + " (" + component_name(other) +
                             ") and component " + std::to_string(I) + " (" +
                             component_name(static_cast<int>(I)) +
-                            "); each module may be adapted by one component (narrow their "
-                            "target_modules)");
-        owner = static_cast<int>(I);
+                            "), and the first-edition component replaces the module's product "
+                            "(narrow their target_modules)");
+        if (legacy)
+          owner = static_cast<int>(I);
+        else if (contributor < 0)
+          contributor = static_cast<int>(I);
       }
     }
 
@@ -490,7 +523,8 @@ struct Compose {
 
     Config config_;
     States states_;
-    std::vector<int> owner_;  // by linear site: the component that adapts it, or −1
+    std::vector<int> owner_;  // by linear site: the linear-hook component that adapts it, or −1
+    std::vector<int> first_contributor_;  // by linear site: the first contributing component
     std::vector<int> first_site_of_layer_;
   };
 

@@ -193,7 +193,7 @@ Candidate make_candidate(const ModelConfig& model, typename P::Config config, st
   c.size = size;
   c.size_label = std::move(size_label);
   c.lr = lr;
-  c.parameters = P::count_parameters(model, linear_shapes<arch::Llama>(model), config).trainable;
+  c.parameters = peft::count_parameters<P>(model, linear_shapes<arch::Llama>(model), config).trainable;
   c.run = [config](const Workload& w, const SearchOptions& o, CandidateResult& row) {
     Decoder<arch::Llama, P, float> net(w.model, config, o.seed + 1);
     proxy_train(net, w, o, row.candidate.lr, row);

@@ -132,7 +132,7 @@ struct Gated {
   static ParameterCount count_parameters(const ModelConfig& model,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
-    ParameterCount count = P::count_parameters(model, linears, config.inner);
+    ParameterCount count = peft::count_parameters<P>(model, linears, config.inner);
     using S = detail::StateOf<P>;
     if constexpr (HasLinearHook<S, float>) {
       static_assert(

@@ -34,11 +34,6 @@ void normal_fill(Tensor<T>& t, std::mt19937_64& rng, double std) {
   for (std::int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<T>(n(rng));
 }
 
-/// An integral value as a JSON integer (the reference writes `8`, not `8.0`).
-inline nlohmann::json json_number(double v) {
-  if (std::floor(v) == v && std::abs(v) < 9.0e15) return static_cast<std::int64_t>(v);
-  return v;
-}
 
 template <class T>
 [[noreturn]] void throw_no_target(const std::string& method, const TargetRules& rules,

@@ -49,159 +49,123 @@ void set_weight_out_in(nn::Linear<T>& lin, const RowMatrix<T>& w) {
 }  // namespace detail
 
 /// DoRA's config: LoRA's fields with use_dora true (PiSSA initialisation is not combined).
-struct DoraConfig {
-  LoraConfig lora;
-
-  static DoraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    if (!detail::json_or<bool>(j, "use_dora", false, source))
-      throw ConfigError(source + ": use_dora is false: load it with the LoRA policy");
-    DoraConfig c{LoraConfig::parse(j, source)};
-    if (c.lora.init == LoraConfig::Init::Pissa)
+struct DoraConfig : LoraConfig {
+  static auto fields() { return lora_fields<LoraConfig>(true); }
+  void validate(const std::string& source) const {
+    LoraConfig::validate(source);
+    if (init == Init::Pissa)
       throw ConfigError(source + ": DoRA with init_lora_weights \"pissa\" is not supported");
-    return c;
   }
-  nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = lora.to_json(model);
-    j["use_dora"] = true;
-    return j;
+  static DoraConfig from_json(const nlohmann::json& j, const std::string& source) {
+    if (is_peft_type(j, "LORA", "use_dora"))
+      throw ConfigError(source + ": use_dora is false: load it with the LoRA policy");
+    return read_config<DoraConfig>(j, source);
   }
+  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct DoRA {
   using family = family::Reparameterized;
-  static constexpr std::string_view name = "dora";
+  static constexpr std::string_view name = "dora", title = "DoRA";
   using Config = DoraConfig;
 
-  /// LoRA's r (in + out) per module, plus the magnitude vector [out].
-  static ParameterCount count_parameters(const ModelConfig&,
-                                         const std::vector<LinearShape>& linears,
-                                         const Config& config) {
-    ParameterCount count;
-    for (const LinearShape& l : linears)
-      if (config.lora.targets.selects(l.name, l.layer < 0))
-        count.trainable +=
-            config.lora.rank_for(l.name) * (l.in_features + l.out_features) + l.out_features;
-    return count;
-  }
-
   static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "LORA" && j.contains("use_dora") &&
-           j["use_dora"].is_boolean() && j["use_dora"].get<bool>();
+    return is_peft_type(j, "LORA") && !is_peft_type(j, "LORA", "use_dora");
+  }
+  /// LoRA's factors plus the magnitude vector m [out].
+  static SiteTensors site_tensors(const Config& c, const ModuleSite& m) {
+    SiteTensors t = LoRA::site_tensors(c, m);
+    t.push_back({"lora_magnitude_vector", {m.out_features}});
+    return t;
   }
 
   template <class T>
   class State {
    public:
-    struct ModuleAdapter {
-      std::string module;
-      Var<T> a;          ///< [r, in]
-      Var<T> b;          ///< [out, r]
-      Var<T> magnitude;  ///< m [out]
-      T scale;
-      bool merged = false;
+    struct Extra {
+      T scale = T(1);
       Tensor<T> merged_norm;  ///< n at merge time, to undo it exactly as it was done
     };
+    using Sites = SiteTable<T, Extra>;
+    using Slot = typename Sites::Slot;
 
     explicit State(const Config& config) : config_(config) {}
     const Config& config() const { return config_; }
+    const Slot* find(int site) const { return sites_.find(site); }
 
     void attach(AttachContext<T>& ctx) {
-      const LoraConfig& lc = config_.lora;
-      adapters_.reset(ctx.linears.size());
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (!lc.targets.selects(lin->name, lin->layer < 0)) continue;
-        const int r = lc.rank_for(lin->name);
-        ModuleAdapter m{lin->name,
-                        Var<T>(Tensor<T>(Shape{r, lin->in_features}), true),
-                        Var<T>(Tensor<T>(Shape{lin->out_features, r}), true),
-                        Var<T>(Tensor<T>(Shape{lin->out_features}), true),
-                        static_cast<T>(lc.scaling(r, lc.alpha_for(lin->name))),
-                        false,
-                        {}};
-        if (lc.init == LoraConfig::Init::Default)
-          detail::kaiming_uniform(m.a.value(), ctx.rng);
-        else if (lc.init == LoraConfig::Init::Gaussian)
-          detail::normal_fill(m.a.value(), ctx.rng, 1.0 / r);
-        adapters_.put(lin->site, std::move(m));
-      }
-      if (adapters_.size() == 0) detail::throw_no_target("DoRA", lc.targets, ctx.linears);
-      initialise_magnitude(ctx.linears);
+      sites_.template attach<DoRA>(config_, ctx.linears, [&](Slot& slot, const nn::Linear<T>& m) {
+        const int r = config_.rank_for(m.name);
+        slot.extra.scale = static_cast<T>(config_.scaling(r, config_.alpha_for(m.name)));
+        if (config_.init == LoraConfig::Init::Default)
+          detail::kaiming_uniform(slot[0].value(), ctx.rng);
+        else if (config_.init == LoraConfig::Init::Gaussian)
+          detail::normal_fill(slot[0].value(), ctx.rng, 1.0 / r);
+      });
+      on_base_weights_loaded(ctx.linears);
     }
 
     /// m = ‖W + s B A‖ per row (= ‖W‖ while B = 0): the model then equals the base model.
-    /// Runs at attach; a model whose base weights are loaded afterwards (Decoder::load) and
-    /// that is not given a trained adapter calls it again once they are in place.
-    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
-      initialise_magnitude(modules);
-    }
-    void initialise_magnitude(const std::vector<nn::Linear<T>*>& modules) {
+    /// Runs at attach, and again once real base weights are loaded (Decoder::load).
+    void on_base_weights_loaded(const std::vector<nn::Linear<T>*>& modules) {
       for (nn::Linear<T>* lin : modules)
-        if (ModuleAdapter* m = adapters_.find(lin->site); m && !m->merged)
-          m->magnitude.value() =
-              detail::dora_weight_norm(*lin, m->a.value(), m->b.value(), m->scale);
+        if (Slot* s = sites_.active(*lin))
+          (*s)[2].value() =
+              detail::dora_weight_norm(*lin, (*s)[0].value(), (*s)[1].value(), s->extra.scale);
     }
 
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return adapters_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      const ModuleAdapter* m = adapters_.find(module.site);
-      if (!m || m->merged) return module.forward_base(tape, x);
-      const Tensor<T> norm = detail::dora_weight_norm(module, m->a.value(), m->b.value(), m->scale);
-      return ops::dora_linear(tape, x, module.weight, module.bias, module.layout, m->a, m->b,
-                              m->magnitude, norm, m->scale);
-    }
-
-    std::vector<NamedParameter<T>> parameters() {
-      std::vector<NamedParameter<T>> out;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        const std::string prefix = "base_model.model." + m.module + ".";
-        out.push_back({prefix + "lora_A.weight", m.a});
-        out.push_back({prefix + "lora_B.weight", m.b});
-        out.push_back({prefix + "lora_magnitude_vector", m.magnitude});
+    /// A replacement of the product, as DoRA truly is one: (m/n) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b.
+    void adapt(Projection<T>& p) const {
+      const Slot* s = sites_.active(p.module());
+      if (!s) return;
+      p.replace_product([s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
+        const Slot& slot = *s;
+        const T scale = slot.extra.scale;
+        const Tensor<T> norm = detail::dora_weight_norm(m, slot[0].value(), slot[1].value(), scale);
+        return ops::dora_linear(tape, x, m.weight, m.bias, m.layout, slot[0], slot[1], slot[2],
+                                norm, scale);
       });
-      return out;
     }
+    std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
+    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
 
     /// W ← (m/n) ⊙ (W + s B A), n = ‖W + s B A‖ per row, kept for unmerge.
-    void merge(std::vector<nn::Linear<T>*>& modules) {
+    void merge(const std::vector<nn::Linear<T>*>& modules) {
       for (nn::Linear<T>* lin : modules) {
-        ModuleAdapter* m = adapters_.find(lin->site);
-        if (!m || m->merged) continue;
+        Slot* s = sites_.active(*lin);
+        if (!s) continue;
         RowMatrix<T> w = lin->weight_out_in();
-        w.noalias() += m->scale * (m->b.value().matrix() * m->a.value().matrix());
-        m->merged_norm = Tensor<T>(Shape{lin->out_features});
-        m->merged_norm.vector() = w.rowwise().norm();
+        w.noalias() += s->extra.scale * ((*s)[1].value().matrix() * (*s)[0].value().matrix());
+        s->extra.merged_norm = Tensor<T>(Shape{lin->out_features});
+        s->extra.merged_norm.vector() = w.rowwise().norm();
         const Eigen::Matrix<T, Eigen::Dynamic, 1> factor =
-            m->magnitude.value().vector().array() / m->merged_norm.vector().array();
+            (*s)[2].value().vector().array() / s->extra.merged_norm.vector().array();
         w = factor.asDiagonal() * w;
         detail::set_weight_out_in(*lin, w);
-        m->merged = true;
+        s->merged = true;
       }
     }
     /// W ← W' / (m/n) − s B A with the n of the merge.
-    void unmerge(std::vector<nn::Linear<T>*>& modules) {
+    void unmerge(const std::vector<nn::Linear<T>*>& modules) {
       for (nn::Linear<T>* lin : modules) {
-        ModuleAdapter* m = adapters_.find(lin->site);
-        if (!m || !m->merged) continue;
+        Slot* s = sites_.find(*lin);
+        if (!s || !s->merged) continue;
         const Eigen::Matrix<T, Eigen::Dynamic, 1> inverse =
-            m->merged_norm.vector().array() / m->magnitude.value().vector().array();
+            s->extra.merged_norm.vector().array() / (*s)[2].value().vector().array();
         RowMatrix<T> w = inverse.asDiagonal() * lin->weight_out_in();
-        w.noalias() -= m->scale * (m->b.value().matrix() * m->a.value().matrix());
+        w.noalias() -= s->extra.scale * ((*s)[1].value().matrix() * (*s)[0].value().matrix());
         detail::set_weight_out_in(*lin, w);
-        m->merged = false;
+        s->merged = false;
       }
     }
-    void unload(std::vector<nn::Linear<T>*>& modules) {
+    void unload(const std::vector<nn::Linear<T>*>& modules) {
       merge(modules);
-      adapters_.clear();
+      sites_ = Sites{};
     }
-
-    std::size_t attached_modules() const { return adapters_.size(); }
-    const ModuleAdapter* find(int site) const { return adapters_.find(site); }
 
    private:
     Config config_;
-    detail::SiteTable<ModuleAdapter> adapters_;
+    Sites sites_;
   };
 };
 

@@ -1,0 +1,372 @@
+#pragma once
+// Config field tables: a method's hyper-parameters declared once, one line per field of the
+// reference's adapter_config.json, from which reading, writing, defaults and error messages
+// follow.
+//
+//   struct MyConfig {
+//     int r = 8;
+//     double dropout = 0.0;
+//     TargetRules targets;
+//     static constexpr std::string_view peft_type = "MY_METHOD";   // written and required
+//     static auto fields() {
+//       return config_fields(field("r", &MyConfig::r, check::positive),
+//                            field("dropout", &MyConfig::dropout, check::probability),
+//                            targets_field(&MyConfig::targets),
+//                            fixed("bias", "none"), fan_in_fan_out(),
+//                            constants({{"megatron_core", "megatron.core"}}));
+//     }
+//   };
+//   MyConfig c = read_config<MyConfig>(json, "adapter_config.json");
+//   nlohmann::json j = write_config(c, model);   // ModelConfig: fan_in_fan_out follows it
+//
+// READING: a key that is absent or null keeps the member's default (the value in `MyConfig{}`).
+// A present key must have the member's JSON type exactly (an integer field rejects 0.5 and
+// 4294967296; a bool field rejects 1); then the field's check runs. Every error is a ConfigError
+// "<source>: field '<key>': expected <what>, found <json>". Keys the table does not name are
+// ignored (the reference adds fields between versions).
+// WRITING: every field writes its key; `constants` keys are written and never read; `fixed` keys
+// are written with their one value and, when read, must hold it (or be null).
+#include <array>
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "peft/core/error.hpp"
+#include "peft/methods/adapter_config.hpp"
+#include "peft/methods/target_modules.hpp"
+#include "peft/nn/config.hpp"
+
+namespace peft {
+
+namespace config_detail {
+
+[[noreturn]] inline void fail(const std::string& source, std::string_view key,
+                              const std::string& expected, const nlohmann::json& found) {
+  std::string shown = found.dump();
+  if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
+  throw ConfigError(source + ": field '" + std::string(key) + "': expected " + expected +
+                    ", found " + shown);
+}
+
+template <class M>
+struct is_string_map : std::false_type {};
+template <class V>
+struct is_string_map<std::map<std::string, V>> : std::true_type {};
+template <class M>
+struct is_vector : std::false_type {};
+template <class V>
+struct is_vector<std::vector<V>> : std::true_type {};
+
+template <class M>
+std::string type_name() {
+  if constexpr (std::is_same_v<M, bool>)
+    return "true or false";
+  else if constexpr (std::is_integral_v<M>)
+    return "an integer";
+  else if constexpr (std::is_floating_point_v<M>)
+    return "a number";
+  else if constexpr (std::is_same_v<M, std::string>)
+    return "a string";
+  else if constexpr (is_vector<M>::value)
+    return "a list of " + type_name<typename M::value_type>() + "s";
+  else if constexpr (is_string_map<M>::value)
+    return "an object of " + type_name<typename M::mapped_type>() + "s";
+  else
+    return "a value";
+}
+
+/// A JSON value as M, strictly (no float → int, no number → bool conversions).
+template <class M>
+M read_value(const nlohmann::json& v, const std::string& source, std::string_view key) {
+  if constexpr (std::is_same_v<M, bool>) {
+    if (!v.is_boolean()) fail(source, key, type_name<M>(), v);
+    return v.get<bool>();
+  } else if constexpr (std::is_integral_v<M>) {
+    if (!v.is_number_integer()) fail(source, key, type_name<M>(), v);
+    if (v.is_number_unsigned()) {
+      const auto u = v.get<std::uint64_t>();
+      if (u > static_cast<std::uint64_t>(std::numeric_limits<M>::max()))
+        fail(source, key, "an integer of at most " + std::to_string(std::numeric_limits<M>::max()),
+             v);
+      return static_cast<M>(u);
+    }
+    const auto i = v.get<std::int64_t>();
+    if (i < static_cast<std::int64_t>(std::numeric_limits<M>::min()) ||
+        i > static_cast<std::int64_t>(std::numeric_limits<M>::max()))
+      fail(source, key, "an integer in the range of " + std::string(sizeof(M) == 4 ? "int32" : "int64"),
+           v);
+    return static_cast<M>(i);
+  } else if constexpr (std::is_floating_point_v<M>) {
+    if (!v.is_number()) fail(source, key, type_name<M>(), v);
+    return v.get<M>();
+  } else if constexpr (std::is_same_v<M, std::string>) {
+    if (!v.is_string()) fail(source, key, type_name<M>(), v);
+    return v.get<std::string>();
+  } else if constexpr (is_vector<M>::value) {
+    if (!v.is_array()) fail(source, key, type_name<M>(), v);
+    M out;
+    for (const auto& item : v)
+      out.push_back(read_value<typename M::value_type>(item, source, key));
+    return out;
+  } else if constexpr (is_string_map<M>::value) {
+    if (!v.is_object()) fail(source, key, type_name<M>(), v);
+    M out;
+    for (const auto& [k, item] : v.items())
+      out.emplace(k, read_value<typename M::mapped_type>(item, source, std::string(key) + "." + k));
+    return out;
+  } else {
+    static_assert(sizeof(M) == 0, "config field: no JSON reader for this member type");
+  }
+}
+
+template <class M>
+nlohmann::json write_value(const M& value) {
+  if constexpr (std::is_floating_point_v<M>)
+    return detail::json_number(static_cast<double>(value));  // the reference writes 8, not 8.0
+  else if constexpr (is_string_map<M>::value) {
+    nlohmann::json j = nlohmann::json::object();
+    for (const auto& [k, v] : value) j[k] = write_value(v);
+    return j;
+  } else {
+    return value;
+  }
+}
+
+}  // namespace config_detail
+
+/// Field checks: each returns an empty string when the value is acceptable, else what was
+/// expected.
+namespace check {
+struct None {
+  template <class M>
+  std::string operator()(const M&) const {
+    return {};
+  }
+};
+inline constexpr None none{};
+struct Positive {
+  template <class M>
+  std::string operator()(const M& v) const {
+    return v > M(0) ? std::string() : "a positive value";
+  }
+};
+inline constexpr Positive positive{};
+struct NonNegative {
+  template <class M>
+  std::string operator()(const M& v) const {
+    return v >= M(0) ? std::string() : "a value >= 0";
+  }
+};
+inline constexpr NonNegative non_negative{};
+/// A dropout probability: 0 <= p < 1, as the reference's nn.Dropout allows for training.
+struct Probability {
+  std::string operator()(double p) const {
+    return p >= 0.0 && p < 1.0 ? std::string() : "a probability in [0, 1)";
+  }
+};
+inline constexpr Probability probability{};
+/// 0 < x <= 1 (densities, fractions).
+struct Fraction {
+  std::string operator()(double p) const {
+    return p > 0.0 && p <= 1.0 ? std::string() : "a fraction in (0, 1]";
+  }
+};
+inline constexpr Fraction fraction{};
+/// Every list entry or map value positive.
+struct AllPositive {
+  template <class M>
+  std::string operator()(const M& v) const {
+    if constexpr (config_detail::is_string_map<M>::value) {
+      for (const auto& [k, x] : v)
+        if (!(x > 0)) return "positive values";
+    } else {
+      for (const auto& x : v)
+        if (!(x > 0)) return "positive values";
+    }
+    return {};
+  }
+};
+inline constexpr AllPositive all_positive{};
+}  // namespace check
+
+/// One member read from and written to one key.
+template <class C, class M, class Check>
+struct Field {
+  std::string_view key;
+  M C::*member;
+  Check check;
+
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    const nlohmann::json& v = detail::json_field(j, std::string(key).c_str());
+    if (v.is_null()) return;
+    M value = config_detail::read_value<M>(v, source, key);
+    if (const std::string expected = check(value); !expected.empty())
+      config_detail::fail(source, key, expected, v);
+    c.*member = std::move(value);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    j[std::string(key)] = config_detail::write_value(c.*member);
+  }
+};
+
+template <class C, class M, class Check = check::None>
+constexpr Field<C, M, Check> field(std::string_view key, M C::*member, Check c = {}) {
+  return {key, member, c};
+}
+
+/// An enum member whose JSON form is one of several values (e.g. init_lora_weights: true,
+/// false, "gaussian", "pissa").
+template <class C, class E, std::size_t N>
+struct ChoiceField {
+  std::string_view key;
+  E C::*member;
+  std::array<std::pair<nlohmann::json, E>, N> choices;
+
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    const nlohmann::json& v = detail::json_field(j, std::string(key).c_str());
+    if (v.is_null()) return;
+    for (const auto& [json, value] : choices)
+      if (json == v) {
+        c.*member = value;
+        return;
+      }
+    std::string expected = "one of";
+    for (const auto& [json, value] : choices) expected += " " + json.dump();
+    config_detail::fail(source, key, expected, v);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    for (const auto& [json, value] : choices)
+      if (value == c.*member) {
+        j[std::string(key)] = json;
+        return;
+      }
+  }
+};
+
+template <class C, class E, class... Choices>
+auto choice(std::string_view key, E C::*member, Choices... choices) {
+  return ChoiceField<C, E, sizeof...(Choices)>{
+      key, member, {std::pair<nlohmann::json, E>(choices.first, choices.second)...}};
+}
+
+/// Keys written with one value each and ignored when read (the reference's fields this library
+/// has no use for: megatron_core, loftq_config, ...): one JSON object of them.
+struct ConstantFields {
+  nlohmann::json values;
+  template <class C>
+  void read(C&, const nlohmann::json&, const std::string&) const {}
+  template <class C>
+  void write(const C&, nlohmann::json& j, const ModelConfig&) const {
+    for (const auto& [key, value] : values.items()) j[key] = value;
+  }
+};
+inline ConstantFields constants(nlohmann::json values) { return {std::move(values)}; }
+
+/// fan_in_fan_out: written as the reference writes it for the model (true for GPT-2's Conv1D
+/// [in, out] weights); read and ignored, since the model's layout decides.
+struct FanInFanOutField {
+  template <class C>
+  void read(C&, const nlohmann::json&, const std::string&) const {}
+  template <class C>
+  void write(const C&, nlohmann::json& j, const ModelConfig& model) const {
+    j["fan_in_fan_out"] = model.model_type == "gpt2";
+  }
+};
+inline FanInFanOutField fan_in_fan_out() { return {}; }
+
+/// A key written with one value that, when read, must hold it or be null (what this library
+/// does not support: lora_bias true, bias "all", modules_to_save, ...).
+struct FixedField {
+  std::string_view key;
+  nlohmann::json value;
+  std::string_view unsupported;  ///< why another value is refused
+  template <class C>
+  void read(C&, const nlohmann::json& j, const std::string& source) const {
+    const nlohmann::json& v = detail::json_field(j, std::string(key).c_str());
+    if (v.is_null() || v == value) return;
+    config_detail::fail(source, key,
+                        value.dump() + (unsupported.empty() ? "" : " (" + std::string(unsupported) + ")"),
+                        v);
+  }
+  template <class C>
+  void write(const C&, nlohmann::json& j, const ModelConfig&) const {
+    j[std::string(key)] = value;
+  }
+};
+inline FixedField fixed(std::string_view key, nlohmann::json value,
+                        std::string_view unsupported = "not supported") {
+  return {key, std::move(value), unsupported};
+}
+
+/// The target rules (target_modules, exclude_modules, layers_to_transform, layers_pattern).
+template <class C>
+struct TargetsField {
+  TargetRules C::*member;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    c.*member = TargetRules::from_json(j, source);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const { (c.*member).to_json(j); }
+};
+template <class C>
+TargetsField<C> targets_field(TargetRules C::*member) {
+  return {member};
+}
+
+/// A config's field table, as returned by its static `fields()`.
+template <class... F>
+struct ConfigFields {
+  std::tuple<F...> fields;
+};
+template <class... F>
+ConfigFields<F...> config_fields(F... fields) {
+  return {std::tuple<F...>(std::move(fields)...)};
+}
+
+/// A config with a field table (see the top of this file).
+template <class C>
+concept TabledConfig = std::default_initializable<C> && requires {
+  { C::peft_type } -> std::convertible_to<std::string_view>;
+  C::fields();
+};
+
+/// Reads every field of C's table from an adapter_config.json (peft_type must be C's), then
+/// runs `c.validate(source)` when C has one (checks that span several fields).
+template <TabledConfig C>
+C read_config(const nlohmann::json& j, const std::string& source) {
+  if (!j.is_object())
+    throw ConfigError(source + ": expected a JSON object, found " + std::string(j.type_name()));
+  detail::require_peft_type(j, std::string(C::peft_type), source);
+  C c{};
+  std::apply([&](const auto&... f) { (f.read(c, j, source), ...); }, C::fields().fields);
+  if constexpr (requires { c.validate(source); }) c.validate(source);
+  return c;
+}
+
+/// The adapter_config.json of C on `model`: the common header, then every field of the table.
+template <TabledConfig C>
+nlohmann::json write_config(const C& c, const ModelConfig& model) {
+  nlohmann::json j = detail::adapter_config_header(std::string(C::peft_type));
+  std::apply([&](const auto&... f) { (f.write(c, j, model), ...); }, C::fields().fields);
+  return j;
+}
+
+/// Whether an adapter_config.json's peft_type is `type` (and, given, `flag` is not true).
+inline bool is_peft_type(const nlohmann::json& j, std::string_view type,
+                         const char* unless_flag = nullptr) {
+  if (!j.is_object()) return false;
+  const auto it = j.find("peft_type");
+  if (it == j.end() || !it->is_string() || it->get<std::string>() != type) return false;
+  if (!unless_flag) return true;
+  const auto flag = j.find(unless_flag);
+  return flag == j.end() || !flag->is_boolean() || !flag->get<bool>();
+}
+
+}  // namespace peft

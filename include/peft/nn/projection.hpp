@@ -1,0 +1,146 @@
+#pragma once
+// Projection<T>: one projection site's product, y = x Wᵀ + b, and what PEFT methods contribute
+// to it — described as data, so that several methods can adapt the same module and the decoder
+// (or a device) can fuse the contributions into the product.
+//
+// WHAT A METHOD MAY CONTRIBUTE (from its `adapt(Projection<T>&)` hook; methods/policy.hpp)
+//   scale_input(s)          x ← x ⊙ s, s [in] (IA3 on feed-forward modules)
+//   add_low_rank(A, B, s)   y += s · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA and its family;
+//                           fused into the base product: y and dx are written once)
+//   add_delta(f)            y += f(tape, x) (a general delta, [..., out]: LoHa, LoKr, sparse
+//                           diffs)
+//   replace_product(f)      x Wᵀ + b ← f(tape, module, x), where the method truly is a
+//                           replacement (DoRA's magnitude-normalised product); at most one
+//   scale_output(l)         y ← y ⊙ l, l [out] (IA3)
+//   shift_output(β)         y ← y + β, β [out] (SSF)
+//   map_output(f)           y ← f(tape, y)
+// ORDER (defined, whatever the methods): every input scale (in the order given), then the
+// product (the replacement or x Wᵀ + b) plus every low-rank term and delta, then every output
+// stage in the order given. Compose gives its components the same Projection in component
+// order, so `Compose<LoRA, IA3>` on v_proj computes (x Wᵀ + b + s B A x) ⊙ l.
+// An empty Projection computes module.forward_base(x): a site no method adapts costs nothing.
+//
+// WRAPPING (gates): a wrapper (hybrid/unipelt.hpp's Gated) hands the inner method a fresh
+// Projection on the same input, reads its `contributions()` without computing them, and re-emits
+// each, gated, into the outer Projection — without knowing which method made them.
+//
+// HOW LATER FORMATS AND DEVICES PLUG IN (designed in, not built yet)
+//   - Frozen weights in another storage format (bf16, NF4): compute() reads the module's
+//     weight through its storage (one product path per format and device); the contributions
+//     above do not change. Methods that read W (DoRA norms, PiSSA) read a dequantized view.
+//   - Devices: compute() is the only place that runs the product; a CUDA specialisation fuses
+//     the low-rank terms into its GEMM as the CPU one does.
+//   - Dropout (train mode): a low-rank term's input dropout is a field of the term, applied
+//     by compute(), so that the base product keeps the undropped input.
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "peft/core/autograd.hpp"
+#include "peft/core/ops.hpp"
+#include "peft/nn/modules.hpp"
+
+namespace peft {
+
+template <class T>
+class Projection {
+ public:
+  using Function = std::function<Var<T>(Tape<T>&, const Var<T>&)>;
+  using Product = std::function<Var<T>(Tape<T>&, const nn::Linear<T>&, const Var<T>&)>;
+
+  enum class Kind { InputScale, LowRank, Delta, Replace, OutputScale, OutputShift, OutputMap };
+  struct Contribution {
+    Kind kind;
+    Var<T> a;  ///< InputScale, OutputScale, OutputShift: the vector; LowRank: A [r, in]
+    Var<T> b;  ///< LowRank: B [out, r]
+    T scale = T(1);
+    Function function;  ///< Delta: x → Δy; OutputMap: y → y'
+    Product product;    ///< Replace
+  };
+
+  Projection(Tape<T>& tape, const nn::Linear<T>& module, Var<T> x)
+      : tape_(&tape), module_(&module), x_(std::move(x)) {}
+
+  Tape<T>& tape() const { return *tape_; }
+  const nn::Linear<T>& module() const { return *module_; }
+  /// The projection's input as the decoder gave it (before input scales).
+  const Var<T>& input() const { return x_; }
+
+  void scale_input(Var<T> s) { push({Kind::InputScale, std::move(s), {}, T(1), {}, {}}); }
+  void add_low_rank(Var<T> a, Var<T> b, T scale) {
+    push({Kind::LowRank, std::move(a), std::move(b), scale, {}, {}});
+  }
+  void add_delta(Function f) { push({Kind::Delta, {}, {}, T(1), std::move(f), {}}); }
+  void replace_product(Product f) {
+    for (const Contribution& c : contributions_)
+      if (c.kind == Kind::Replace)
+        throw ConfigError(module_->name +
+                          ": two methods replace this module's product (at most one may)");
+    push({Kind::Replace, {}, {}, T(1), {}, std::move(f)});
+  }
+  void scale_output(Var<T> l) { push({Kind::OutputScale, std::move(l), {}, T(1), {}, {}}); }
+  void shift_output(Var<T> beta) { push({Kind::OutputShift, std::move(beta), {}, T(1), {}, {}}); }
+  void map_output(Function f) { push({Kind::OutputMap, {}, {}, T(1), std::move(f), {}}); }
+  void add(Contribution c) { push(std::move(c)); }
+
+  const std::vector<Contribution>& contributions() const { return contributions_; }
+  bool empty() const { return contributions_.empty(); }
+
+  /// The product with every contribution, in the order documented above.
+  Var<T> compute() const {
+    Tape<T>& tape = *tape_;
+    const nn::Linear<T>& m = *module_;
+    if (contributions_.empty()) return m.forward_base(tape, x_);
+    Var<T> x = x_;
+    for (const Contribution& c : contributions_)
+      if (c.kind == Kind::InputScale) x = ops::mul(tape, x, flat(tape, c.a, m.in_features));
+    const Contribution* replace = nullptr;
+    const Contribution* fused = nullptr;  // the first low-rank term rides in the base product
+    for (const Contribution& c : contributions_) {
+      if (c.kind == Kind::Replace) replace = &c;
+      if (c.kind == Kind::LowRank && !fused) fused = &c;
+    }
+    if (replace) fused = nullptr;
+    Var<T> y;
+    if (replace)
+      y = replace->product(tape, m, x);
+    else if (fused)
+      y = ops::lora_linear(tape, x, m.weight, m.bias, m.layout, fused->a, fused->b, fused->scale);
+    else
+      y = m.forward_base(tape, x);
+    for (const Contribution& c : contributions_) {
+      if (&c == fused) continue;
+      if (c.kind == Kind::LowRank) y = ops::add(tape, y, low_rank(tape, x, c));
+      if (c.kind == Kind::Delta) y = ops::add(tape, y, c.function(tape, x));
+    }
+    for (const Contribution& c : contributions_) {
+      if (c.kind == Kind::OutputScale) y = ops::mul(tape, y, flat(tape, c.a, m.out_features));
+      if (c.kind == Kind::OutputShift) y = ops::add(tape, y, flat(tape, c.a, m.out_features));
+      if (c.kind == Kind::OutputMap) y = c.function(tape, y);
+    }
+    return y;
+  }
+
+  /// s · (x Aᵀ) Bᵀ on its own (a gate wrapping a low-rank term needs the term alone).
+  static Var<T> low_rank(Tape<T>& tape, const Var<T>& x, const Contribution& c) {
+    Var<T> h = ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn);
+    return ops::scale(tape, ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn),
+                      c.scale);
+  }
+
+  /// A vector contribution [n] (or [n, 1], [1, n]) as [n], which broadcasts over the rows.
+  static Var<T> flat(Tape<T>& tape, const Var<T>& v, std::int64_t n) {
+    if (v.value().rank() == 1) return v;
+    return ops::reshape(tape, v, Shape{n});
+  }
+
+ private:
+  void push(Contribution c) { contributions_.push_back(std::move(c)); }
+
+  Tape<T>* tape_;
+  const nn::Linear<T>* module_;
+  Var<T> x_;
+  std::vector<Contribution> contributions_;
+};
+
+}  // namespace peft
