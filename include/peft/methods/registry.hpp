@@ -1,10 +1,22 @@
 #pragma once
-// The methods that can be loaded from a reference adapter_config.json, as one type list.
-// A new file-loadable method adds its policy here (it needs `static bool accepts(json)` and
-// `Config::from_json(json, source)`).
+// The method registry: which methods the commands and runners know (adapter files dispatched on
+// `accepts`, methods named on the command line). It is a type, not a global list: an outside
+// project extends it without editing the library,
+//
+//   using MyMethods = peft::BuiltinMethods::with<OutputShift>;
+//   MyMethods::visit_for(adapter_json, [&]<class P>() { ... });     // the first that accepts
+//   MyMethods::visit_named("output_shift", [&]<class P>() { ... });
+//
+// and hands it to the commands' library entry points (`peft::cli::main<MyMethods>(argc, argv)`,
+// docs/cli.md). A prebuilt `peft` binary knows BuiltinMethods only: a method compiled later
+// reaches the commands through the user's own one-line main, not through plugins (a shared-
+// object plugin would need a stable ABI for templates instantiated on the user's types, which
+// a header-only template library does not have).
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <utility>
+#include <vector>
 
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
@@ -14,6 +26,7 @@
 #include "peft/methods/additive/prefix_tuning.hpp"
 #include "peft/methods/additive/prompt_tuning.hpp"
 #include "peft/methods/additive/ssf.hpp"
+#include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/adalora.hpp"
 #include "peft/methods/reparameterized/dora.hpp"
 #include "peft/methods/reparameterized/dylora.hpp"
@@ -30,28 +43,59 @@
 
 namespace peft {
 
-template <class... Policies>
-struct PolicyList {};
+/// A list of methods (each a PeftPolicy; names unique).
+template <class... Methods>
+struct MethodRegistry {
+  static_assert((detail::check_policy<Methods>() && ...));
 
-using LoadablePolicies =
-    PolicyList<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning,
-               PTuning, SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
-               UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
+  /// This registry with more methods after its own.
+  template <class... More>
+  using with = MethodRegistry<Methods..., More...>;
+  static constexpr std::size_t size = sizeof...(Methods);
 
-/// Calls `visitor.template operator()<P>()` for the first P of the list accepting `config`;
-/// returns false when none does.
-template <class Visitor, class... Policies>
-bool visit_policy_for(const nlohmann::json& config, Visitor&& visitor, PolicyList<Policies...>) {
-  bool found = false;
-  ((!found && Policies::accepts(config) ? (found = true, visitor.template operator()<Policies>(), 0)
-                                        : 0),
-   ...);
-  return found;
-}
+  /// Calls `visitor.template operator()<P>()` for the first loadable P accepting an
+  /// adapter_config.json; false when none does.
+  template <class Visitor>
+  static bool visit_for(const nlohmann::json& config, Visitor&& visitor) {
+    bool found = false;
+    (
+        [&] {
+          if constexpr (Loadable<Methods>)
+            if (!found && Methods::accepts(config)) {
+              found = true;
+              visitor.template operator()<Methods>();
+            }
+        }(),
+        ...);
+    return found;
+  }
+  /// Calls the visitor for the method named `name` (P::name); false when none is.
+  template <class Visitor>
+  static bool visit_named(std::string_view name, Visitor&& visitor) {
+    bool found = false;
+    ((!found && Methods::name == name ? (found = true, visitor.template operator()<Methods>(), 0)
+                                      : 0),
+     ...);
+    return found;
+  }
+  /// Calls the visitor for every method, in order.
+  template <class Visitor>
+  static void for_each(Visitor&& visitor) {
+    (visitor.template operator()<Methods>(), ...);
+  }
+  static std::vector<std::string_view> names() { return {Methods::name...}; }
+};
 
-template <class Visitor>
+/// Every method of the library that reads the reference's adapter files.
+using BuiltinMethods =
+    MethodRegistry<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning,
+                   PTuning, SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
+                   UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
+
+/// BuiltinMethods::visit_for, or the visit of another registry.
+template <class Registry = BuiltinMethods, class Visitor>
 bool visit_policy_for(const nlohmann::json& config, Visitor&& visitor) {
-  return visit_policy_for(config, std::forward<Visitor>(visitor), LoadablePolicies{});
+  return Registry::visit_for(config, std::forward<Visitor>(visitor));
 }
 
 /// Calls `visitor.template operator()<Arch>()` for the architecture of a model config.

@@ -43,10 +43,10 @@ DeviceLinearSpec export_linear(const nn::Linear<T>& lin, const typename LoRA::St
     if (m->merged)
       throw ConfigError("export to CUDA: the adapter of " + lin.name +
                         " is merged into the base weight; unmerge it first");
-    s.rank = static_cast<int>(m->a.value().dim(0));
-    s.scale = static_cast<float>(m->scale);
-    s.lora_a = host_floats(m->a.value());
-    s.lora_b = host_floats(m->b.value());
+    s.rank = static_cast<int>((*m)[0].value().dim(0));
+    s.scale = static_cast<float>(m->extra.scale);
+    s.lora_a = host_floats((*m)[0].value());
+    s.lora_b = host_floats((*m)[1].value());
     s.lora_a_name = "base_model.model." + m->module + ".lora_A.weight";
     s.lora_b_name = "base_model.model." + m->module + ".lora_B.weight";
   }

@@ -13,6 +13,7 @@
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
 #include "peft/methods/reparameterized/pissa.hpp"
+#include "peft/methods/site_state.hpp"
 
 namespace peft {
 
@@ -78,65 +79,43 @@ struct LoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "lora", title = "LoRA";
   using Config = LoraConfig;
+  template <class T>
+  struct Extra {
+    T scale = T(1);  ///< s
+  };
+  template <class T>
+  using State = SiteState<LoRA, T>;
+  template <class T>
+  using Slot = SiteSlot<T, Extra<T>>;
 
   static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "LORA", "use_dora"); }
   static SiteTensors site_tensors(const Config& c, const ModuleSite& m) {
     const std::int64_t r = c.rank_for(std::string(m.name));
     return {{"lora_A.weight", {r, m.in_features}}, {"lora_B.weight", {m.out_features, r}}};
   }
-
+  /// B = 0 (every init but PiSSA), so the adapted model starts exactly at the base model.
   template <class T>
-  class State {
-   public:
-    struct Extra {
-      T scale = T(1);
-    };
-    using Sites = SiteTable<T, Extra>;
-
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
-    const Sites& sites() const { return sites_; }
-    const typename Sites::Slot* find(int site) const { return sites_.find(site); }
-
-    void attach(AttachContext<T>& ctx) {
-      sites_.template attach<LoRA>(config_, ctx.linears, [&](auto& slot, const nn::Linear<T>& m) {
-        const int r = config_.rank_for(m.name);
-        slot.extra.scale = static_cast<T>(config_.scaling(r, config_.alpha_for(m.name)));
-        // B = 0, so the adapted model starts exactly at the base model.
-        if (config_.init == Config::Init::Default) detail::kaiming_uniform(slot[0].value(), ctx.rng);
-        if (config_.init == Config::Init::Gaussian)
-          detail::normal_fill(slot[0].value(), ctx.rng, 1.0 / r);
-      });
-      on_base_weights_loaded(ctx.linears);
-    }
-    /// PiSSA reads W: it runs at attach and again once real base weights are loaded.
-    void on_base_weights_loaded(const std::vector<nn::Linear<T>*>& modules) {
-      if (config_.init != Config::Init::Pissa) return;
-      for (nn::Linear<T>* lin : modules)
-        if (auto* s = sites_.active(*lin))
-          detail::pissa_initialise(*lin, (*s)[0].value(), (*s)[1].value(), s->extra.scale);
-    }
-
-    void adapt(Projection<T>& p) const {
-      if (const auto* s = sites_.active(p.module())) p.add_low_rank((*s)[0], (*s)[1], s->extra.scale);
-    }
-    std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
-    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
-
-    /// W += s B A (W −= on unmerge); a merged module runs the base product alone.
-    void merge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, true, delta_weight); }
-    void unmerge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, false, delta_weight); }
-    /// Merges for good and drops the adapter (parameters() is empty afterwards).
-    void unload(const std::vector<nn::Linear<T>*>& m) { sites_.unload(m, delta_weight); }
-
-    static RowMatrix<T> delta_weight(const typename Sites::Slot& s, const nn::Linear<T>&) {
-      return s.extra.scale * (s[1].value().matrix() * s[0].value().matrix());
-    }
-
-   private:
-    Config config_;
-    Sites sites_;
-  };
+  static void initialise(const Config& c, Slot<T>& s, const nn::Linear<T>& m, std::mt19937_64& rng) {
+    const int r = c.rank_for(m.name);
+    s.extra.scale = static_cast<T>(c.scaling(r, c.alpha_for(m.name)));
+    if (c.init == Config::Init::Default) detail::kaiming_uniform(s[0].value(), rng);
+    if (c.init == Config::Init::Gaussian) detail::normal_fill(s[0].value(), rng, 1.0 / r);
+  }
+  /// PiSSA reads W: at attach, and again once real base weights are loaded.
+  template <class T>
+  static void reinitialise(const Config& c, Slot<T>& s, nn::Linear<T>& m) {
+    if (c.init == Config::Init::Pissa)
+      detail::pissa_initialise(m, s[0].value(), s[1].value(), s.extra.scale);
+  }
+  template <class T>
+  static void contribute(const Config&, Projection<T>& p, const Slot<T>& s) {
+    p.add_low_rank(s[0], s[1], s.extra.scale);
+  }
+  /// W += s B A (W −= on unmerge); a merged module runs the base product alone.
+  template <class T>
+  static RowMatrix<T> delta_weight(const Slot<T>& s, const nn::Linear<T>&) {
+    return s.extra.scale * (s[1].value().matrix() * s[0].value().matrix());
+  }
 };
 
 }  // namespace peft
