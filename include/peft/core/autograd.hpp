@@ -88,6 +88,8 @@ class Tape {
     return enabled_ && (inputs.requires_grad() || ...);
   }
 
+  /// Adds an op's backward closure; `backward` runs the closures newest first, once each, and
+  /// destroys each after it ran. The op-writing contract is in peft/core/op.hpp.
   void record(std::function<void()> backward_fn) { closures_.push_back(std::move(backward_fn)); }
   std::size_t size() const { return closures_.size(); }
 

@@ -1,5 +1,6 @@
 #pragma once
-// All ops: forward/backward pairs over Var (see autograd.hpp).
+// All ops: forward/backward pairs over Var (see autograd.hpp). To write one: peft/core/op.hpp.
+#include "peft/core/op.hpp"
 #include "peft/core/ops/attention.hpp"
 #include "peft/core/ops/elementwise.hpp"
 #include "peft/core/ops/linear_algebra.hpp"

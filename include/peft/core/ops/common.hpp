@@ -1,12 +1,10 @@
 #pragma once
-// Shared plumbing of the ops: output construction and shape checks.
-//
-// Every op is a forward/backward pair: the forward computes the value; when the tape says an
-// input needs a gradient, the op records one closure that accumulates (+=) into exactly those
-// inputs' gradients. Shapes are given in comments as [rows, cols] or [B, T, ...].
-#include <string>
+// Shared plumbing of the ops: the op-writing API (peft/core/op.hpp, whose comment is the
+// contract every op follows) and the loop-parallelism macros.
+#include <cstdint>
 
 #include "peft/core/autograd.hpp"
+#include "peft/core/op.hpp"
 
 // OpenMP loop parallelism where the build enables it; a plain loop otherwise.
 #if defined(_OPENMP)
@@ -24,17 +22,8 @@ namespace peft::ops::detail {
 // Elements below which an elementwise or per-row loop runs on one thread (about 0.2 ms of
 // memory traffic on one core).
 inline constexpr std::int64_t kParallelMinElements = std::int64_t(1) << 21;
-}  // namespace peft::ops::detail
 
-namespace peft::ops::detail {
-
-template <class T, class... Inputs>
-Var<T> make_output(const Tape<T>& tape, Tensor<T> value, const Inputs&... inputs) {
-  return Var<T>(std::move(value), tape.needs_grad(inputs...));
-}
-
-inline void check(bool condition, const std::string& op, const std::string& message) {
-  if (!condition) throw ShapeError(op + ": " + message);
-}
-
+// The op-writing API is public (peft/core/op.hpp); the ops' detail:: spellings still name it.
+using peft::ops::check;
+using peft::ops::make_output;
 }  // namespace peft::ops::detail
