@@ -328,44 +328,19 @@ struct OutputShift {
   using family = peft::family::Additive;
   static constexpr std::string_view name = "output_shift";
   struct Config {
+    static constexpr std::string_view peft_type = "OUTPUT_SHIFT";
     peft::TargetRules targets;
+    static auto fields() { return peft::config_fields(peft::targets_field(&Config::targets)); }
   };
-
+  static peft::SiteTensors site_tensors(const Config&, const peft::ModuleSite& m) {
+    return {{"shift", {m.out_features}}};
+  }
   template <class T>
-  class State {
-   public:
-    explicit State(const Config& config) : config_(config) {}
-
-    void attach(peft::AttachContext<T>& ctx) {
-      shifts_.assign(ctx.linears.size(), {});
-      for (peft::nn::Linear<T>* lin : ctx.linears)
-        if (config_.targets.selects(lin->name, lin->layer < 0))
-          shifts_[static_cast<std::size_t>(lin->site)] = {
-              lin->name, peft::Var<T>(peft::Tensor<T>(peft::Shape{lin->out_features}), true)};
-    }
-
-    peft::Var<T> linear(peft::Tape<T>& tape, const peft::nn::Linear<T>& module,
-                        const peft::Var<T>& x) {
-      peft::Var<T> y = module.forward_base(tape, x);
-      const Shift& s = shifts_[static_cast<std::size_t>(module.site)];
-      return s.delta ? peft::ops::add(tape, y, s.delta) : y;
-    }
-
-    std::vector<peft::NamedParameter<T>> parameters() {
-      std::vector<peft::NamedParameter<T>> out;
-      for (const Shift& s : shifts_)
-        if (s.delta) out.push_back({"base_model.model." + s.module + ".shift", s.delta});
-      return out;
-    }
-
-   private:
-    struct Shift {
-      std::string module;
-      peft::Var<T> delta;
-    };
-    Config config_;
-    std::vector<Shift> shifts_;
-  };
+  static void contribute(const Config&, peft::Projection<T>& p, const peft::SiteSlot<T>& s) {
+    p.shift_output(s[0]);
+  }
+  template <class T>
+  using State = peft::SiteState<OutputShift, T>;
 };
 static_assert(peft::PeftPolicy<OutputShift>);
 
@@ -396,4 +371,28 @@ TEST_CASE("tutorial: OutputShift starts at the base, and its gradient is right")
   };
   const peft::testing::GradCheckResult r = peft::testing::check_gradients(loss, inputs);
   CHECK_MESSAGE(r.ok, r.message);
+}
+
+TEST_CASE("tutorial: OutputShift counts, saves and loads through the contract alone") {
+  peft::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 20, c.hidden_size = 8, c.num_layers = 2, c.num_heads = 2, c.num_kv_heads = 2;
+  c.head_dim = 4, c.intermediate_size = 16, c.max_positions = 16;
+  OutputShift::Config config;
+  config.targets.target_modules.names = {"v_proj"};
+  peft::Decoder<peft::arch::Llama, OutputShift, float> model(c, config, 1);
+  const auto counted =
+      peft::count_parameters<OutputShift>(c, peft::linear_shapes<peft::arch::Llama>(c), config);
+  CHECK(counted.trainable == 2 * 8);
+  CHECK(model.trainable_parameters().size() == 2);
+  CHECK(model.trainable_parameters()[0].name == "base_model.model.model.layers.0.self_attn.v_proj.shift");
+  const nlohmann::json j = peft::config_to_json(config, c);
+  CHECK(j["peft_type"] == "OUTPUT_SHIFT");
+  CHECK(j["target_modules"] == nlohmann::json::array({"v_proj"}));
+  CHECK(peft::method_accepts<OutputShift>(j));
+  const auto back = peft::config_from_json<OutputShift::Config>(j, "written");
+  CHECK(back.targets.target_modules.names == config.targets.target_modules.names);
+  config.targets.target_modules.names = {"nothing_like_this"};
+  CHECK_THROWS_WITH_AS((peft::Decoder<peft::arch::Llama, OutputShift, float>(c, config, 1)),
+                       doctest::Contains("matched no module"), peft::ConfigError);
 }

@@ -2,6 +2,7 @@
 # library's consumers get, once with -DPEFT_COMPILE_FAIL_CONTROL (must compile: the include
 # paths are right) and once without (must fail, with EXPECT in the diagnostics).
 #   -DCXX=... -DSOURCE=... -DEXPECT=<regex> -DINCLUDES=<dir|dir|...> -DSTD=c++20
+#   [-DMAX_ERRORS=N: at most N `error:` lines]
 string(REPLACE "|" ";" _includes "${INCLUDES}")
 set(_flags -std=${STD} -fsyntax-only -fopenmp)
 foreach(_dir IN LISTS _includes)
@@ -24,5 +25,13 @@ endif()
 if(NOT "${_err}${_out}" MATCHES "${EXPECT}")
   message(FATAL_ERROR "${SOURCE} failed to compile, but not with the expected message "
                       "'${EXPECT}':\n${_err}")
+endif()
+if(DEFINED MAX_ERRORS)
+  string(REGEX MATCHALL "error:" _errors "${_err}${_out}")
+  list(LENGTH _errors _count)
+  if(_count GREATER MAX_ERRORS)
+    message(FATAL_ERROR "${SOURCE}: ${_count} errors, at most ${MAX_ERRORS} expected (one message "
+                        "naming the missing member, no template noise):\n${_err}")
+  endif()
 endif()
 message(STATUS "${SOURCE}: rejected as expected ('${EXPECT}')")

@@ -370,3 +370,34 @@ inline bool is_peft_type(const nlohmann::json& j, std::string_view type,
 }
 
 }  // namespace peft
+
+namespace peft {
+
+/// A config's adapter_config.json: its own `to_json(model)` when it has one, else its table's.
+template <class C>
+nlohmann::json config_to_json(const C& c, const ModelConfig& model) {
+  if constexpr (requires { c.to_json(model); })
+    return c.to_json(model);
+  else
+    return write_config(c, model);
+}
+
+/// A config from an adapter_config.json: its own `from_json` when it has one, else its table.
+template <class C>
+C config_from_json(const nlohmann::json& j, const std::string& source) {
+  if constexpr (requires { C::from_json(j, source); })
+    return C::from_json(j, source);
+  else
+    return read_config<C>(j, source);
+}
+
+/// Whether a method reads an adapter_config.json: its own `accepts`, else its table's peft_type.
+template <class P>
+bool method_accepts(const nlohmann::json& j) {
+  if constexpr (requires { P::accepts(j); })
+    return P::accepts(j);
+  else
+    return is_peft_type(j, P::Config::peft_type);
+}
+
+}  // namespace peft

@@ -46,10 +46,11 @@
 //   Unloadable            unload(modules): merge for good and drop the adapter
 //   DependsOnBaseWeights  on_base_weights_loaded(modules): redo initialisation that reads the
 //                         base weights (PiSSA, DoRA norms, prompt init from the vocabulary)
-//   Savable (of P)        Config::to_json(const ModelConfig&) -> the reference adapter_config.json
-//                         (a TabledConfig gets it from its field table, config_fields.hpp)
-//   Loadable (of P)       static Config Config::from_json(json, source) and
-//                         static bool accepts(json) (the registry dispatches adapter files on it)
+//   Savable (of P)        its adapter_config.json: a field table (TabledConfig, config_fields.hpp)
+//                         or Config::to_json(const ModelConfig&); written by config_to_json
+//   Loadable (of P)       read back: the field table, or static Config::from_json(json, source);
+//                         and which files are P's: static bool accepts(json), by default the
+//                         table's peft_type (method_accepts; the registry dispatches on it)
 //   WritesOwnTensors      write_tensors(io::SafetensorsWriter&) const: tensors that are not
 //                         parameters() (index tensors of the selective family); else the
 //                         saver writes parameters()
@@ -84,6 +85,7 @@
 #include <vector>
 
 #include "peft/core/autograd.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/site_table.hpp"
 #include "peft/nn/config.hpp"
 #include "peft/nn/model_shapes.hpp"
@@ -218,10 +220,12 @@ constexpr bool check_state() {
   return true;
 }
 
+/// Fires the contract's static_asserts for P (one message per missing member) and returns
+/// true, so that `static_assert(check_policy<P>())` adds no message of its own.
 template <class P>
 constexpr bool check_policy() {
-  if constexpr (PolicyCheck<P>::traits) return check_state<P>();
-  return PolicyCheck<P>::ok;
+  if constexpr (PolicyCheck<P>::traits) check_state<P>();
+  return true;
 }
 
 }  // namespace detail
@@ -276,14 +280,18 @@ concept DependsOnBaseWeights = requires(S s, std::vector<nn::Linear<T>*>& module
   s.on_base_weights_loaded(modules);
 };
 template <class P>
-concept Savable = requires(const typename P::Config& c, const ModelConfig& m) {
+concept Savable = TabledConfig<typename P::Config> ||
+    requires(const typename P::Config& c, const ModelConfig& m) {
   { c.to_json(m) } -> std::convertible_to<nlohmann::json>;
 };
 template <class P>
-concept Loadable = requires(const nlohmann::json& j, const std::string& source) {
-  { P::Config::from_json(j, source) } -> std::convertible_to<typename P::Config>;
-  { P::accepts(j) } -> std::convertible_to<bool>;
-};
+concept Loadable = (TabledConfig<typename P::Config> ||
+                    requires(const nlohmann::json& j, const std::string& source) {
+                      { P::Config::from_json(j, source) } -> std::convertible_to<typename P::Config>;
+                    }) &&
+    (TabledConfig<typename P::Config> || requires(const nlohmann::json& j) {
+      { P::accepts(j) } -> std::convertible_to<bool>;
+    });
 template <class S>
 concept WritesOwnTensors = requires(const S s, io::SafetensorsWriter& w) { s.write_tensors(w); };
 template <class S, class T>

@@ -61,7 +61,7 @@ struct MethodRegistry {
     (
         [&] {
           if constexpr (Loadable<Methods>)
-            if (!found && Methods::accepts(config)) {
+            if (!found && method_accepts<Methods>(config)) {
               found = true;
               visitor.template operator()<Methods>();
             }
