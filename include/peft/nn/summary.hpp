@@ -41,10 +41,12 @@ struct ParameterSummary {
   std::string line() const { return trainable_parameters_line(trainable, all); }
 };
 
-/// Counts `model` as the reference's print_trainable_parameters does: all = every base tensor
-/// plus every tensor the adapter lists in parameters() (a tensor the adapter trains in place
-/// in the base, as LN tuning's norms, counted once); trainable = every tensor of
-/// trainable_parameters() (so full fine-tuning counts the base too).
+/// Counts `model` as the reference's print_trainable_parameters does, and as `peft count` and
+/// Policy::count_parameters do from shapes: all = every base tensor plus every tensor the
+/// adapter lists in parameters(); trainable = every tensor of trainable_parameters() (a tensor
+/// listed by both the base and the adapter once; full fine-tuning counts the base too).
+/// A base tensor the adapter trains in place (LN tuning's norms, BitFit's biases) is in "all"
+/// twice, as in the reference, whose LN tuning trains a copy beside the frozen norm.
 ///
 /// What is counted is what the adapter lists: a frozen tensor it saves (VeRA's shared
 /// projections when save_projection is on) counts in "all", where the reference keeps it as a
@@ -55,14 +57,9 @@ template <class Model>
 ParameterSummary parameter_summary(Model& model) {
   using T = typename Model::Scalar;
   ParameterSummary s;
-  const std::vector<NamedParameter<T>> base = model.base_parameters();
-  for (const NamedParameter<T>& p : base) s.base += p.var.value().numel();
-  for (const NamedParameter<T>& p : model.adapter().parameters()) {
-    bool in_base = false;
-    for (std::size_t i = 0; i < base.size() && !in_base; ++i) in_base = base[i].var.same_as(p.var);
-    if (in_base) continue;
+  for (const NamedParameter<T>& p : model.base_parameters()) s.base += p.var.value().numel();
+  for (const NamedParameter<T>& p : model.adapter().parameters())
     (p.var.requires_grad() ? s.adapter_trainable : s.adapter_frozen) += p.var.value().numel();
-  }
   for (const NamedParameter<T>& p : model.trainable_parameters())
     s.trainable += p.var.value().numel();
   s.all = s.base + s.adapter_trainable + s.adapter_frozen;
