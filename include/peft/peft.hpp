@@ -7,7 +7,7 @@
 //   methods/   the PEFT policy concept and the methods of the four families
 //   train/     optimizers, schedules, the trainer, checkpoints
 //   data/      synthetic sequence tasks, byte-level text; generate.hpp: sampling
-//   io/        safetensors, JSON, adapter files
+//   io/        safetensors, JSON, adapter files, base-model files
 //   testing/   finite-difference gradient checker, golden-case runner
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
@@ -20,6 +20,7 @@
 #include "peft/generate.hpp"
 #include "peft/io/adapter_file.hpp"
 #include "peft/io/json.hpp"
+#include "peft/io/model_file.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
 #include "peft/methods/additive/ia3.hpp"
@@ -51,6 +52,7 @@
 #include "peft/nn/decoder.hpp"
 #include "peft/nn/model_shapes.hpp"
 #include "peft/nn/modules.hpp"
+#include "peft/nn/summary.hpp"
 #include "peft/testing/golden.hpp"
 #include "peft/testing/gradcheck.hpp"
 #include "peft/train/checkpoint.hpp"

@@ -19,6 +19,10 @@ struct RopeScaling {
   double original_max_position_embeddings = 8192;  ///< llama3
 };
 
+/// A default-constructed ModelConfig has no architecture and GPT-2's flags (biases, tied head,
+/// eps 1e-5), whatever model_type is set to afterwards: start from ModelConfig::llama() or
+/// ModelConfig::gpt2() (or for_model_type) to get the reference's defaults for that type.
+/// from_json applies the same per-type defaults to the fields a config.json leaves out.
 struct ModelConfig {
   std::string model_type;  ///< "gpt2" or "llama"
   std::int64_t vocab_size = 0;
@@ -37,6 +41,52 @@ struct ModelConfig {
   bool mlp_bias = true;        ///< biases on the MLP projections
 
   std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
+
+  /// transformers' LlamaConfig() (Llama-2-7B sizes): no biases, untied head, rms_norm_eps 1e-6,
+  /// rope_theta 10000, 2048 positions. Change the sizes, keep the flags.
+  static ModelConfig llama() {
+    ModelConfig c;
+    c.model_type = "llama";
+    c.vocab_size = 32000;
+    c.hidden_size = 4096;
+    c.num_layers = 32;
+    c.num_heads = c.num_kv_heads = 32;
+    c.head_dim = 128;
+    c.intermediate_size = 11008;
+    c.max_positions = 2048;
+    c.norm_eps = 1e-6;
+    c.rope_theta = 10000.0;
+    c.tie_word_embeddings = false;
+    c.attention_bias = c.mlp_bias = false;
+    return c;
+  }
+
+  /// transformers' GPT2Config() (GPT-2 124M sizes): biases, tied head, layer_norm_epsilon 1e-5,
+  /// n_inner = 4 n_embd, 1024 positions.
+  static ModelConfig gpt2() {
+    ModelConfig c;
+    c.model_type = "gpt2";
+    c.vocab_size = 50257;
+    c.hidden_size = 768;
+    c.num_layers = 12;
+    c.num_heads = c.num_kv_heads = 12;
+    c.head_dim = 64;
+    c.intermediate_size = 4 * 768;
+    c.max_positions = 1024;
+    c.norm_eps = 1e-5;
+    c.tie_word_embeddings = true;
+    c.attention_bias = c.mlp_bias = true;
+    return c;
+  }
+
+  /// llama() or gpt2() by name; throws ConfigError naming `source` for any other type.
+  static ModelConfig for_model_type(const std::string& model_type,
+                                    const std::string& source = "model config") {
+    if (model_type == "llama") return llama();
+    if (model_type == "gpt2") return gpt2();
+    throw ConfigError(source + ": unknown architecture '" + model_type +
+                      "' (supported: gpt2, llama)");
+  }
 
   /// Checks the invariants the decoder relies on; throws ConfigError naming `source`.
   void validate(const std::string& source) const {
@@ -70,22 +120,33 @@ struct ModelConfig {
               {"layer_norm_epsilon", norm_eps},
               {"activation_function", "gelu_new"},
               {"tie_word_embeddings", tie_word_embeddings}};
-    return {{"model_type", "llama"},
-            {"architectures", {"LlamaForCausalLM"}},
-            {"vocab_size", vocab_size},
-            {"hidden_size", hidden_size},
-            {"num_hidden_layers", num_layers},
-            {"num_attention_heads", num_heads},
-            {"num_key_value_heads", num_kv_heads},
-            {"head_dim", head_dim},
-            {"intermediate_size", intermediate_size},
-            {"max_position_embeddings", max_positions},
-            {"rms_norm_eps", norm_eps},
-            {"rope_theta", rope_theta},
-            {"tie_word_embeddings", tie_word_embeddings},
-            {"attention_bias", attention_bias},
-            {"mlp_bias", mlp_bias},
-            {"hidden_act", "silu"}};
+    nlohmann::json j = {{"model_type", "llama"},
+                        {"architectures", {"LlamaForCausalLM"}},
+                        {"vocab_size", vocab_size},
+                        {"hidden_size", hidden_size},
+                        {"num_hidden_layers", num_layers},
+                        {"num_attention_heads", num_heads},
+                        {"num_key_value_heads", num_kv_heads},
+                        {"head_dim", head_dim},
+                        {"intermediate_size", intermediate_size},
+                        {"max_position_embeddings", max_positions},
+                        {"rms_norm_eps", norm_eps},
+                        {"rope_theta", rope_theta},
+                        {"tie_word_embeddings", tie_word_embeddings},
+                        {"attention_bias", attention_bias},
+                        {"mlp_bias", mlp_bias},
+                        {"hidden_act", "silu"}};
+    if (rope_scaling.type != "default") {
+      // As transformers 4 writes it; from_json reads it back (as it reads rope_parameters).
+      nlohmann::json rs = {{"rope_type", rope_scaling.type}, {"factor", rope_scaling.factor}};
+      if (rope_scaling.type == "llama3") {
+        rs["low_freq_factor"] = rope_scaling.low_freq_factor;
+        rs["high_freq_factor"] = rope_scaling.high_freq_factor;
+        rs["original_max_position_embeddings"] = rope_scaling.original_max_position_embeddings;
+      }
+      j["rope_scaling"] = std::move(rs);
+    }
+    return j;
   }
 
   /// Reads a transformers `config.json` (GPT2LMHeadModel or LlamaForCausalLM).

@@ -369,4 +369,10 @@ class Trainer {
   int evals_without_improvement_ = 0;
 };
 
+/// `peft::Trainer trainer(model, options, batches, evaluator)` deduces Trainer<Model>: the
+/// implicit guide would try to deduce Model from the evaluator's std::function<…(Model&)> too,
+/// which a lambda cannot give. (Without an evaluator the implicit guide already deduces.)
+template <class Model, class BatchSource, class Evaluator>
+Trainer(Model&, TrainerOptions, BatchSource, Evaluator) -> Trainer<Model>;
+
 }  // namespace peft
