@@ -29,6 +29,8 @@
 #include <random>
 #include <set>
 #include <string>
+#include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "peft/core/ops.hpp"
@@ -37,6 +39,7 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/methods/adapter_config.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/target_modules.hpp"
 #include "peft/nn/model_shapes.hpp"
@@ -49,30 +52,104 @@ struct SelectionBudget {
   std::int64_t count = 0;
   double density = 0.005;
 
-  std::int64_t resolve(std::int64_t total, const std::string& method) const {
-    if (total <= 0) throw ConfigError(method + ": the targeted modules hold no weights");
+  std::int64_t resolve(std::int64_t total, std::string_view method) const {
+    const std::string m(method);
+    if (total <= 0) throw ConfigError(m + ": the targeted modules hold no weights");
     const std::int64_t k =
         count > 0 ? count : static_cast<std::int64_t>(std::llround(density * double(total)));
     if (k <= 0)
-      throw ConfigError(method + ": density " + std::to_string(density) + " of " +
+      throw ConfigError(m + ": density " + std::to_string(density) + " of " +
                         std::to_string(total) + " targeted weights rounds to 0 entries");
     if (k > total)
-      throw ConfigError(method + ": budget of " + std::to_string(k) + " entries exceeds the " +
+      throw ConfigError(m + ": budget of " + std::to_string(k) + " entries exceeds the " +
                         std::to_string(total) + " targeted weights");
     return k;
   }
-  static SelectionBudget from_json(const nlohmann::json& j, const std::string& source) {
-    SelectionBudget b;
-    b.count = detail::json_or<std::int64_t>(j, "num_parameters", 0, source);
-    b.density = detail::json_or<double>(j, "density", 0.005, source);
-    if (b.count < 0) throw ConfigError(source + ": num_parameters must not be negative");
-    if (!(b.density > 0 && b.density <= 1))
-      throw ConfigError(source + ": density must be in (0, 1]");
-    return b;
+};
+
+// ---- config fields the selective configs share (config_fields.hpp's protocol) ----------------
+
+namespace detail {
+
+/// A number written as a JSON float (`1.0`, not `1`), as the selective configs always wrote
+/// their own peft_types' fields; read as any number, then checked.
+template <class C, class Check>
+struct FloatField {
+  Field<C, double, Check> field;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    field.read(c, j, source);
   }
-  void to_json(nlohmann::json& j) const {
-    j["num_parameters"] = count;
-    j["density"] = density;
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    j[std::string(field.key)] = c.*field.member;
+  }
+};
+
+/// Fields of a member struct (the budget), read from and written to the config's own level.
+template <class C, class S, class... F>
+struct NestedFields {
+  S C::*member;
+  ConfigFields<F...> fields;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    std::apply([&](const auto&... f) { (f.read(c.*member, j, source), ...); }, fields.fields);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
+    std::apply([&](const auto&... f) { (f.write(c.*member, j, model), ...); }, fields.fields);
+  }
+};
+
+/// The target rules, with the config's default (all-linear) where target_modules is absent.
+template <class C>
+struct DefaultTargetsField {
+  TargetRules C::*member;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    if (!json_field(j, "target_modules").is_null()) c.*member = TargetRules::from_json(j, source);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const { (c.*member).to_json(j); }
+};
+
+/// A key that must hold its one value (FishMask's selection "fisher"): null is refused too.
+struct RequiredField : FixedField {
+  template <class C>
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    const nlohmann::json& v = json_field(j, std::string(key).c_str());
+    if (v.is_null()) config_detail::fail(source, key, value.dump(), v);
+    FixedField::read(c, j, source);
+  }
+};
+
+}  // namespace detail
+
+template <class C, class Check = check::None>
+detail::FloatField<C, Check> float_field(std::string_view key, double C::*member, Check c = {}) {
+  return {field(key, member, c)};
+}
+template <class C, class S, class... F>
+detail::NestedFields<C, S, F...> nested_fields(S C::*member, ConfigFields<F...> fields) {
+  return {member, std::move(fields)};
+}
+/// num_parameters and density.
+template <class C>
+auto budget_fields(SelectionBudget C::*member) {
+  return nested_fields(
+      member, config_fields(field("num_parameters", &SelectionBudget::count, check::non_negative),
+                            float_field("density", &SelectionBudget::density, check::fraction)));
+}
+template <class C>
+detail::DefaultTargetsField<C> default_targets_field(TargetRules C::*member) {
+  return {member};
+}
+inline detail::RequiredField required(std::string_view key, nlohmann::json value) {
+  return {{key, std::move(value), ""}};
+}
+
+/// from_json / to_json of a selective config from its field table (C::fields()).
+template <class C>
+struct TabledConfigIo {
+  static C from_json(const nlohmann::json& j, const std::string& source) {
+    return read_config<C>(j, source);
+  }
+  nlohmann::json to_json(const ModelConfig& model) const {
+    return write_config(static_cast<const C&>(*this), model);
   }
 };
 
@@ -85,26 +162,37 @@ inline TargetRules all_linear_targets() {
   return t;
 }
 
-/// Entries of the targeted weights, counted from shapes.
-inline std::int64_t targeted_weight_count(const TargetRules& targets,
-                                          const std::vector<LinearShape>& linears) {
+/// The modules P selects (by ModuleSite: the same choice from nn::Linear at attach and from
+/// LinearShape when counting), and the entries of their weights: attach and count_parameters
+/// both go through these, so that they cannot disagree.
+template <class T>
+ModuleSite site_of(const nn::Linear<T>* m) {
+  return ModuleSite::of(*m);
+}
+inline ModuleSite site_of(const LinearShape& l) { return ModuleSite::of(l); }
+
+template <class P, class M>
+std::int64_t selected_weight_count(const typename P::Config& c, const std::vector<M>& modules) {
   std::int64_t total = 0;
-  for (const LinearShape& l : linears)
-    if (targets.selects(l.name, l.layer < 0)) total += l.in_features * l.out_features;
+  for (const M& m : modules)
+    if (const ModuleSite s = site_of(m); method_selects<P>(c, s))
+      total += s.in_features * s.out_features;
   return total;
 }
-
-template <class T>
-std::vector<nn::Linear<T>*> targeted_linears(const TargetRules& targets,
-                                             const std::vector<nn::Linear<T>*>& linears,
-                                             const std::string& method) {
-  std::vector<nn::Linear<T>*> out;
-  for (nn::Linear<T>* lin : linears)
-    if (targets.selects(lin->name, lin->layer < 0)) out.push_back(lin);
-  if (out.empty())
-    throw ConfigError(method + ": target_modules " + targets.target_modules.to_json().dump() +
-                      " matched no module of this model (module paths look like '" +
-                      (linears.empty() ? std::string("-") : linears.front()->name) + "')");
+/// The budget k of a masking method on these modules.
+template <class P, class M>
+std::int64_t selected_budget(const typename P::Config& c, const std::vector<M>& modules) {
+  return c.budget.resolve(selected_weight_count<P>(c, modules), method_title<P>());
+}
+/// Copies of the modules P selects (they share the model's weight tensors, handles, and stay
+/// valid when the model moves, unlike pointers to its modules); none is an error.
+template <class P, class T>
+std::vector<nn::Linear<T>> selected_modules(const typename P::Config& c,
+                                            const std::vector<nn::Linear<T>*>& linears) {
+  std::vector<nn::Linear<T>> out;
+  for (const nn::Linear<T>* lin : linears)
+    if (method_selects<P>(c, ModuleSite::of(*lin))) out.push_back(*lin);
+  if (out.empty()) throw_no_target(method_title<P>(), c.targets, linears);
   return out;
 }
 
@@ -258,10 +346,19 @@ class SelectiveDiffs {
     in_place_.back().var.set_requires_grad(true);
   }
 
-  Var<T> linear(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) const {
-    const ModuleDiff<T>* m = find(lin.site);
-    if (!m || m->merged) return lin.forward_base(tape, x);
-    return ops::delta_linear(tape, x, lin.weight, lin.bias, lin.layout, m->delta);
+  /// The module's product with its diff, by ops::delta_linear: a replacement of the product,
+  /// since the op folds Δ into W (its dense route multiplies by W + Δ) and δb into b, so that
+  /// no separate "added part" gives the same sums.
+  void adapt(Projection<T>& p) const {
+    const ModuleDiff<T>* m = find(p.module().site);
+    if (!m || m->merged) return;
+    replace_with_delta(p, m->delta);
+  }
+  static void replace_with_delta(Projection<T>& p, ops::WeightDelta<T> delta) {
+    p.replace_product(
+        [delta = std::move(delta)](Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
+          return ops::delta_linear(tape, x, lin.weight, lin.bias, lin.layout, delta);
+        });
   }
 
   /// The trainable tensors, keyed as in the adapter file (the index tensors are not T tensors
@@ -294,8 +391,8 @@ class SelectiveDiffs {
 
   /// W += Δ, b += δb (−= on unmerge); merged modules run the base product alone. Tensors
   /// trained in place are always merged.
-  void merge(std::vector<nn::Linear<T>*>& modules) { fold(modules, true); }
-  void unmerge(std::vector<nn::Linear<T>*>& modules) { fold(modules, false); }
+  void merge(const std::vector<nn::Linear<T>*>& modules) { fold(modules, true); }
+  void unmerge(const std::vector<nn::Linear<T>*>& modules) { fold(modules, false); }
 
   void write_tensors(io::SafetensorsWriter& writer) const {
     for (const auto& slot : diffs_) {
@@ -392,7 +489,7 @@ class SelectiveDiffs {
     writer.add<T>(name, v.shape(), std::span<const T>(v.value().values()), io::Dtype::F32);
   }
 
-  void fold(std::vector<nn::Linear<T>*>& modules, bool merge) {
+  void fold(const std::vector<nn::Linear<T>*>& modules, bool merge) {
     const T sign = merge ? T(1) : T(-1);
     for (nn::Linear<T>* lin : modules) {
       if (lin->site < 0 || static_cast<std::size_t>(lin->site) >= diffs_.size()) continue;
@@ -448,14 +545,51 @@ void assign_entries(SelectiveDiffs<T>& diffs, const std::vector<nn::Linear<T>>& 
   }
 }
 
-/// Copies of the targeted linear modules: they share the model's weight tensors (handles) and
-/// stay valid when the model moves, unlike pointers to its modules.
-template <class T>
-std::vector<nn::Linear<T>> copy_modules(const std::vector<nn::Linear<T>*>& modules) {
-  std::vector<nn::Linear<T>> out;
-  for (const nn::Linear<T>* m : modules) out.push_back(*m);
-  return out;
-}
+/// What every selective State shares: the config, the diffs and the adapter-file protocols
+/// (WritesOwnTensors, ReadsOwnTensors), and for the masking methods the selected modules.
+template <class P, class T>
+class SelectiveState {
+ public:
+  using Config = typename P::Config;
+  explicit SelectiveState(const Config& config) : config_(config) {}
+  const Config& config() const { return config_; }
+
+  std::vector<NamedParameter<T>> parameters() const { return diffs_.parameters(); }
+  void write_tensors(io::SafetensorsWriter& w) const { diffs_.write_tensors(w); }
+  void read_tensors(const io::SafetensorsFile& f, const std::vector<nn::Linear<T>*>& linears) {
+    diffs_.read_tensors(f, linears);
+  }
+  std::int64_t trained_entries() const { return diffs_.trained_entries(); }
+  const SelectiveDiffs<T>& diffs() const { return diffs_; }
+
+ protected:
+  /// Keeps copies of the modules P selects (selected_modules), the entries of their weights
+  /// (selected_weight_count, as count_parameters counts them) and the model's site count.
+  void select_modules(const std::vector<nn::Linear<T>*>& linears) {
+    targets_ = selected_modules<P>(config_, linears);
+    total_ = selected_weight_count<P>(config_, linears);
+    sites_ = linears.size();
+  }
+
+  Config config_;
+  SelectiveDiffs<T> diffs_;
+  std::vector<nn::Linear<T>> targets_;
+  std::int64_t total_ = 0;
+  std::size_t sites_ = 0;
+};
+
+/// A selective State whose diff lives on the projections: it contributes to their products
+/// (HasProjectionHook) and merges into the weights (Mergeable).
+template <class P, class T>
+class ProjectionDiffState : public SelectiveState<P, T> {
+ public:
+  using SelectiveState<P, T>::SelectiveState;
+  void adapt(Projection<T>& p) const { this->diffs_.adapt(p); }
+  bool adapts(const nn::Linear<T>& m) const { return this->diffs_.find(m.site) != nullptr; }
+  /// W += Δ, b += δb (−= on unmerge); a merged module runs the base product alone.
+  void merge(const std::vector<nn::Linear<T>*>& m) { this->diffs_.merge(m); }
+  void unmerge(const std::vector<nn::Linear<T>*>& m) { this->diffs_.unmerge(m); }
+};
 
 /// The norm tensors among a model's base tensors: 1-D tensors that are not a linear's bias.
 template <class T>

@@ -18,7 +18,8 @@
 
 namespace peft {
 
-struct DiffPruningConfig {
+struct DiffPruningConfig : TabledConfigIo<DiffPruningConfig> {
+  static constexpr std::string_view peft_type = "DIFF_PRUNING";
   SelectionBudget budget;  ///< the exact k kept by prune()
   TargetRules targets = detail::all_linear_targets();
   double target_density = 0;       ///< ρ of the L0 penalty; 0: the budget's density
@@ -29,60 +30,44 @@ struct DiffPruningConfig {
   double log_alpha_init = 2.0;     ///< gates start mostly open, so δ learns from the start
   std::uint64_t seed = 0;          ///< the gate noise's seed
 
-  static DiffPruningConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "DIFF_PRUNING", source);
-    DiffPruningConfig c;
-    c.budget = SelectionBudget::from_json(j, source);
-    if (!detail::json_field(j, "target_modules").is_null())
-      c.targets = TargetRules::from_json(j, source);
-    c.target_density = detail::json_or<double>(j, "target_density", 0.0, source);
-    c.l0_lambda = detail::json_or<double>(j, "l0_lambda", 1.0, source);
-    c.temperature = detail::json_or<double>(j, "temperature", 2.0 / 3.0, source);
-    c.stretch_low = detail::json_or<double>(j, "stretch_low", -0.1, source);
-    c.stretch_high = detail::json_or<double>(j, "stretch_high", 1.1, source);
-    c.log_alpha_init = detail::json_or<double>(j, "log_alpha_init", 2.0, source);
-    c.seed = detail::json_or<std::uint64_t>(j, "seed", 0, source);
-    if (!(c.stretch_low < 0 && c.stretch_high > 1))
-      throw ConfigError(source +
-                        ": the stretch limits must satisfy stretch_low < 0 < 1 < stretch_high");
-    if (!(c.temperature > 0)) throw ConfigError(source + ": temperature must be positive");
-    return c;
-  }
-  nlohmann::json to_json(const ModelConfig&) const {
-    nlohmann::json j = detail::adapter_config_header("DIFF_PRUNING");
-    budget.to_json(j);
-    targets.to_json(j);
-    j["target_density"] = target_density;
-    j["l0_lambda"] = l0_lambda;
-    j["temperature"] = temperature;
-    j["stretch_low"] = stretch_low;
-    j["stretch_high"] = stretch_high;
-    j["log_alpha_init"] = log_alpha_init;
-    j["seed"] = seed;
-    return j;
+  static auto fields() {
+    using C = DiffPruningConfig;
+    auto density = [](double p) {
+      return p >= 0 && p <= 1 ? "" : std::string("a density in [0, 1]");
+    };
+    auto below_0 = [](double v) { return v < 0 ? "" : std::string("a value < 0"); };
+    auto above_1 = [](double v) { return v > 1 ? "" : std::string("a value > 1"); };
+    return config_fields(budget_fields(&C::budget), default_targets_field(&C::targets),
+                         float_field("target_density", &C::target_density, density),
+                         float_field("l0_lambda", &C::l0_lambda, check::non_negative),
+                         float_field("temperature", &C::temperature, check::positive),
+                         float_field("stretch_low", &C::stretch_low, below_0),
+                         float_field("stretch_high", &C::stretch_high, above_1),
+                         float_field("log_alpha_init", &C::log_alpha_init),
+                         field("seed", &C::seed));
   }
 };
 
 struct DiffPruning {
   using family = family::Selective;
-  static constexpr std::string_view name = "diff_pruning";
+  static constexpr std::string_view name = "diff_pruning", title = "diff pruning";
   using Config = DiffPruningConfig;
 
   /// The budget k kept after prune() (phase 1 trains 2·in·out per targeted module).
   static ParameterCount count_parameters(const ModelConfig&,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
-    return {config.budget.resolve(detail::targeted_weight_count(config.targets, linears),
-                                  "diff pruning"),
-            0};
+    return {detail::selected_budget<DiffPruning>(config, linears), 0};
   }
+  static bool accepts(const nlohmann::json& j) { return is_peft_type(j, Config::peft_type); }
 
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "DIFF_PRUNING";
-  }
-
+  /// Phase 1 replaces the products of the targeted modules by their gated dense diff; phase 2
+  /// (after prune(), TrainsInTwoPhases) is the shared sparse diff of ProjectionDiffState.
   template <class T>
-  class State {
+  class State : public detail::ProjectionDiffState<DiffPruning, T> {
+    using Base = detail::ProjectionDiffState<DiffPruning, T>;
+    using Base::config_, Base::diffs_, Base::sites_, Base::targets_, Base::total_;
+
    public:
     struct Dense {
       Var<T> delta;                                   ///< [out·in], [out, in] order
@@ -91,18 +76,13 @@ struct DiffPruning {
       Tensor<T> fixed_noise;
     };
 
-    explicit State(const Config& config) : config_(config), rng_(config.seed) {}
-    const Config& config() const { return config_; }
+    explicit State(const Config& config) : Base(config), rng_(config.seed) {}
 
     void attach(AttachContext<T>& ctx) {
-      targets_ = detail::copy_modules(
-          detail::targeted_linears(config_.targets, ctx.linears, "diff pruning"));
-      sites_ = ctx.linears.size();
-      std::int64_t total = 0;
-      for (const nn::Linear<T>& lin : targets_) total += lin.in_features * lin.out_features;
-      budget_ = config_.budget.resolve(total, "diff pruning");
+      this->select_modules(ctx.linears);
+      budget_ = config_.budget.resolve(total_, title);
       density_ =
-          config_.target_density > 0 ? config_.target_density : double(budget_) / double(total);
+          config_.target_density > 0 ? config_.target_density : double(budget_) / double(total_);
       dense_.assign(sites_, std::nullopt);
       for (const nn::Linear<T>& lin : targets_) {
         const std::int64_t n = lin.in_features * lin.out_features;
@@ -131,27 +111,26 @@ struct DiffPruning {
       noise_fixed_ = fixed;
     }
 
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
     bool adapts(const nn::Linear<T>& module) const {
-      if (pruned_) return diffs_.find(module.site) != nullptr;
-      const auto site = static_cast<std::size_t>(module.site);
-      return module.site >= 0 && site < dense_.size() && dense_[site].has_value();
+      return pruned_ ? Base::adapts(module) : dense_at(module.site) != nullptr;
     }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      if (pruned_) return diffs_.linear(tape, module, x);
-      const std::size_t site = static_cast<std::size_t>(module.site);
-      if (module.site < 0 || site >= dense_.size() || !dense_[site])
-        return module.forward_base(tape, x);
-      Dense& d = *dense_[site];
-      const Tensor<T> noise = noise_fixed_     ? d.fixed_noise
-                              : tape.enabled() ? draw_noise(d.log_alpha.value().numel())
-                                               : Tensor<T>{};
-      Var<T> z = ops::hard_concrete_gate(tape, d.log_alpha, noise, T(config_.temperature),
-                                         T(config_.stretch_low), T(config_.stretch_high));
-      ops::WeightDelta<T> delta;
-      delta.entries = d.all;
-      delta.entry_values = ops::mul(tape, d.delta, z);
-      return ops::delta_linear(tape, x, module.weight, module.bias, module.layout, delta);
+    /// Phase 1: x (W + δ ⊙ z)ᵀ + b by delta_linear over every entry, z drawn afresh per
+    /// training forward (an enabled tape) when the computation runs.
+    void adapt(Projection<T>& p) const {
+      if (pruned_) return Base::adapt(p);
+      const Dense* d = dense_at(p.module().site);
+      if (!d) return;
+      p.replace_product([this, d](Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
+        const Tensor<T> noise = noise_fixed_     ? d->fixed_noise
+                                : tape.enabled() ? draw_noise(d->log_alpha.value().numel())
+                                                 : Tensor<T>{};
+        Var<T> z = ops::hard_concrete_gate(tape, d->log_alpha, noise, T(config_.temperature),
+                                           T(config_.stretch_low), T(config_.stretch_high));
+        ops::WeightDelta<T> delta;
+        delta.entries = d->all;
+        delta.entry_values = ops::mul(tape, d->delta, z);
+        return ops::delta_linear(tape, x, module.weight, module.bias, module.layout, delta);
+      });
     }
 
     /// λ (E[‖z‖₀] / n − ρ)² before pruning; 0 after.
@@ -208,8 +187,8 @@ struct DiffPruning {
       pruned_ = true;
     }
 
-    std::vector<NamedParameter<T>> parameters() {
-      if (pruned_) return diffs_.parameters();
+    std::vector<NamedParameter<T>> parameters() const {
+      if (pruned_) return Base::parameters();
       std::vector<NamedParameter<T>> out;
       for (const nn::Linear<T>& lin : targets_) {
         const Dense& d = *dense_[static_cast<std::size_t>(lin.site)];
@@ -218,25 +197,25 @@ struct DiffPruning {
       }
       return out;
     }
-    void merge(std::vector<nn::Linear<T>*>& modules) {
+    void merge(const std::vector<nn::Linear<T>*>& modules) {
       require_pruned("merge");
-      diffs_.merge(modules);
+      Base::merge(modules);
     }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) {
+    void unmerge(const std::vector<nn::Linear<T>*>& modules) {
       require_pruned("unmerge");
-      diffs_.unmerge(modules);
+      Base::unmerge(modules);
     }
     void write_tensors(io::SafetensorsWriter& w) const {
       require_pruned("save");
-      diffs_.write_tensors(w);
+      Base::write_tensors(w);
     }
     void read_tensors(const io::SafetensorsFile& f, const std::vector<nn::Linear<T>*>& linears) {
       dense_.assign(sites_, std::nullopt);
       pruned_ = true;
-      diffs_.read_tensors(f, linears);
+      Base::read_tensors(f, linears);
     }
     std::int64_t trained_entries() const {
-      if (pruned_) return diffs_.trained_entries();
+      if (pruned_) return Base::trained_entries();
       std::int64_t n = 0;
       for (const auto& d : dense_)
         if (d) n += 2 * d->delta.value().numel();
@@ -244,12 +223,18 @@ struct DiffPruning {
     }
 
    private:
+    const Dense* dense_at(int site) const {
+      if (site < 0 || static_cast<std::size_t>(site) >= dense_.size() ||
+          !dense_[static_cast<std::size_t>(site)])
+        return nullptr;
+      return &*dense_[static_cast<std::size_t>(site)];
+    }
     void require_pruned(const char* what) const {
       if (!pruned_)
         throw ConfigError(std::string("diff pruning: call prune() to reach the budget before ") +
                           what);
     }
-    Tensor<T> draw_noise(std::int64_t n) {
+    Tensor<T> draw_noise(std::int64_t n) const {
       // u in (0, 1), kept off the ends where log u or log(1 − u) diverge.
       std::uniform_real_distribution<double> u(1e-6, 1.0 - 1e-6);
       Tensor<T> noise(Shape{n});
@@ -257,15 +242,11 @@ struct DiffPruning {
       return noise;
     }
 
-    Config config_;
-    std::mt19937_64 rng_;
-    std::vector<nn::Linear<T>> targets_;
-    std::size_t sites_ = 0;
+    mutable std::mt19937_64 rng_;  ///< the gate noise (drawn when a training forward runs)
     std::int64_t budget_ = 0;
     double density_ = 0;
     std::vector<std::optional<Dense>> dense_;  // by site, phase 1
     bool pruned_ = false, noise_fixed_ = false;
-    detail::SelectiveDiffs<T> diffs_;  // phase 2
   };
 };
 

@@ -16,62 +16,44 @@
 
 namespace peft {
 
-struct FishMaskConfig {
+struct FishMaskConfig : TabledConfigIo<FishMaskConfig> {
+  static constexpr std::string_view peft_type = "SPARSE_MASK";
   SelectionBudget budget;
   TargetRules targets = detail::all_linear_targets();
 
-  static FishMaskConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "SPARSE_MASK", source);
-    const std::string selection = detail::json_or<std::string>(j, "selection", "", source);
-    if (selection != "fisher")
-      throw ConfigError(source + ": selection '" + selection + "', expected 'fisher' for FishMask");
-    FishMaskConfig c;
-    c.budget = SelectionBudget::from_json(j, source);
-    if (!detail::json_field(j, "target_modules").is_null())
-      c.targets = TargetRules::from_json(j, source);
-    return c;
-  }
-  nlohmann::json to_json(const ModelConfig&) const {
-    nlohmann::json j = detail::adapter_config_header("SPARSE_MASK");
-    j["selection"] = "fisher";
-    budget.to_json(j);
-    targets.to_json(j);
-    return j;
+  static auto fields() {
+    using C = FishMaskConfig;
+    return config_fields(required("selection", "fisher"), budget_fields(&C::budget),
+                         default_targets_field(&C::targets));
   }
 };
 
 struct FishMask {
   using family = family::Selective;
-  static constexpr std::string_view name = "fishmask";
+  static constexpr std::string_view name = "fishmask", title = "FishMask";
   using Config = FishMaskConfig;
 
   static ParameterCount count_parameters(const ModelConfig&,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
-    return {
-        config.budget.resolve(detail::targeted_weight_count(config.targets, linears), "FishMask"),
-        0};
+    return {detail::selected_budget<FishMask>(config, linears), 0};
   }
-
   static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "SPARSE_MASK" &&
-           j.value("selection", std::string()) == "fisher";
+    return is_peft_type(j, Config::peft_type) && j.value("selection", std::string()) == "fisher";
   }
 
   template <class T>
-  class State {
+  class State : public detail::ProjectionDiffState<FishMask, T> {
+    using Base = detail::ProjectionDiffState<FishMask, T>;
+    using Base::config_, Base::diffs_, Base::sites_, Base::targets_, Base::total_;
+
    public:
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using Base::Base;
 
     void attach(AttachContext<T>& ctx) {
-      targets_ =
-          detail::copy_modules(detail::targeted_linears(config_.targets, ctx.linears, "FishMask"));
-      sites_ = ctx.linears.size();
+      this->select_modules(ctx.linears);
       diffs_.reset(sites_);
-      total_ = 0;
-      for (const nn::Linear<T>& lin : targets_) total_ += lin.in_features * lin.out_features;
-      budget_ = config_.budget.resolve(total_, "FishMask");
+      budget_ = config_.budget.resolve(total_, title);
     }
 
     /// Runs forward and backward on each batch with the targeted weights temporarily trainable,
@@ -117,32 +99,18 @@ struct FishMask {
     bool calibrated() const { return calibrated_; }
     std::int64_t budget() const { return budget_; }
 
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return diffs_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      return diffs_.linear(tape, module, x);
-    }
-    std::vector<NamedParameter<T>> parameters() { return diffs_.parameters(); }
-    void merge(std::vector<nn::Linear<T>*>& modules) { diffs_.merge(modules); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { diffs_.unmerge(modules); }
     void write_tensors(io::SafetensorsWriter& w) const {
       if (!calibrated_) throw ConfigError("FishMask: nothing to save before calibrate() or a load");
-      diffs_.write_tensors(w);
+      Base::write_tensors(w);
     }
     void read_tensors(const io::SafetensorsFile& f, const std::vector<nn::Linear<T>*>& linears) {
-      diffs_.read_tensors(f, linears);
+      Base::read_tensors(f, linears);
       calibrated_ = true;
     }
-    std::int64_t trained_entries() const { return diffs_.trained_entries(); }
-    const detail::SelectiveDiffs<T>& diffs() const { return diffs_; }
 
    private:
-    Config config_;
-    std::vector<nn::Linear<T>> targets_;
-    std::size_t sites_ = 0;
-    std::int64_t total_ = 0, budget_ = 0;
+    std::int64_t budget_ = 0;
     bool calibrated_ = false;
-    detail::SelectiveDiffs<T> diffs_;
   };
 };
 

@@ -13,97 +13,64 @@
 
 namespace peft {
 
-struct UnstructuredMaskConfig {
+struct UnstructuredMaskConfig : TabledConfigIo<UnstructuredMaskConfig> {
   enum class Selection { Random, Magnitude };
+  static constexpr std::string_view peft_type = "SPARSE_MASK";
 
   Selection selection = Selection::Random;
   SelectionBudget budget;
   TargetRules targets = detail::all_linear_targets();
   std::uint64_t seed = 0;  ///< random selection's seed (the same seed picks the same entries)
 
-  static UnstructuredMaskConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "SPARSE_MASK", source);
-    UnstructuredMaskConfig c;
-    const std::string selection = detail::json_or<std::string>(j, "selection", "random", source);
-    if (selection == "random")
-      c.selection = Selection::Random;
-    else if (selection == "magnitude")
-      c.selection = Selection::Magnitude;
-    else
-      throw ConfigError(source + ": selection '" + selection +
-                        "' unsupported here (random, magnitude; \"fisher\" loads as FishMask)");
-    c.budget = SelectionBudget::from_json(j, source);
-    if (!detail::json_field(j, "target_modules").is_null())
-      c.targets = TargetRules::from_json(j, source);
-    c.seed = detail::json_or<std::uint64_t>(j, "seed", 0, source);
-    return c;
-  }
-  nlohmann::json to_json(const ModelConfig&) const {
-    nlohmann::json j = detail::adapter_config_header("SPARSE_MASK");
-    j["selection"] = selection == Selection::Random ? "random" : "magnitude";
-    j["seed"] = seed;
-    budget.to_json(j);
-    targets.to_json(j);
-    return j;
+  /// selection "fisher" is FishMask's (fishmask.hpp).
+  static auto fields() {
+    using C = UnstructuredMaskConfig;
+    return config_fields(choice("selection", &C::selection, std::pair("random", Selection::Random),
+                                std::pair("magnitude", Selection::Magnitude)),
+                         field("seed", &C::seed), budget_fields(&C::budget),
+                         default_targets_field(&C::targets));
   }
 };
 
 struct UnstructuredMask {
   using family = family::Selective;
-  static constexpr std::string_view name = "unstructured_mask";
+  static constexpr std::string_view name = "unstructured_mask", title = "unstructured mask";
   using Config = UnstructuredMaskConfig;
 
   /// The budget k, from shapes alone.
   static ParameterCount count_parameters(const ModelConfig&,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
-    return {config.budget.resolve(detail::targeted_weight_count(config.targets, linears),
-                                  "unstructured mask"),
-            0};
+    return {detail::selected_budget<UnstructuredMask>(config, linears), 0};
   }
-
   static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "SPARSE_MASK" &&
+    return is_peft_type(j, Config::peft_type) &&
            j.value("selection", std::string("random")) != "fisher";
   }
 
   template <class T>
-  class State {
+  class State : public detail::ProjectionDiffState<UnstructuredMask, T> {
+    using Base = detail::ProjectionDiffState<UnstructuredMask, T>;
+    using Base::config_, Base::diffs_, Base::sites_, Base::targets_;
+
    public:
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using Base::Base;
 
     void attach(AttachContext<T>& ctx) {
-      targets_ = detail::copy_modules(
-          detail::targeted_linears(config_.targets, ctx.linears, "unstructured mask"));
-      sites_ = ctx.linears.size();
+      this->select_modules(ctx.linears);
       select();
     }
     /// Magnitude picks from the weights: once real weights are loaded, pick again.
-    void on_base_weights_loaded() {
-      if (config_.selection == Config::Selection::Magnitude) select();
+    void on_base_weights_loaded(const std::vector<nn::Linear<T>*>& modules) {
+      if (config_.selection != Config::Selection::Magnitude) return;
+      this->select_modules(modules);
+      select();
     }
-
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return diffs_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      return diffs_.linear(tape, module, x);
-    }
-    std::vector<NamedParameter<T>> parameters() { return diffs_.parameters(); }
-    void merge(std::vector<nn::Linear<T>*>& modules) { diffs_.merge(modules); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { diffs_.unmerge(modules); }
-    void write_tensors(io::SafetensorsWriter& w) const { diffs_.write_tensors(w); }
-    void read_tensors(const io::SafetensorsFile& f, const std::vector<nn::Linear<T>*>& linears) {
-      diffs_.read_tensors(f, linears);
-    }
-    std::int64_t trained_entries() const { return diffs_.trained_entries(); }
-    const detail::SelectiveDiffs<T>& diffs() const { return diffs_; }
 
    private:
     void select() {
-      std::int64_t total = 0;
-      for (const nn::Linear<T>& lin : targets_) total += lin.in_features * lin.out_features;
-      const std::int64_t k = config_.budget.resolve(total, "unstructured mask");
+      const std::int64_t total = this->total_;
+      const std::int64_t k = config_.budget.resolve(total, UnstructuredMask::title);
       std::vector<std::int64_t> ids;
       if (config_.selection == Config::Selection::Random) {
         std::mt19937_64 rng(config_.seed);
@@ -120,11 +87,6 @@ struct UnstructuredMask {
       diffs_.reset(sites_);
       detail::assign_entries(diffs_, targets_, ids);
     }
-
-    Config config_;
-    std::vector<nn::Linear<T>> targets_;
-    std::size_t sites_ = 0;
-    detail::SelectiveDiffs<T> diffs_;
   };
 };
 

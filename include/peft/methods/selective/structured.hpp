@@ -22,9 +22,10 @@
 
 namespace peft {
 
-struct StructuredMaskConfig {
+struct StructuredMaskConfig : TabledConfigIo<StructuredMaskConfig> {
   enum class Unit { Rows, Columns, Heads, Layers };
   enum class Rule { First, Last, Listed, Random, Score };
+  static constexpr std::string_view peft_type = "STRUCTURED_MASK";
 
   Unit unit = Unit::Rows;
   Rule rule = Rule::Score;
@@ -35,54 +36,21 @@ struct StructuredMaskConfig {
 
   std::int64_t units() const { return rule == Rule::Listed ? std::int64_t(indices.size()) : count; }
 
-  static StructuredMaskConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "STRUCTURED_MASK", source);
-    StructuredMaskConfig c;
-    const std::string unit = detail::json_or<std::string>(j, "unit", "rows", source);
-    if (unit == "rows")
-      c.unit = Unit::Rows;
-    else if (unit == "columns")
-      c.unit = Unit::Columns;
-    else if (unit == "heads")
-      c.unit = Unit::Heads;
-    else if (unit == "layers")
-      c.unit = Unit::Layers;
-    else
-      throw ConfigError(source + ": unit '" + unit +
-                        "' unsupported (rows, columns, heads, layers)");
-    const std::string rule = detail::json_or<std::string>(j, "rule", "score", source);
-    if (rule == "first")
-      c.rule = Rule::First;
-    else if (rule == "last")
-      c.rule = Rule::Last;
-    else if (rule == "listed")
-      c.rule = Rule::Listed;
-    else if (rule == "random")
-      c.rule = Rule::Random;
-    else if (rule == "score")
-      c.rule = Rule::Score;
-    else
-      throw ConfigError(source + ": rule '" + rule +
-                        "' unsupported (first, last, listed, random, score)");
-    c.count = detail::json_or<std::int64_t>(j, "count", 1, source);
-    c.indices = detail::json_or<std::vector<std::int64_t>>(j, "indices", {}, source);
-    if (!detail::json_field(j, "target_modules").is_null())
-      c.targets = TargetRules::from_json(j, source);
-    c.seed = detail::json_or<std::uint64_t>(j, "seed", 0, source);
-    if (c.units() <= 0) throw ConfigError(source + ": no units selected (count or indices)");
-    return c;
+  static auto fields() {
+    using C = StructuredMaskConfig;
+    return config_fields(
+        choice("unit", &C::unit, std::pair("rows", Unit::Rows), std::pair("columns", Unit::Columns),
+               std::pair("heads", Unit::Heads), std::pair("layers", Unit::Layers)),
+        choice("rule", &C::rule, std::pair("first", Rule::First), std::pair("last", Rule::Last),
+               std::pair("listed", Rule::Listed), std::pair("random", Rule::Random),
+               std::pair("score", Rule::Score)),
+        field("count", &C::count), field("indices", &C::indices), field("seed", &C::seed),
+        default_targets_field(&C::targets));
   }
-  nlohmann::json to_json(const ModelConfig&) const {
-    nlohmann::json j = detail::adapter_config_header("STRUCTURED_MASK");
-    const char* units[] = {"rows", "columns", "heads", "layers"};
-    const char* rules[] = {"first", "last", "listed", "random", "score"};
-    j["unit"] = units[static_cast<int>(unit)];
-    j["rule"] = rules[static_cast<int>(rule)];
-    j["count"] = count;
-    j["indices"] = indices;
-    j["seed"] = seed;
-    targets.to_json(j);
-    return j;
+  void validate(const std::string& source) const {
+    if (units() <= 0)
+      throw ConfigError(source + ": field '" + (rule == Rule::Listed ? "indices" : "count") +
+                        "': no units selected");
   }
 };
 
@@ -188,7 +156,7 @@ double line_norm(const nn::Linear<T>& lin, ops::LineAxis axis, std::int64_t line
 
 struct StructuredMask {
   using family = family::Selective;
-  static constexpr std::string_view name = "structured_mask";
+  static constexpr std::string_view name = "structured_mask", title = "structured mask";
   using Config = StructuredMaskConfig;
 
   static ParameterCount count_parameters(const ModelConfig& model,
@@ -200,7 +168,7 @@ struct StructuredMask {
     const std::int64_t groups = model.num_kv_heads;
     std::set<int> layers_seen;
     for (const LinearShape& l : linears) {
-      if (!config.targets.selects(l.name, l.layer < 0)) continue;
+      if (!method_selects<StructuredMask>(config, ModuleSite::of(l))) continue;
       switch (config.unit) {
         case Unit::Rows:
           count.trainable += k * l.in_features;
@@ -228,49 +196,34 @@ struct StructuredMask {
       std::int64_t per_layer = 0;
       const int first = layers_seen.empty() ? -1 : *layers_seen.begin();
       for (const LinearShape& l : linears)
-        if (l.layer == first && config.targets.selects(l.name, false))
+        if (l.layer == first && method_selects<StructuredMask>(config, ModuleSite::of(l)))
           per_layer += l.in_features * l.out_features;
       count.trainable = k * per_layer;
     }
     return count;
   }
 
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "STRUCTURED_MASK";
-  }
+  static bool accepts(const nlohmann::json& j) { return is_peft_type(j, Config::peft_type); }
 
   template <class T>
-  class State {
+  class State : public detail::ProjectionDiffState<StructuredMask, T> {
+    using Base = detail::ProjectionDiffState<StructuredMask, T>;
+    using Base::config_, Base::diffs_, Base::sites_, Base::targets_;
+
    public:
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using Base::Base;
 
     void attach(AttachContext<T>& ctx) {
-      targets_ = detail::copy_modules(
-          detail::targeted_linears(config_.targets, ctx.linears, "structured mask"));
-      sites_ = ctx.linears.size();
+      this->select_modules(ctx.linears);
       model_ = ctx.config;
       select();
     }
     /// Scores read the weights: once real weights are loaded, choose again.
-    void on_base_weights_loaded() {
-      if (config_.rule == Config::Rule::Score) select();
+    void on_base_weights_loaded(const std::vector<nn::Linear<T>*>& modules) {
+      if (config_.rule != Config::Rule::Score) return;
+      this->select_modules(modules);
+      select();
     }
-
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return diffs_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      return diffs_.linear(tape, module, x);
-    }
-    std::vector<NamedParameter<T>> parameters() { return diffs_.parameters(); }
-    void merge(std::vector<nn::Linear<T>*>& modules) { diffs_.merge(modules); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { diffs_.unmerge(modules); }
-    void write_tensors(io::SafetensorsWriter& w) const { diffs_.write_tensors(w); }
-    void read_tensors(const io::SafetensorsFile& f, const std::vector<nn::Linear<T>*>& linears) {
-      diffs_.read_tensors(f, linears);
-    }
-    std::int64_t trained_entries() const { return diffs_.trained_entries(); }
-    const detail::SelectiveDiffs<T>& diffs() const { return diffs_; }
 
    private:
     void select() {
@@ -357,11 +310,7 @@ struct StructuredMask {
       }
     }
 
-    Config config_;
-    std::vector<nn::Linear<T>> targets_;
-    std::size_t sites_ = 0;
     ModelConfig model_;
-    detail::SelectiveDiffs<T> diffs_;
   };
 };
 
