@@ -539,7 +539,7 @@ TEST_CASE("lora pissa: the factors are the principal part of W and the base keep
     if (!m) continue;
     const peft::RowMatrix<double> w = base_modules[i]->weight_out_in();
     const peft::RowMatrix<double> product =
-        m->scale * (m->b.value().matrix() * m->a.value().matrix());
+        m->extra.scale * ((*m)[1].value().matrix() * (*m)[0].value().matrix());
     CHECK((modules[i]->weight_out_in() + product - w).cwiseAbs().maxCoeff() < 1e-14);
     // s B A is the best rank-r approximation: its error is the (r+1)-th singular value.
     Eigen::JacobiSVD<peft::RowMatrix<double>> svd(w);
