@@ -100,7 +100,8 @@ M read_value(const nlohmann::json& v, const std::string& source, std::string_vie
     }
     const auto i = v.get<std::int64_t>();
     if (i < static_cast<std::int64_t>(std::numeric_limits<M>::min()) ||
-        i > static_cast<std::int64_t>(std::numeric_limits<M>::max()))
+        (i > 0 && static_cast<std::uint64_t>(i) >
+                      static_cast<std::uint64_t>(std::numeric_limits<M>::max())))
       fail(source, key, "an integer in the range of " + std::string(sizeof(M) == 4 ? "int32" : "int64"),
            v);
     return static_cast<M>(i);

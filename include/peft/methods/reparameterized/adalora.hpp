@@ -22,14 +22,26 @@
 #include <vector>
 
 #include "peft/core/ops.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
-#include "peft/methods/reparameterized/lora.hpp"
 #include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
+namespace detail::reparameterized {
+/// A map written as null when empty (AdaLoRA's rank_pattern, as the reference writes it).
+template <class C, class M>
+struct NullWhenEmpty : Field<C, M, ::peft::check::None> {
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    const M& v = c.*(this->member);
+    j[std::string(this->key)] = v.empty() ? nlohmann::json(nullptr) : nlohmann::json(v);
+  }
+};
+}  // namespace detail::reparameterized
+
 struct AdaLoraConfig {
+  static constexpr std::string_view peft_type = "ADALORA";
   int init_r = 12;
   int target_r = 8;
   int r = 8;  ///< written back as the reference writes it; init_r is the rank used
@@ -55,89 +67,81 @@ struct AdaLoraConfig {
     return static_cast<int>(std::count(it->second.begin(), it->second.end(), true));
   }
 
-  static AdaLoraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "ADALORA", source);
-    AdaLoraConfig c;
-    c.init_r = detail::json_or<int>(j, "init_r", 12, source);
-    c.target_r = detail::json_or<int>(j, "target_r", 8, source);
-    c.r = detail::json_or<int>(j, "r", 8, source);
-    c.lora_alpha = detail::json_or<double>(j, "lora_alpha", 8.0, source);
-    c.lora_dropout = detail::json_or<double>(j, "lora_dropout", 0.0, source);
-    c.targets = TargetRules::from_json(j, source);
-    c.tinit = detail::json_or<int>(j, "tinit", 0, source);
-    c.tfinal = detail::json_or<int>(j, "tfinal", 0, source);
-    c.deltaT = detail::json_or<int>(j, "deltaT", 1, source);
-    c.beta1 = detail::json_or<double>(j, "beta1", 0.85, source);
-    c.beta2 = detail::json_or<double>(j, "beta2", 0.85, source);
-    c.orth_reg_weight = detail::json_or<double>(j, "orth_reg_weight", 0.5, source);
-    c.total_step = detail::json_or<int>(j, "total_step", 0, source);
-    c.init_lora_weights = detail::json_or<bool>(j, "init_lora_weights", true, source);
-    c.rank_pattern =
-        detail::json_or<std::map<std::string, std::vector<bool>>>(j, "rank_pattern", {}, source);
-    const std::string bias = detail::json_or<std::string>(j, "bias", "none", source);
-    if (bias != "none") throw ConfigError(source + ": bias '" + bias + "' unsupported (none)");
-    if (!detail::json_field(j, "modules_to_save").is_null())
-      throw ConfigError(source + ": modules_to_save is not supported");
-    if (detail::json_or<bool>(j, "use_dora", false, source))
-      throw ConfigError(source + ": AdaLoRA does not support use_dora");
-    if (c.init_r <= 0 || c.target_r <= 0 || c.target_r > c.init_r)
-      throw ConfigError(source + ": need 0 < target_r <= init_r");
-    if (c.total_step <= 0) throw ConfigError(source + ": total_step must be positive");
-    if (c.tinit >= c.total_step - c.tfinal)
+  /// Every field the reference (peft 0.21) writes for AdaLoRA (its LoRA fields included).
+  static auto fields() {
+    using C = AdaLoraConfig;
+    using detail::reparameterized::as_given;
+    return config_fields(
+        field("init_r", &C::init_r, check::positive),
+        field("target_r", &C::target_r, check::positive), field("r", &C::r),
+        field("lora_alpha", &C::lora_alpha),
+        as_given("lora_dropout", &C::lora_dropout, check::probability), targets_field(&C::targets),
+        field("tinit", &C::tinit, check::non_negative),
+        field("tfinal", &C::tfinal, check::non_negative),
+        field("deltaT", &C::deltaT, check::positive), as_given("beta1", &C::beta1),
+        as_given("beta2", &C::beta2), as_given("orth_reg_weight", &C::orth_reg_weight),
+        field("total_step", &C::total_step, check::positive),
+        field("init_lora_weights", &C::init_lora_weights),
+        detail::reparameterized::NullWhenEmpty<C, decltype(rank_pattern)>{
+            {"rank_pattern", &C::rank_pattern, {}}},
+        fixed("bias", "none"), fixed("modules_to_save", nullptr),
+        fixed("use_dora", false, "AdaLoRA does not support use_dora"), fan_in_fan_out(),
+        constants({{"alora_invocation_tokens", nullptr},
+                   {"alpha_pattern", nlohmann::json::object()},
+                   {"arrow_config", nullptr},
+                   {"corda_config", nullptr},
+                   {"eva_config", nullptr},
+                   {"kasa_config", nullptr},
+                   {"layer_replication", nullptr},
+                   {"lora_ga_config", nullptr},
+                   {"megatron_config", nullptr},
+                   {"monteclora_config", nullptr},
+                   {"target_parameters", nullptr},
+                   {"trainable_token_indices", nullptr},
+                   {"use_bdlora", nullptr},
+                   {"velora_config", nullptr},
+                   {"ensure_weight_tying", false},
+                   {"lora_bias", false},
+                   {"use_qalora", false},
+                   {"use_rslora", false},
+                   {"loftq_config", nlohmann::json::object()},
+                   {"megatron_core", "megatron.core"},
+                   {"qalora_group_size", 16}}));
+  }
+  void validate(const std::string& source) const {
+    if (target_r > init_r) throw ConfigError(source + ": need 0 < target_r <= init_r");
+    if (tinit >= total_step - tfinal)
       throw ConfigError(source + ": tinit must be below total_step - tfinal (no budget phase)");
-    if (c.deltaT <= 0) throw ConfigError(source + ": deltaT must be positive");
-    if (c.targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
-    return c;
+    if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
-
-  /// Every field the reference (peft 0.21) writes for AdaLoRA.
-  nlohmann::json to_json(const ModelConfig& model) const {
-    LoraConfig shared;
-    shared.r = r;
-    shared.lora_alpha = lora_alpha;
-    shared.lora_dropout = lora_dropout;
-    shared.targets = targets;
-    shared.init = init_lora_weights ? LoraConfig::Init::Default : LoraConfig::Init::Zeros;
-    nlohmann::json j = shared.to_json(model);
-    j["peft_type"] = "ADALORA";
-    j["init_r"] = init_r;
-    j["target_r"] = target_r;
-    j["tinit"] = tinit;
-    j["tfinal"] = tfinal;
-    j["deltaT"] = deltaT;
-    j["beta1"] = beta1;
-    j["beta2"] = beta2;
-    j["orth_reg_weight"] = orth_reg_weight;
-    j["total_step"] = total_step;
-    j["rank_pattern"] =
-        rank_pattern.empty() ? nlohmann::json(nullptr) : nlohmann::json(rank_pattern);
-    return j;
+  static AdaLoraConfig from_json(const nlohmann::json& j, const std::string& source) {
+    return read_config<AdaLoraConfig>(j, source);
   }
+  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct AdaLoRA {
   using family = family::Reparameterized;
-  static constexpr std::string_view name = "adalora";
+  static constexpr std::string_view name = "adalora", title = "AdaLoRA";
   using Config = AdaLoraConfig;
 
-  /// r (in + out) + r per module trainable; the reference also counts each module's frozen
-  /// `ranknum` scalar into "all params".
+  /// lora_A [r, in], lora_B [out, r], lora_E [r, 1] per module, r = the module's rank.
+  static SiteTensors site_tensors(const Config& c, const ModuleSite& m) {
+    const std::int64_t r = c.rank_for(std::string(m.name));
+    return {{"lora_A", {r, m.in_features}}, {"lora_B", {m.out_features, r}}, {"lora_E", {r, 1}}};
+  }
+  /// The site tensors (trainable), and one frozen `ranknum` scalar per module, which the
+  /// reference counts into "all params" but does not save.
   static ParameterCount count_parameters(const ModelConfig&,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
-    ParameterCount count;
+    ParameterCount count = count_site_tensors<AdaLoRA>(linears, config);
     for (const LinearShape& l : linears)
-      if (config.targets.selects(l.name, l.layer < 0)) {
-        const std::int64_t r = config.rank_for(l.name);
-        count.trainable += r * (l.in_features + l.out_features) + r;
-        count.frozen += 1;
-      }
+      count.frozen += method_selects<AdaLoRA>(config, ModuleSite::of(l));
     return count;
   }
 
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "ADALORA";
-  }
+  static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "ADALORA"); }
 
   template <class T>
   class State {
@@ -145,80 +149,53 @@ struct AdaLoRA {
     struct Importance {
       Tensor<T> smoothed, uncertainty;  ///< Ī and Ū, the tensor's shape
     };
-    struct ModuleAdapter {
-      std::string module;
-      Var<T> a;  ///< [r, in]
-      Var<T> e;  ///< [r, 1]
-      Var<T> b;  ///< [out, r]
-      T scale;   ///< α / (ranknum + 1e-5)
-      bool merged = false;
-      Importance ia, ie, ib;
+    struct Extra {
+      T scale = T(1);  ///< α / (ranknum + 1e-5)
+      Importance ia, ib, ie;
       std::vector<bool> kept;  ///< the last allocation's pattern (empty before one)
     };
+    using Sites = SiteTable<T, Extra>;
+    using Slot = typename Sites::Slot;  // [0] A [r, in], [1] B [out, r], [2] E [r, 1]
 
     explicit State(const Config& config) : config_(config) {}
     const Config& config() const { return config_; }
 
     void attach(AttachContext<T>& ctx) {
-      adapters_.reset(ctx.linears.size());
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (!config_.targets.selects(lin->name, lin->layer < 0)) continue;
-        const std::int64_t r = config_.rank_for(lin->name);
-        ModuleAdapter m{lin->name,
-                        Var<T>(Tensor<T>(Shape{r, lin->in_features}), true),
-                        Var<T>(Tensor<T>(Shape{r, 1}), true),
-                        Var<T>(Tensor<T>(Shape{lin->out_features, r}), true),
-                        static_cast<T>(config_.lora_alpha / (static_cast<double>(r) + 1e-5)),
-                        false,
-                        {},
-                        {},
-                        {},
-                        {}};
+      sites_.template attach<AdaLoRA>(config_, ctx.linears, [&](Slot& s, const nn::Linear<T>& m) {
+        const double r = config_.rank_for(m.name);
+        s.extra.scale = static_cast<T>(config_.lora_alpha / (r + 1e-5));
         if (config_.init_lora_weights) {
-          detail::normal_fill(m.a.value(), ctx.rng, 0.02);
-          detail::normal_fill(m.b.value(), ctx.rng, 0.02);
+          detail::normal_fill(s[0].value(), ctx.rng, 0.02);
+          detail::normal_fill(s[1].value(), ctx.rng, 0.02);
         }
-        adapters_.put(lin->site, std::move(m));
-      }
-      if (adapters_.size() == 0) detail::throw_no_target("AdaLoRA", config_.targets, ctx.linears);
+      });
     }
 
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return adapters_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      const ModuleAdapter* m = adapters_.find(module.site);
-      if (!m || m->merged) return module.forward_base(tape, x);
-      const std::int64_t r = m->e.value().numel();
+    /// The low-rank term s (x (A ⊙ E)ᵀ) Bᵀ.
+    void adapt(Projection<T>& p) const {
+      const Slot* s = sites_.active(p.module());
+      if (!s) return;
+      Tape<T>& tape = p.tape();
+      const std::int64_t r = (*s)[2].value().numel();
       // A ⊙ E scales A's rows: transposed, E broadcasts over the last dimension.
-      Var<T> scaled_t =
-          ops::mul(tape, ops::transpose(tape, m->a, 0, 1), ops::reshape(tape, m->e, Shape{r}));
-      Var<T> scaled = ops::transpose(tape, scaled_t, 0, 1);  // [r, in]
-      return ops::lora_linear(tape, x, module.weight, module.bias, module.layout, scaled, m->b,
-                              m->scale);
+      Var<T> scaled_t = ops::mul(tape, ops::transpose(tape, (*s)[0], 0, 1),
+                                 ops::reshape(tape, (*s)[2], Shape{r}));
+      p.add_low_rank(ops::transpose(tape, scaled_t, 0, 1), (*s)[1], s->extra.scale);
     }
+    std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
+    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
 
     /// orth_reg_weight · mean over every A and B of ‖A Aᵀ − I‖_F, ‖Bᵀ B − I‖_F.
     Var<T> extra_loss(Tape<T>& tape) {
       Var<T> total(Tensor<T>(Shape{1}));
       int terms = 0;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        total = ops::add(tape, total, ops::orthogonality_penalty(tape, m.a, true));
-        total = ops::add(tape, total, ops::orthogonality_penalty(tape, m.b, false));
+      sites_.for_each([&](Slot& s) {
+        total = ops::add(tape, total, ops::orthogonality_penalty(tape, s[0], true));
+        total = ops::add(tape, total, ops::orthogonality_penalty(tape, s[1], false));
         terms += 2;
       });
       if (terms == 0) return total;
       return ops::scale(tape, total, static_cast<T>(config_.orth_reg_weight / terms));
-    }
-
-    std::vector<NamedParameter<T>> parameters() {
-      std::vector<NamedParameter<T>> out;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        const std::string prefix = "base_model.model." + m.module + ".";
-        out.push_back({prefix + "lora_A", m.a});
-        out.push_back({prefix + "lora_B", m.b});
-        out.push_back({prefix + "lora_E", m.e});
-      });
-      return out;
     }
 
     /// The budget (kept triplets over all modules) at `step`, and whether `step` masks.
@@ -235,11 +212,11 @@ struct AdaLoRA {
     }
     std::int64_t initial_budget() const {
       std::int64_t n = 0;
-      adapters_.for_each([&](const ModuleAdapter& m) { n += m.e.value().numel(); });
+      sites_.for_each([&](const Slot& s) { n += s[2].value().numel(); });
       return n;
     }
     std::int64_t target_budget() const {
-      return std::int64_t(config_.target_r) * static_cast<std::int64_t>(adapters_.size());
+      return std::int64_t(config_.target_r) * static_cast<std::int64_t>(sites_.size());
     }
 
     /// The trainer's call after each backward (before or after the optimizer step, as with
@@ -264,16 +241,17 @@ struct AdaLoRA {
     /// Triplets kept by the last allocation (every triplet before one).
     std::int64_t kept_triplets() const {
       std::int64_t n = 0;
-      adapters_.for_each([&](const ModuleAdapter& m) {
-        n += m.kept.empty() ? m.e.value().numel() : std::count(m.kept.begin(), m.kept.end(), true);
+      sites_.for_each([&](const Slot& s) {
+        const std::vector<bool>& kept = s.extra.kept;
+        n += kept.empty() ? s[2].value().numel() : std::count(kept.begin(), kept.end(), true);
       });
       return n;
     }
     /// Non-zero singular values over all modules.
     std::int64_t nonzero_singular_values() const {
       std::int64_t n = 0;
-      adapters_.for_each([&](const ModuleAdapter& m) {
-        for (std::int64_t i = 0; i < m.e.value().numel(); ++i) n += m.e.value()[i] != T(0);
+      sites_.for_each([&](const Slot& s) {
+        for (std::int64_t i = 0; i < s[2].value().numel(); ++i) n += s[2].value()[i] != T(0);
       });
       return n;
     }
@@ -283,27 +261,28 @@ struct AdaLoRA {
     /// module rank = its kept count (so ranknum, and s, change with it, as in the reference).
     Config allocated_config() const {
       Config c = config_;
-      adapters_.for_each([&](const ModuleAdapter& m) {
-        if (!m.kept.empty()) c.rank_pattern[m.module + ".lora_E"] = m.kept;
+      sites_.for_each([&](const Slot& s) {
+        if (!s.extra.kept.empty()) c.rank_pattern[s.module + ".lora_E"] = s.extra.kept;
       });
       return c;
     }
-    std::vector<NamedParameter<T>> allocated_parameters() {
+    std::vector<NamedParameter<T>> allocated_parameters() const {
       std::vector<NamedParameter<T>> out;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        const std::int64_t r = m.e.value().numel();
+      sites_.for_each([&](const Slot& s) {
+        const Tensor<T>&a0 = s[0].value(), &b0 = s[1].value(), &e0 = s[2].value();
+        const std::vector<bool>& kept = s.extra.kept;
         std::vector<std::int64_t> rows;
-        for (std::int64_t i = 0; i < r; ++i)
-          if (m.kept.empty() || m.kept[static_cast<std::size_t>(i)]) rows.push_back(i);
+        for (std::int64_t i = 0; i < e0.numel(); ++i)
+          if (kept.empty() || kept[static_cast<std::size_t>(i)]) rows.push_back(i);
         const auto k = static_cast<std::int64_t>(rows.size());
-        const std::int64_t in = m.a.value().dim(1), outf = m.b.value().dim(0);
-        Tensor<T> a(Shape{k, in}), e(Shape{k, 1}), b(Shape{outf, k});
+        Tensor<T> a(Shape{k, a0.dim(1)}), e(Shape{k, 1}), b(Shape{b0.dim(0), k});
         for (std::int64_t j = 0; j < k; ++j) {
-          a.matrix().row(j) = m.a.value().matrix().row(rows[static_cast<std::size_t>(j)]);
-          e[j] = m.e.value()[rows[static_cast<std::size_t>(j)]];
-          b.matrix().col(j) = m.b.value().matrix().col(rows[static_cast<std::size_t>(j)]);
+          const std::int64_t row = rows[static_cast<std::size_t>(j)];
+          a.matrix().row(j) = a0.matrix().row(row);
+          e[j] = e0[row];
+          b.matrix().col(j) = b0.matrix().col(row);
         }
-        const std::string prefix = "base_model.model." + m.module + ".";
+        const std::string prefix = "base_model.model." + s.module + ".";
         out.push_back({prefix + "lora_A", Var<T>(std::move(a))});
         out.push_back({prefix + "lora_B", Var<T>(std::move(b))});
         out.push_back({prefix + "lora_E", Var<T>(std::move(e))});
@@ -312,13 +291,14 @@ struct AdaLoRA {
     }
 
     /// W += s B (A ⊙ E).
-    void merge(std::vector<nn::Linear<T>*>& modules) { fold(modules, true); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { fold(modules, false); }
-    void unload(std::vector<nn::Linear<T>*>& modules) {
-      fold(modules, true);
-      adapters_.clear();
+    static RowMatrix<T> delta_weight(const Slot& s, const nn::Linear<T>&) {
+      const RowMatrix<T> scaled_a = s[2].value().vector().asDiagonal() * s[0].value().matrix();
+      return s.extra.scale * (s[1].value().matrix() * scaled_a);
     }
-    std::size_t attached_modules() const { return adapters_.size(); }
+    void merge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, true, delta_weight); }
+    void unmerge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, false, delta_weight); }
+    void unload(const std::vector<nn::Linear<T>*>& m) { sites_.unload(m, delta_weight); }
+    std::size_t attached_modules() const { return sites_.size(); }
 
    private:
     void update_importance() {
@@ -337,20 +317,21 @@ struct AdaLoRA {
             b2 * imp.uncertainty.vector().array() +
             (T(1) - b2) * (sensitivity - imp.smoothed.vector().array()).abs();
       };
-      adapters_.for_each([&](ModuleAdapter& m) {
-        update(m.a, m.ia);
-        update(m.e, m.ie);
-        update(m.b, m.ib);
+      sites_.for_each([&](Slot& s) {
+        update(s[0], s.extra.ia);
+        update(s[2], s.extra.ie);
+        update(s[1], s.extra.ib);
       });
     }
 
     void reset_importance() {
-      adapters_.for_each([&](ModuleAdapter& m) { m.ia = m.ie = m.ib = Importance{}; });
+      sites_.for_each([&](Slot& s) { s.extra.ia = s.extra.ie = s.extra.ib = Importance{}; });
     }
 
     // Score of triplet i: s(E_i) + mean_j s(A_ij) + mean_o s(B_oi), s = Ī·Ū.
-    static std::vector<T> triplet_scores(const ModuleAdapter& m) {
-      const std::int64_t r = m.e.value().numel();
+    static std::vector<T> triplet_scores(const Slot& s) {
+      const Extra& m = s.extra;
+      const std::int64_t r = s[2].value().numel();
       std::vector<T> scores(static_cast<std::size_t>(r), T(0));
       if (m.ie.smoothed.empty()) return scores;
       const RowMatrix<T> sa = m.ia.smoothed.matrix().cwiseProduct(m.ia.uncertainty.matrix());
@@ -367,8 +348,8 @@ struct AdaLoRA {
     void mask_to_budget(std::int64_t budget) {
       std::vector<T> all;
       std::vector<std::vector<T>> per_module;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        per_module.push_back(triplet_scores(m));
+      sites_.for_each([&](const Slot& s) {
+        per_module.push_back(triplet_scores(s));
         all.insert(all.end(), per_module.back().begin(), per_module.back().end());
       });
       const std::int64_t k = initial_budget() - budget;
@@ -379,39 +360,26 @@ struct AdaLoRA {
         threshold = all[static_cast<std::size_t>(k - 1)];
       }
       std::size_t index = 0;
-      adapters_.for_each([&](ModuleAdapter& m) {
+      sites_.for_each([&](Slot& s) {
         const std::vector<T>& scores = per_module[index++];
-        m.kept.assign(scores.size(), true);
+        s.extra.kept.assign(scores.size(), true);
         for (std::size_t i = 0; i < scores.size(); ++i)
           if (masks && scores[i] <= threshold) {
-            m.kept[i] = false;
-            m.e.value()[static_cast<std::int64_t>(i)] = T(0);
+            s.extra.kept[i] = false;
+            s[2].value()[static_cast<std::int64_t>(i)] = T(0);
           }
       });
     }
 
     void mask_with_pattern() {
-      adapters_.for_each([&](ModuleAdapter& m) {
-        for (std::size_t i = 0; i < m.kept.size(); ++i)
-          if (!m.kept[i]) m.e.value()[static_cast<std::int64_t>(i)] = T(0);
+      sites_.for_each([&](Slot& s) {
+        for (std::size_t i = 0; i < s.extra.kept.size(); ++i)
+          if (!s.extra.kept[i]) s[2].value()[static_cast<std::int64_t>(i)] = T(0);
       });
     }
 
-    void fold(std::vector<nn::Linear<T>*>& modules, bool merge) {
-      for (nn::Linear<T>* lin : modules) {
-        ModuleAdapter* m = adapters_.find(lin->site);
-        if (!m || m->merged == merge) continue;
-        const RowMatrix<T> scaled_a =
-            m->e.value().vector().asDiagonal() * m->a.value().matrix();  // [r, in]
-        RowMatrix<T> delta = m->scale * (m->b.value().matrix() * scaled_a);
-        if (!merge) delta = -delta;
-        lin->add_to_weight(delta);
-        m->merged = merge;
-      }
-    }
-
     Config config_;
-    detail::SiteTable<ModuleAdapter> adapters_;
+    Sites sites_;
   };
 };
 

@@ -1,20 +1,19 @@
 #pragma once
 // Plumbing the reparameterized policies share: initialisers as torch draws them (by
-// distribution, not bit for bit), the "matched nothing" error, numbers written as the reference
-// writes them, and a per-site adapter table.
+// distribution, not bit for bit), config-table helpers (a number written as given, a nested
+// table) and the options LoHa and LoKr share.
 #include <cmath>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <random>
 #include <string>
-#include <vector>
+#include <tuple>
+#include <utility>
 
 #include "peft/core/error.hpp"
 #include "peft/core/tensor.hpp"
-#include "peft/methods/adapter_config.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/target_modules.hpp"
-#include "peft/nn/modules.hpp"
 
 namespace peft::detail {
 
@@ -34,51 +33,41 @@ void normal_fill(Tensor<T>& t, std::mt19937_64& rng, double std) {
   for (std::int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<T>(n(rng));
 }
 
+namespace reparameterized {
 
-template <class T>
-[[noreturn]] void throw_no_target(const std::string& method, const TargetRules& rules,
-                                  const std::vector<nn::Linear<T>*>& linears) {
-  throw ConfigError(method + ": target_modules " + rules.target_modules.to_json().dump() +
-                    " matched no module of this model (module paths look like '" +
-                    (linears.empty() ? std::string("-") : linears.front()->name) + "')");
+/// A double field written as the value it holds (0.0 stays 0.0, as the reference writes
+/// dropouts), where `field` writes integral values as integers.
+template <class C, class Check>
+struct AsGivenField : Field<C, double, Check> {
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    j[std::string(this->key)] = c.*(this->member);
+  }
+};
+template <class C, class Check = ::peft::check::None>
+AsGivenField<C, Check> as_given(std::string_view key, double C::*member, Check test = {}) {
+  return {{key, member, test}};
 }
 
-/// Adapters indexed by linear site; a site without an adapter holds nothing.
-template <class Adapter>
-class SiteTable {
- public:
-  void reset(std::size_t sites) { slots_.assign(sites, std::nullopt); }
-  void put(int site, Adapter adapter) {
-    slots_.at(static_cast<std::size_t>(site)) = std::move(adapter);
+/// A member struct's own field table, read and written at the top level of the config (the
+/// struct's validate runs after its fields are read).
+template <class C, class Sub, class Table>
+struct NestedFields {
+  Sub C::*member;
+  Table table;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    std::apply([&](const auto&... f) { (f.read(c.*member, j, source), ...); }, table.fields);
+    if constexpr (requires { (c.*member).validate(source); }) (c.*member).validate(source);
   }
-  Adapter* find(int site) {
-    if (site < 0 || static_cast<std::size_t>(site) >= slots_.size()) return nullptr;
-    auto& slot = slots_[static_cast<std::size_t>(site)];
-    return slot ? &*slot : nullptr;
+  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
+    std::apply([&](const auto&... f) { (f.write(c.*member, j, model), ...); }, table.fields);
   }
-  const Adapter* find(int site) const { return const_cast<SiteTable*>(this)->find(site); }
-  std::size_t size() const {
-    std::size_t n = 0;
-    for (const auto& slot : slots_) n += slot.has_value();
-    return n;
-  }
-  void clear() {
-    for (auto& slot : slots_) slot.reset();
-  }
-  template <class F>
-  void for_each(F&& f) {
-    for (auto& slot : slots_)
-      if (slot) f(*slot);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    for (const auto& slot : slots_)
-      if (slot) f(*slot);
-  }
-
- private:
-  std::vector<std::optional<Adapter>> slots_;
 };
+template <class C, class Sub, class Table>
+NestedFields<C, Sub, Table> nested(Sub C::*member, Table table) {
+  return {member, std::move(table)};
+}
+
+}  // namespace reparameterized
 
 /// The options LoHa and LoKr share (the reference's LyCORIS-style configs).
 struct LycorisOptions {
@@ -99,42 +88,22 @@ struct LycorisOptions {
     return pattern_lookup(alpha_pattern, module).value_or(alpha) / rank_for(module);
   }
 
-  static LycorisOptions parse(const nlohmann::json& j, const std::string& peft_type,
-                              const std::string& source) {
-    require_peft_type(j, peft_type, source);
-    LycorisOptions o;
-    o.r = json_or<int>(j, "r", 8, source);
-    o.alpha = json_or<double>(j, "alpha", 8.0, source);
-    o.rank_dropout = json_or<double>(j, "rank_dropout", 0.0, source);
-    o.module_dropout = json_or<double>(j, "module_dropout", 0.0, source);
-    o.init_weights = json_or<bool>(j, "init_weights", true, source);
-    o.targets = TargetRules::from_json(j, source);
-    o.rank_pattern = json_or<std::map<std::string, int>>(j, "rank_pattern", {}, source);
-    o.alpha_pattern = json_or<std::map<std::string, double>>(j, "alpha_pattern", {}, source);
-    if (json_or<bool>(j, "use_effective_conv2d", false, source))
-      throw ConfigError(source +
-                        ": use_effective_conv2d applies to convolutions, which this "
-                        "library's models do not have");
-    if (!json_field(j, "modules_to_save").is_null())
-      throw ConfigError(source + ": modules_to_save is not supported");
-    if (o.r <= 0) throw ConfigError(source + ": r must be positive");
-    if (o.targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
-    return o;
+  static auto fields() {
+    using O = LycorisOptions;
+    namespace check = ::peft::check;
+    return config_fields(
+        field("r", &O::r, check::positive), field("alpha", &O::alpha),
+        reparameterized::as_given("rank_dropout", &O::rank_dropout, check::probability),
+        reparameterized::as_given("module_dropout", &O::module_dropout, check::probability),
+        field("init_weights", &O::init_weights), targets_field(&O::targets),
+        field("rank_pattern", &O::rank_pattern, check::all_positive),
+        field("alpha_pattern", &O::alpha_pattern),
+        fixed("use_effective_conv2d", false,
+              "it applies to convolutions, which this library's models do not have"),
+        fixed("modules_to_save", nullptr));
   }
-
-  void write(nlohmann::json& j) const {
-    j["r"] = r;
-    j["alpha"] = json_number(alpha);
-    j["rank_dropout"] = rank_dropout;
-    j["module_dropout"] = module_dropout;
-    j["init_weights"] = init_weights;
-    j["use_effective_conv2d"] = false;
-    j["modules_to_save"] = nullptr;
-    j["rank_pattern"] = rank_pattern;
-    nlohmann::json alphas = nlohmann::json::object();
-    for (const auto& [key, a] : alpha_pattern) alphas[key] = json_number(a);
-    j["alpha_pattern"] = alphas;
-    targets.to_json(j);
+  void validate(const std::string& source) const {
+    if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
 };
 

@@ -14,7 +14,6 @@
 #include "peft/core/ops.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
-#include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
@@ -58,34 +57,28 @@ struct LokrShape {
     s.full_w2 = !(2 * r < std::max(out_k, in_n));
     return s;
   }
-  std::int64_t parameters(std::int64_t r) const {
-    return (full_w1 ? out_l * in_m : r * (out_l + in_m)) +
-           (full_w2 ? out_k * in_n : r * (out_k + in_n));
-  }
 };
 }  // namespace detail
 
 struct LokrConfig {
+  static constexpr std::string_view peft_type = "LOKR";
   detail::LycorisOptions options;
   bool decompose_both = false;
   int decompose_factor = -1;
   bool rank_dropout_scale = false;  ///< recorded and written back (rank dropout is not applied)
 
+  static auto fields() {
+    using C = LokrConfig;
+    return config_fields(
+        detail::reparameterized::nested(&C::options, detail::LycorisOptions::fields()),
+        field("decompose_both", &C::decompose_both),
+        field("decompose_factor", &C::decompose_factor),
+        field("rank_dropout_scale", &C::rank_dropout_scale));
+  }
   static LokrConfig from_json(const nlohmann::json& j, const std::string& source) {
-    LokrConfig c{detail::LycorisOptions::parse(j, "LOKR", source)};
-    c.decompose_both = detail::json_or<bool>(j, "decompose_both", false, source);
-    c.decompose_factor = detail::json_or<int>(j, "decompose_factor", -1, source);
-    c.rank_dropout_scale = detail::json_or<bool>(j, "rank_dropout_scale", false, source);
-    return c;
+    return read_config<LokrConfig>(j, source);
   }
-  nlohmann::json to_json(const ModelConfig&) const {
-    nlohmann::json j = detail::adapter_config_header("LOKR");
-    options.write(j);
-    j["decompose_both"] = decompose_both;
-    j["decompose_factor"] = decompose_factor;
-    j["rank_dropout_scale"] = rank_dropout_scale;
-    return j;
-  }
+  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
   detail::LokrShape shape_for(const std::string& module, std::int64_t in, std::int64_t out) const {
     return detail::LokrShape::of(in, out, options.rank_for(module), decompose_factor,
                                  decompose_both);
@@ -94,154 +87,104 @@ struct LokrConfig {
 
 struct LoKr {
   using family = family::Reparameterized;
-  static constexpr std::string_view name = "lokr";
+  static constexpr std::string_view name = "lokr", title = "LoKr";
   using Config = LokrConfig;
 
-  static ParameterCount count_parameters(const ModelConfig&,
-                                         const std::vector<LinearShape>& linears,
-                                         const Config& config) {
-    ParameterCount count;
-    for (const LinearShape& l : linears)
-      if (config.options.targets.selects(l.name, l.layer < 0))
-        count.trainable += config.shape_for(l.name, l.in_features, l.out_features)
-                               .parameters(config.options.rank_for(l.name));
-    return count;
+  static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "LOKR"); }
+  static bool selects(const Config& c, const ModuleSite& m) {
+    return selects_by_targets(c.options, m);
   }
-
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "LOKR";
+  /// w1 [out_l, in_m] or w1_a [out_l, r], w1_b [r, in_m]; then w2 [out_k, in_n] or w2_a
+  /// [out_k, r], w2_b [r, in_n].
+  static SiteTensors site_tensors(const Config& c, const ModuleSite& m) {
+    const std::string module(m.name);
+    const std::int64_t r = c.options.rank_for(module);
+    const detail::LokrShape s = c.shape_for(module, m.in_features, m.out_features);
+    SiteTensors t;
+    if (s.full_w1)
+      t.push_back({"lokr_w1", {s.out_l, s.in_m}});
+    else
+      t.insert(t.end(), {{"lokr_w1_a", {s.out_l, r}}, {"lokr_w1_b", {r, s.in_m}}});
+    if (s.full_w2)
+      t.push_back({"lokr_w2", {s.out_k, s.in_n}});
+    else
+      t.insert(t.end(), {{"lokr_w2_a", {s.out_k, r}}, {"lokr_w2_b", {r, s.in_n}}});
+    return t;
   }
 
   template <class T>
   class State {
    public:
-    struct ModuleAdapter {
-      std::string module;
-      detail::LokrShape shape;
-      Var<T> w1, w1_a, w1_b;  ///< w1 [out_l, in_m], or w1_a [out_l, r] and w1_b [r, in_m]
-      Var<T> w2, w2_a, w2_b;  ///< w2 [out_k, in_n], or w2_a [out_k, r] and w2_b [r, in_n]
-      T scale;
-      bool merged = false;
+    struct Extra {
+      detail::LokrShape shape{};
+      T scale = T(1);
     };
+    using Sites = SiteTable<T, Extra>;
+    using Slot = typename Sites::Slot;
 
     explicit State(const Config& config) : config_(config) {}
     const Config& config() const { return config_; }
 
     void attach(AttachContext<T>& ctx) {
       const detail::LycorisOptions& o = config_.options;
-      adapters_.reset(ctx.linears.size());
-      auto trainable = [](std::int64_t rows, std::int64_t cols) {
-        return Var<T>(Tensor<T>(Shape{rows, cols}), true);
-      };
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (!o.targets.selects(lin->name, lin->layer < 0)) continue;
-        const std::int64_t r = o.rank_for(lin->name);
-        ModuleAdapter m{lin->name,
-                        config_.shape_for(lin->name, lin->in_features, lin->out_features),
-                        {},
-                        {},
-                        {},
-                        {},
-                        {},
-                        {},
-                        static_cast<T>(o.scaling_for(lin->name))};
-        const detail::LokrShape& s = m.shape;
+      sites_.template attach<LoKr>(config_, ctx.linears, [&](Slot& s, const nn::Linear<T>& m) {
+        s.extra = {config_.shape_for(m.name, m.in_features, m.out_features),
+                   static_cast<T>(o.scaling_for(m.name))};
         // As the reference: w1 (or w1_a) zero, the rest Kaiming-uniform; all random without
         // init_weights.
-        if (s.full_w1) {
-          m.w1 = trainable(s.out_l, s.in_m);
-          if (!o.init_weights) detail::kaiming_uniform(m.w1.value(), ctx.rng);
-        } else {
-          m.w1_a = trainable(s.out_l, r);
-          m.w1_b = trainable(r, s.in_m);
-          if (!o.init_weights) detail::kaiming_uniform(m.w1_a.value(), ctx.rng);
-          detail::kaiming_uniform(m.w1_b.value(), ctx.rng);
-        }
-        if (s.full_w2) {
-          m.w2 = trainable(s.out_k, s.in_n);
-          detail::kaiming_uniform(m.w2.value(), ctx.rng);
-        } else {
-          m.w2_a = trainable(s.out_k, r);
-          m.w2_b = trainable(r, s.in_n);
-          detail::kaiming_uniform(m.w2_a.value(), ctx.rng);
-          detail::kaiming_uniform(m.w2_b.value(), ctx.rng);
-        }
-        adapters_.put(lin->site, std::move(m));
-      }
-      if (adapters_.size() == 0) detail::throw_no_target("LoKr", o.targets, ctx.linears);
-    }
-
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return adapters_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      const ModuleAdapter* m = adapters_.find(module.site);
-      if (!m || m->merged) return module.forward_base(tape, x);
-      const Var<T> w1 = m->shape.full_w1 ? m->w1 : ops::matmul(tape, m->w1_a, m->w1_b);
-      const Var<T> w2 = m->shape.full_w2 ? m->w2 : ops::matmul(tape, m->w2_a, m->w2_b);
-      return ops::kronecker_linear(tape, x, module.weight, module.bias, module.layout, w1, w2,
-                                   m->scale);
-    }
-
-    std::vector<NamedParameter<T>> parameters() {
-      std::vector<NamedParameter<T>> out;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        const std::string prefix = "base_model.model." + m.module + ".";
-        if (m.shape.full_w1)
-          out.push_back({prefix + "lokr_w1", m.w1});
-        else {
-          out.push_back({prefix + "lokr_w1_a", m.w1_a});
-          out.push_back({prefix + "lokr_w1_b", m.w1_b});
-        }
-        if (m.shape.full_w2)
-          out.push_back({prefix + "lokr_w2", m.w2});
-        else {
-          out.push_back({prefix + "lokr_w2_a", m.w2_a});
-          out.push_back({prefix + "lokr_w2_b", m.w2_b});
-        }
+        if (!o.init_weights) detail::kaiming_uniform(s[0].value(), ctx.rng);
+        for (std::size_t i = 1; i < s.tensors.size(); ++i)
+          detail::kaiming_uniform(s[i].value(), ctx.rng);
       });
-      return out;
     }
+
+    /// A replacement by the fused kronecker_linear (x Wᵀ + b + s x (w1 ⊗ w2)ᵀ in one op), so
+    /// that the numerics stay those of the op.
+    void adapt(Projection<T>& p) const {
+      const Slot* s = sites_.active(p.module());
+      if (!s) return;
+      p.replace_product([s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
+        const Var<T> w1 = factor(tape, *s, 1), w2 = factor(tape, *s, 2);
+        return ops::kronecker_linear(tape, x, m.weight, m.bias, m.layout, w1, w2, s->extra.scale);
+      });
+    }
+    std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
+    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
 
     /// ΔW = s w1 ⊗ w2 [out, in].
-    RowMatrix<T> delta_weight(int site) const {
-      const ModuleAdapter* m = adapters_.find(site);
-      if (!m) throw Error("LoKr: no adapter at site " + std::to_string(site));
-      const RowMatrix<T> w1 =
-          m->shape.full_w1 ? RowMatrix<T>(m->w1.value().matrix())
-                           : RowMatrix<T>(m->w1_a.value().matrix() * m->w1_b.value().matrix());
-      const RowMatrix<T> w2 =
-          m->shape.full_w2 ? RowMatrix<T>(m->w2.value().matrix())
-                           : RowMatrix<T>(m->w2_a.value().matrix() * m->w2_b.value().matrix());
+    static RowMatrix<T> delta_weight(const Slot& s, const nn::Linear<T>&) {
+      const RowMatrix<T> w1 = factor_value(s, 1), w2 = factor_value(s, 2);
       RowMatrix<T> delta(w1.rows() * w2.rows(), w1.cols() * w2.cols());
       for (Eigen::Index i = 0; i < w1.rows(); ++i)
         for (Eigen::Index j = 0; j < w1.cols(); ++j)
           delta.block(i * w2.rows(), j * w2.cols(), w2.rows(), w2.cols()) =
-              (m->scale * w1(i, j)) * w2;
+              (s.extra.scale * w1(i, j)) * w2;
       return delta;
     }
-
-    void merge(std::vector<nn::Linear<T>*>& modules) { fold(modules, true); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { fold(modules, false); }
-    void unload(std::vector<nn::Linear<T>*>& modules) {
-      fold(modules, true);
-      adapters_.clear();
-    }
-    std::size_t attached_modules() const { return adapters_.size(); }
+    void merge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, true, delta_weight); }
+    void unmerge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, false, delta_weight); }
+    void unload(const std::vector<nn::Linear<T>*>& m) { sites_.unload(m, delta_weight); }
 
    private:
-    void fold(std::vector<nn::Linear<T>*>& modules, bool merge) {
-      for (nn::Linear<T>* lin : modules) {
-        ModuleAdapter* m = adapters_.find(lin->site);
-        if (!m || m->merged == merge) continue;
-        RowMatrix<T> delta = delta_weight(lin->site);
-        if (!merge) delta = -delta;
-        lin->add_to_weight(delta);
-        m->merged = merge;
-      }
+    /// Where factor 1 or 2 starts in the slot, and whether it is one tensor (else the product
+    /// of its two rank-r parts).
+    static std::pair<std::size_t, bool> part(const Slot& s, int which) {
+      const bool full_w1 = s.extra.shape.full_w1;
+      if (which == 1) return {0, full_w1};
+      return {full_w1 ? 1 : 2, s.extra.shape.full_w2};
+    }
+    static Var<T> factor(Tape<T>& tape, const Slot& s, int which) {
+      const auto [i, full] = part(s, which);
+      return full ? s[i] : ops::matmul(tape, s[i], s[i + 1]);
+    }
+    static RowMatrix<T> factor_value(const Slot& s, int which) {
+      const auto [i, full] = part(s, which);
+      if (full) return s[i].value().matrix();
+      return s[i].value().matrix() * s[i + 1].value().matrix();
     }
 
     Config config_;
-    detail::SiteTable<ModuleAdapter> adapters_;
+    Sites sites_;
   };
 };
 

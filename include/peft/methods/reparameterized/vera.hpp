@@ -13,14 +13,25 @@
 #include <vector>
 
 #include "peft/core/ops.hpp"
-#include "peft/methods/adapter_config.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
-#include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
+namespace detail::reparameterized {
+/// The target rules without exclude_modules, which the reference's VeRA config does not have.
+template <class C>
+struct TargetsWithoutExclude : TargetsField<C> {
+  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
+    TargetsField<C>::write(c, j, model);
+    j.erase("exclude_modules");
+  }
+};
+}  // namespace detail::reparameterized
+
 struct VeraConfig {
+  static constexpr std::string_view peft_type = "VERA";
   int r = 256;
   TargetRules targets;
   std::int64_t projection_prng_key = 0;
@@ -29,60 +40,38 @@ struct VeraConfig {
   double d_initial = 0.1;
   bool init_weights = true;  ///< λ_b = 0, λ_d = d_initial; else λ_b = 1, λ_d ~ N(0, 1)
 
-  static VeraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "VERA", source);
-    VeraConfig c;
-    c.r = detail::json_or<int>(j, "r", 256, source);
-    c.targets = TargetRules::from_json(j, source);
-    c.projection_prng_key = detail::json_or<std::int64_t>(j, "projection_prng_key", 0, source);
-    c.save_projection = detail::json_or<bool>(j, "save_projection", true, source);
-    c.vera_dropout = detail::json_or<double>(j, "vera_dropout", 0.0, source);
-    c.d_initial = detail::json_or<double>(j, "d_initial", 0.1, source);
-    c.init_weights = detail::json_or<bool>(j, "init_weights", true, source);
-    const std::string bias = detail::json_or<std::string>(j, "bias", "none", source);
-    if (bias != "none") throw ConfigError(source + ": bias '" + bias + "' unsupported (none)");
-    if (!detail::json_field(j, "modules_to_save").is_null())
-      throw ConfigError(source + ": modules_to_save is not supported");
-    if (c.r <= 0) throw ConfigError(source + ": r must be positive");
-    if (c.targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
-    return c;
-  }
-
   /// The fields the reference (peft 0.21) writes for VeRA (it has no exclude_modules).
-  nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = detail::adapter_config_header("VERA");
-    j["r"] = r;
-    j["projection_prng_key"] = projection_prng_key;
-    j["save_projection"] = save_projection;
-    j["vera_dropout"] = vera_dropout;
-    j["d_initial"] = d_initial;
-    j["init_weights"] = init_weights;
-    j["fan_in_fan_out"] = model.model_type == "gpt2";
-    j["bias"] = "none";
-    j["modules_to_save"] = nullptr;
-    targets.to_json(j);
-    j.erase("exclude_modules");
-    return j;
+  static auto fields() {
+    using C = VeraConfig;
+    using detail::reparameterized::as_given;
+    return config_fields(field("r", &C::r, check::positive),
+                         detail::reparameterized::TargetsWithoutExclude<C>{{&C::targets}},
+                         field("projection_prng_key", &C::projection_prng_key),
+                         field("save_projection", &C::save_projection),
+                         as_given("vera_dropout", &C::vera_dropout, check::probability),
+                         as_given("d_initial", &C::d_initial),
+                         field("init_weights", &C::init_weights), fan_in_fan_out(),
+                         fixed("bias", "none"), fixed("modules_to_save", nullptr));
   }
+  void validate(const std::string& source) const {
+    if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
+  }
+  static VeraConfig from_json(const nlohmann::json& j, const std::string& source) {
+    return read_config<VeraConfig>(j, source);
+  }
+  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct VeRA {
   using family = family::Reparameterized;
-  static constexpr std::string_view name = "vera";
+  static constexpr std::string_view name = "vera", title = "VeRA";
   using Config = VeraConfig;
 
-  /// r + out per adapted module; the shared vera_A / vera_B are buffers, not parameters.
-  static ParameterCount count_parameters(const ModelConfig&,
-                                         const std::vector<LinearShape>& linears,
-                                         const Config& config) {
-    ParameterCount count;
-    for (const LinearShape& l : linears)
-      if (config.targets.selects(l.name, l.layer < 0)) count.trainable += config.r + l.out_features;
-    return count;
-  }
-
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "VERA";
+  static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "VERA"); }
+  /// λ_b [out] and λ_d [r] per module (r + out); the shared vera_A / vera_B are the method's
+  /// own buffers, outside the table: not parameters, not counted.
+  static SiteTensors site_tensors(const Config& c, const ModuleSite& m) {
+    return {{"vera_lambda_b", {m.out_features}}, {"vera_lambda_d", {c.r}}};
   }
 
   static constexpr const char* shared_a_key = "base_model.vera_A";
@@ -91,42 +80,31 @@ struct VeRA {
   template <class T>
   class State {
    public:
-    struct ModuleAdapter {
-      std::string module;
-      Var<T> lambda_d;  ///< [r]
-      Var<T> lambda_b;  ///< [out]
-      bool merged = false;
-    };
+    using Sites = SiteTable<T>;
+    using Slot = typename Sites::Slot;
 
     explicit State(const Config& config) : config_(config) {}
     const Config& config() const { return config_; }
 
     void attach(AttachContext<T>& ctx) {
-      adapters_.reset(ctx.linears.size());
       std::int64_t max_in = 0, max_out = 0;
-      const int r = config_.r;
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (!config_.targets.selects(lin->name, lin->layer < 0)) continue;
-        max_in = std::max(max_in, lin->in_features);
-        max_out = std::max(max_out, lin->out_features);
-        ModuleAdapter m{lin->name, Var<T>(Tensor<T>(Shape{r}), true),
-                        Var<T>(Tensor<T>(Shape{lin->out_features}), true)};
+      sites_.template attach<VeRA>(config_, ctx.linears, [&](Slot& s, const nn::Linear<T>& m) {
+        max_in = std::max(max_in, m.in_features);
+        max_out = std::max(max_out, m.out_features);
         if (config_.init_weights) {
-          m.lambda_d.value().fill(static_cast<T>(config_.d_initial));
+          s[1].value().fill(static_cast<T>(config_.d_initial));
         } else {
-          m.lambda_b.value().fill(T(1));
-          detail::normal_fill(m.lambda_d.value(), ctx.rng, 1.0);
+          s[0].value().fill(T(1));
+          detail::normal_fill(s[1].value(), ctx.rng, 1.0);
         }
-        adapters_.put(lin->site, std::move(m));
-      }
-      if (adapters_.size() == 0) detail::throw_no_target("VeRA", config_.targets, ctx.linears);
+      });
       // The shared projections come from their own generator seeded with projection_prng_key,
       // so an adapter saved without them (save_projection false) rebuilds the same ones here.
       // The draws follow the reference's distribution (Kaiming-uniform, gain √2, fan_in = the
       // second extent), not torch's generator: files for the reference keep save_projection.
       std::mt19937_64 rng(static_cast<std::uint64_t>(config_.projection_prng_key));
-      shared_a_ = Var<T>(Tensor<T>(Shape{r, max_in}));
-      shared_b_ = Var<T>(Tensor<T>(Shape{max_out, r}));
+      shared_a_ = Var<T>(Tensor<T>(Shape{config_.r, max_in}));
+      shared_b_ = Var<T>(Tensor<T>(Shape{max_out, config_.r}));
       for (Var<T>* shared : {&shared_a_, &shared_b_}) {
         const double bound = std::sqrt(6.0 / static_cast<double>(shared->value().cols()));
         std::uniform_real_distribution<double> u(-bound, bound);
@@ -135,23 +113,22 @@ struct VeRA {
       }
     }
 
-    /// Whether this adapter changes `module` (Compose routes each module to one component).
-    bool adapts(const nn::Linear<T>& lin) const { return adapters_.find(lin.site) != nullptr; }
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x) {
-      const ModuleAdapter* m = adapters_.find(module.site);
-      if (!m || m->merged) return module.forward_base(tape, x);
-      return ops::vera_linear(tape, x, module.weight, module.bias, module.layout, shared_a_,
-                              shared_b_, m->lambda_d, m->lambda_b);
-    }
-
-    /// λ_d and λ_b of every module, then the shared (frozen) projections when they are saved.
-    std::vector<NamedParameter<T>> parameters() {
-      std::vector<NamedParameter<T>> out;
-      adapters_.for_each([&](ModuleAdapter& m) {
-        out.push_back({"base_model.model." + m.module + ".vera_lambda_b", m.lambda_b});
-        out.push_back({"base_model.model." + m.module + ".vera_lambda_d", m.lambda_d});
+    /// A replacement by the fused vera_linear (x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (x Âᵀ)) B̂ᵀ) in one
+    /// op), so that the numerics stay those of the op.
+    void adapt(Projection<T>& p) const {
+      const Slot* s = sites_.active(p.module());
+      if (!s) return;
+      p.replace_product([this, s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
+        return ops::vera_linear(tape, x, m.weight, m.bias, m.layout, shared_a_, shared_b_, (*s)[1],
+                                (*s)[0]);
       });
-      if (config_.save_projection && adapters_.size() > 0) {
+    }
+    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
+
+    /// λ_b and λ_d of every module, then the shared (frozen) projections when they are saved.
+    std::vector<NamedParameter<T>> parameters() const {
+      std::vector<NamedParameter<T>> out = sites_.parameters();
+      if (config_.save_projection && sites_.size() > 0) {
         out.push_back({shared_a_key, shared_a_});
         out.push_back({shared_b_key, shared_b_});
       }
@@ -159,42 +136,29 @@ struct VeRA {
     }
 
     /// W += (λ_b ⊙ B̂)(λ_d ⊙ Â); unmerge subtracts the same product.
-    void merge(std::vector<nn::Linear<T>*>& modules) { fold(modules, true); }
-    void unmerge(std::vector<nn::Linear<T>*>& modules) { fold(modules, false); }
-    void unload(std::vector<nn::Linear<T>*>& modules) {
-      fold(modules, true);
-      adapters_.clear();
-    }
+    void merge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, true, delta()); }
+    void unmerge(const std::vector<nn::Linear<T>*>& m) { sites_.fold(m, false, delta()); }
+    void unload(const std::vector<nn::Linear<T>*>& m) { sites_.unload(m, delta()); }
 
-    std::size_t attached_modules() const { return adapters_.size(); }
     const Var<T>& shared_a() const { return shared_a_; }
     const Var<T>& shared_b() const { return shared_b_; }
 
     /// ΔW [out, in] of one adapted module.
-    RowMatrix<T> delta_weight(const nn::Linear<T>& lin) const {
-      const ModuleAdapter* m = adapters_.find(lin.site);
-      if (!m) throw Error("VeRA: " + lin.name + " has no adapter");
-      const RowMatrix<T> b = m->lambda_b.value().vector().asDiagonal() *
-                             shared_b_.value().matrix().topRows(lin.out_features);
-      const RowMatrix<T> a = m->lambda_d.value().vector().asDiagonal() *
-                             shared_a_.value().matrix().leftCols(lin.in_features);
+    RowMatrix<T> delta_weight(const Slot& s, const nn::Linear<T>& lin) const {
+      const RowMatrix<T> b =
+          s[0].value().vector().asDiagonal() * shared_b_.value().matrix().topRows(lin.out_features);
+      const RowMatrix<T> a =
+          s[1].value().vector().asDiagonal() * shared_a_.value().matrix().leftCols(lin.in_features);
       return b * a;
     }
 
    private:
-    void fold(std::vector<nn::Linear<T>*>& modules, bool merge) {
-      for (nn::Linear<T>* lin : modules) {
-        ModuleAdapter* m = adapters_.find(lin->site);
-        if (!m || m->merged == merge) continue;
-        RowMatrix<T> delta = delta_weight(*lin);
-        if (!merge) delta = -delta;
-        lin->add_to_weight(delta);
-        m->merged = merge;
-      }
+    auto delta() const {
+      return [this](const Slot& s, const nn::Linear<T>& lin) { return delta_weight(s, lin); };
     }
 
     Config config_;
-    detail::SiteTable<ModuleAdapter> adapters_;
+    Sites sites_;
     Var<T> shared_a_, shared_b_;  // frozen
   };
 };
