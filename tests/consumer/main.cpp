@@ -175,7 +175,7 @@ int main() {
     // 5. The study, with the method in its table (the smallest settings: a smoke run).
     std::ostringstream out, err;
     const fs::path study_dir = dir.string() + "-study";
-    const int rc = peft::experiment::run_study<Methods>(
+    const int rc = peft::experiment::run_study(
         {"--quick", "--methods", "output_shift", "--out", study_dir.string(), "--pretrain-steps",
          "5", "--steps", "5", "--no-progress"},
         out, err,

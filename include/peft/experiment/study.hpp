@@ -11,7 +11,10 @@
 //      for every method) into --out.
 //
 // Adding a method to the study is one entry in study_methods(): the policy type, its learning
-// rate, and a lambda that builds its config for the study's model (docs/study.md).
+// rate, and a lambda that builds its config for the study's model (docs/study.md). A method
+// from outside the library joins without editing it: run_study(args, out, err,
+// {entry<MyMethod>(lr, make_config)}) from the user's own program (tests/consumer does).
+// The experiment module (include/peft/experiment/) is opt-in: not in <peft/peft.hpp>.
 #include <unistd.h>
 
 #include <algorithm>
@@ -38,9 +41,7 @@
 #include <peft/peft.hpp>
 #include <peft/train/trainer.hpp>
 
-namespace peft::cli {
-
-namespace study {
+namespace peft::experiment {
 
 namespace fs = std::filesystem;
 
@@ -263,7 +264,7 @@ MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::
   Model model(w.model, config, s.seed);
   model.load_base_weights(io::SafetensorsFile::open(w.base_dir / "model.safetensors"));
   if (full) model.set_base_trainable(true);
-  if constexpr (requires { model.adapter().calibrate(model, w.calibration_batches); })
+  if constexpr (Calibrated<typename Model::Adapter, Model, std::vector<Batch>>)
     model.adapter().calibrate(model, w.calibration_batches);
   const auto count = [&] {
     std::int64_t n = 0;
@@ -297,7 +298,7 @@ MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::
 
   // Methods that train in two phases (diff pruning: dense with the L0 penalty, then the pruned
   // sparse diff) split the budget; both phases' steps count toward it.
-  constexpr bool two_phase = requires { model.adapter().prune(); };
+  constexpr bool two_phase = TrainsInTwoPhases<typename Model::Adapter>;
   const std::int64_t first = two_phase ? steps / 2 : steps;
   progress.start(label, steps);
   double seconds = 0;
@@ -347,18 +348,28 @@ struct MethodEntry {
   std::function<MethodResult(const Workload&, const Settings&, Progress&, double lr)> run;
 };
 
-/// The entry for a PEFT policy: the family comes from the type, the config from `make_config`
-/// (given the study's model config and its step budget).
+/// The entry for a PEFT policy: the family and the name (`P::name`) come from the type, the
+/// config from `make_config` (given the study's model config and its step budget). `label`
+/// names a row other than by the method's name (a variant: "rslora"; a composition: "unipelt").
 template <class Policy>
 MethodEntry entry(
-    std::string method, double lr,
-    std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config) {
+    double lr,
+    std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config,
+    std::string method = std::string(Policy::name)) {
   MethodEntry e{std::string(Policy::family::name), method, lr, {}};
   e.run = [method, make_config](const Workload& w, const Settings& s, Progress& p, double rate) {
     return adapt<Policy>(w, s, make_config(w.model, s.adapt_steps), rate, false, s.adapt_steps, p,
                          method);
   };
   return e;
+}
+
+/// The same, for a row named `method` (a variant or a composition alias).
+template <class Policy>
+MethodEntry entry(
+    std::string method, double lr,
+    std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config) {
+  return entry<Policy>(lr, std::move(make_config), std::move(method));
 }
 
 inline TargetRules modules(std::vector<std::string> names) {
@@ -382,21 +393,21 @@ inline std::vector<MethodEntry> study_methods() {
   std::vector<MethodEntry> m;
   // --- reparameterized: rank 2 on the four attention projections (under 2% of the base),
   // α = 2r. (Rank 2 on q, k, v, o beat rank 4 on q, v at the same count on the tasks study.)
-  m.push_back(entry<LoRA>("lora", 1e-2, [=](Model, Steps) {
+  m.push_back(entry<LoRA>(1e-2, [=](Model, Steps) {
     LoraConfig c;
     c.r = 2;
     c.lora_alpha = 4;
     c.targets = attention;
     return c;
   }));
-  m.push_back(entry<DoRA>("dora", 1e-2, [=](Model, Steps) {
+  m.push_back(entry<DoRA>(1e-2, [=](Model, Steps) {
     DoraConfig c;
-    c.lora.r = 2;
-    c.lora.lora_alpha = 4;
-    c.lora.targets = attention;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
     return c;
   }));
-  m.push_back(entry<AdaLoRA>("adalora", 3e-2, [=](Model, Steps steps) {
+  m.push_back(entry<AdaLoRA>(3e-2, [=](Model, Steps steps) {
     AdaLoraConfig c;
     c.init_r = 3;  // starts above LoRA's rank, prunes to it
     c.target_r = 2;
@@ -409,27 +420,27 @@ inline std::vector<MethodEntry> study_methods() {
     c.deltaT = 5;
     return c;
   }));
-  m.push_back(entry<DyLoRA>("dylora", 1e-2, [=](Model, Steps) {
+  m.push_back(entry<DyLoRA>(1e-2, [=](Model, Steps) {
     DyLoraConfig c;
     c.r = 2;
     c.lora_alpha = 4;
     c.targets = attention;
     return c;
   }));
-  m.push_back(entry<VeRA>("vera", 5e-2, [=](Model, Steps) {
+  m.push_back(entry<VeRA>(5e-2, [=](Model, Steps) {
     VeraConfig c;
     c.r = 64;  // shared frozen projections: rank is cheap, only λ_d [r] and λ_b [out] train
     c.targets = attention;
     return c;
   }));
-  m.push_back(entry<LoHa>("loha", 3e-2, [=](Model, Steps) {
+  m.push_back(entry<LoHa>(3e-2, [=](Model, Steps) {
     LohaConfig c;
     c.options.r = 1;  // two rank-1 factors: as many parameters as LoRA r = 2
     c.options.alpha = 2;
     c.options.targets = attention;
     return c;
   }));
-  m.push_back(entry<LoKr>("lokr", 3e-2, [=](Model, Steps) {
+  m.push_back(entry<LoKr>(3e-2, [=](Model, Steps) {
     LokrConfig c;
     c.options.r = 2;
     c.options.alpha = 4;
@@ -437,56 +448,56 @@ inline std::vector<MethodEntry> study_methods() {
     return c;
   }));
   // --- additive
-  m.push_back(entry<IA3>("ia3", 5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
-  m.push_back(entry<PrefixTuning>("prefix_tuning", 3e-2, [](Model, Steps) {
+  m.push_back(entry<IA3>(5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
+  m.push_back(entry<PrefixTuning>(3e-2, [](Model, Steps) {
     PrefixTuningConfig c;
     c.num_virtual_tokens = 8;
     return c;
   }));
-  m.push_back(entry<PromptTuning>("prompt_tuning", 5e-2, [](Model, Steps) {
+  m.push_back(entry<PromptTuning>(5e-2, [](Model, Steps) {
     PromptTuningConfig c;
     c.num_virtual_tokens = 8;
     return c;
   }));
-  m.push_back(entry<PTuning>("p_tuning", 1e-2, [](Model, Steps) {
+  m.push_back(entry<PTuning>(1e-2, [](Model, Steps) {
     PTuningConfig c;
     c.num_virtual_tokens = 8;
     return c;
   }));
-  m.push_back(entry<SerialAdapter>("serial_adapter", 1e-2, [](Model, Steps) {
+  m.push_back(entry<SerialAdapter>(1e-2, [](Model, Steps) {
     SerialAdapter::Config c;
     c.bottleneck_size = 8;
     return c;
   }));
-  m.push_back(entry<PfeifferAdapter>("pfeiffer_adapter", 1e-2, [](Model, Steps) {
+  m.push_back(entry<PfeifferAdapter>(1e-2, [](Model, Steps) {
     PfeifferAdapter::Config c;
     c.bottleneck_size = 8;
     return c;
   }));
-  m.push_back(entry<ParallelAdapter>("parallel_adapter", 1e-2, [](Model, Steps) {
+  m.push_back(entry<ParallelAdapter>(1e-2, [](Model, Steps) {
     ParallelAdapter::Config c;
     c.bottleneck_size = 8;
     return c;
   }));
-  m.push_back(entry<SSF>("ssf", 3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
+  m.push_back(entry<SSF>(3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
   // --- selective: about 2% of the projection weights where a budget applies
-  m.push_back(entry<BitFit>("bitfit", 3e-2, [](Model, Steps) { return BitFitConfig{}; }));
-  m.push_back(entry<LNTuning>("ln_tuning", 3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
-  m.push_back(entry<FishMask>("fishmask", 1e-2, [](Model, Steps) {
+  m.push_back(entry<BitFit>(3e-2, [](Model, Steps) { return BitFitConfig{}; }));
+  m.push_back(entry<LNTuning>(3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
+  m.push_back(entry<FishMask>(1e-2, [](Model, Steps) {
     FishMaskConfig c;
     c.budget.density = 0.02;
     return c;
   }));
-  m.push_back(entry<UnstructuredMask>("unstructured_mask", 1e-2, [](Model, Steps) {
+  m.push_back(entry<UnstructuredMask>(1e-2, [](Model, Steps) {
     UnstructuredMaskConfig c;
     c.budget.density = 0.02;
     return c;
   }));
-  m.push_back(entry<StructuredMask>("structured_mask", 1e-2, [](Model, Steps) {
+  m.push_back(entry<StructuredMask>(1e-2, [](Model, Steps) {
     StructuredMaskConfig c;  // the highest-scoring row of each projection
     return c;
   }));
-  m.push_back(entry<DiffPruning>("diff_pruning", 1e-2, [](Model, Steps) {
+  m.push_back(entry<DiffPruning>(1e-2, [](Model, Steps) {
     DiffPruningConfig c;
     c.budget.density = 0.02;
     return c;
@@ -503,7 +514,8 @@ inline std::vector<MethodEntry> study_methods() {
 }
 
 /// Rows `none` and `full`, then study_methods() (filtered by --methods).
-inline std::vector<MethodEntry> all_entries(const Settings& s) {
+inline std::vector<MethodEntry> all_entries(const Settings& s,
+                                            std::vector<MethodEntry> extra = {}) {
   std::vector<MethodEntry> out;
   out.push_back({"none", "none", 0, [](const Workload& w, const Settings& st, Progress& p, double) {
                    MethodResult r = adapt<NoPeft>(w, st, {}, 0, false, 0, p, "none");
@@ -520,7 +532,15 @@ inline std::vector<MethodEntry> all_entries(const Settings& s) {
                  [](const Workload& w, const Settings& st, Progress& p, double rate) {
                    return adapt<NoPeft>(w, st, {}, rate, true, st.adapt_steps, p, "full");
                  }});
-  for (MethodEntry& e : study_methods()) {
+  std::vector<MethodEntry> table = study_methods();
+  for (MethodEntry& e : extra) table.push_back(std::move(e));
+  for (const std::string& name : s.only) {
+    const bool known = std::any_of(table.begin(), table.end(),
+                                   [&](const MethodEntry& e) { return e.method == name; });
+    if (!known && name != "none" && name != "full")
+      throw ConfigError("--methods: no method '" + name + "' in the study (peft study --list)");
+  }
+  for (MethodEntry& e : table) {
     if (!s.only.empty() && std::find(s.only.begin(), s.only.end(), e.method) == s.only.end())
       continue;
     out.push_back(std::move(e));
@@ -808,17 +828,19 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
   return true;
 }
 
-}  // namespace study
 
-/// `peft study [OPTIONS]`; see study::print_usage and docs/study.md.
-inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+/// `peft study [OPTIONS]`; see print_usage and docs/study.md.
+/// `peft study ARGS`, with `extra` rows after the library's own (an outside project's methods:
+/// `entry<MyMethod>(lr, make_config)`). Returns the exit status (2: bad arguments).
+inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+                     std::vector<MethodEntry> extra = {}) {
   using namespace std::chrono;
   namespace fs = std::filesystem;
-  study::Settings s;
+  Settings s;
   bool list = false;
-  if (!study::parse_settings(args, s, list, err)) return 2;
+  if (!parse_settings(args, s, list, err)) return 2;
   if (list) {
-    for (const study::MethodEntry& e : study::all_entries(s))
+    for (const MethodEntry& e : all_entries(s, extra))
       out << std::left << std::setw(18) << e.family << std::setw(18) << e.method << " lr " << e.lr
           << '\n';
     return 0;
@@ -828,10 +850,10 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
 #endif
   const auto started = steady_clock::now();
   fs::create_directories(s.out);
-  study::Progress progress(out, s.progress);
+  Progress progress(out, s.progress);
 
   // The workload: data for pretraining and for adaptation.
-  study::Workload w;
+  Workload w;
   std::function<Batch(std::mt19937_64&)> pretrain_batch;
   std::vector<Batch> pretrain_eval;
   std::string data_key;
@@ -840,11 +862,11 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
   const std::int64_t batch = s.batch;
   if (s.text_mode()) {
     const std::int64_t seq = 64;
-    w.model = study::study_model(data::kByteVocabSize, seq);
+    w.model = study_model(data::kByteVocabSize, seq);
     pretrain_corpus.emplace(data::ByteCorpus::from_file(s.pretrain_text, seq));
     corpus.emplace(data::ByteCorpus::from_file(s.text, seq));
     const std::vector<std::uint8_t> bytes = data::read_bytes(s.pretrain_text);
-    data_key = "text:" + study::hex16(study::fnv1a(std::string_view(
+    data_key = "text:" + hex16(fnv1a(std::string_view(
                              reinterpret_cast<const char*>(bytes.data()), bytes.size())));
     pretrain_batch = [&](std::mt19937_64& rng) { return pretrain_corpus->train_batch(rng, batch); };
     pretrain_eval = pretrain_corpus->eval_batches(s.eval_examples / 2, 32);
@@ -861,7 +883,7 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
     // Both pad to one length, so batch shapes (and step times) match across the phases.
     const std::int64_t seq = std::max(pretrain_mix->seq_len(), downstream_mix->seq_len());
     pretrain_mix->min_seq_len = downstream_mix->min_seq_len = seq;
-    w.model = study::study_model(data::TaskVocab::size, 64);
+    w.model = study_model(data::TaskVocab::size, 64);
     data_key = "tasks:";
     for (data::TaskKind k : s.pretrain_tasks) data_key += std::string(data::task_name(k)) + ",";
     pretrain_batch = [&](std::mt19937_64& rng) { return pretrain_mix->train_batch(rng, batch); };
@@ -883,13 +905,13 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
       << " layers, " << w.model.num_heads << " heads, vocab " << w.model.vocab_size << "; "
       << s.threads << " thread(s), seed " << s.seed << "\n";
   w.base_dir =
-      study::pretrained_base(s, w.model, pretrain_batch, pretrain_eval, data_key, out, progress);
+      pretrained_base(s, w.model, pretrain_batch, pretrain_eval, data_key, out, progress);
 
   out << "adapting: " << s.adapt_steps << " steps of batch " << batch
       << " per method, cosine schedule, AdamW, clip 1.0\n";
-  std::vector<study::MethodResult> rows;
-  for (const study::MethodEntry& e : study::all_entries(s)) {
-    study::MethodResult r;
+  std::vector<MethodResult> rows;
+  for (const MethodEntry& e : all_entries(s, extra)) {
+    MethodResult r;
     try {
       r = e.run(w, s, progress, e.lr);
     } catch (const std::exception& ex) {
@@ -902,14 +924,14 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
     rows.push_back(std::move(r));
   }
   const double seconds = duration<double>(steady_clock::now() - started).count();
-  study::print_table(out, rows);
-  study::write_csv(s.out / "results.csv", rows);
-  study::write_json(s.out / "results.json", s, w, rows, seconds);
-  study::write_svg(s.out / "curves.svg", rows, w.description);
+  print_table(out, rows);
+  write_csv(s.out / "results.csv", rows);
+  write_json(s.out / "results.json", s, w, rows, seconds);
+  write_svg(s.out / "curves.svg", rows, w.description);
   out << "\nwrote " << (s.out / "results.csv").string() << ", " << (s.out / "results.json").string()
       << ", " << (s.out / "curves.svg").string() << " in " << std::fixed << std::setprecision(1)
       << seconds << " s\n";
   return 0;
 }
 
-}  // namespace peft::cli
+}  // namespace peft::experiment
