@@ -13,6 +13,7 @@
 #include <iostream>
 #include <limits>
 #include <peft/peft.hpp>
+#include <peft/testing/golden.hpp>
 #include <string>
 #include <vector>
 
