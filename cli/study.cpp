@@ -1,4 +1,3 @@
-#pragma once
 // `peft study`: how each PEFT method trades trainable parameters for quality, on one table.
 //
 //   1. Pretrain a small LLaMA-style decoder on a mixture of synthetic tasks (or byte-level text
@@ -37,6 +36,8 @@
 #include <peft/data/text.hpp>
 #include <peft/peft.hpp>
 #include <peft/train/trainer.hpp>
+
+#include "commands.hpp"
 
 namespace peft::cli {
 
@@ -811,7 +812,7 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
 }  // namespace study
 
 /// `peft study [OPTIONS]`; see study::print_usage and docs/study.md.
-inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   using namespace std::chrono;
   namespace fs = std::filesystem;
   study::Settings s;
