@@ -49,15 +49,4 @@ inline std::pair<std::int64_t, std::int64_t> count_parameters(const nlohmann::js
   return {trainable, all};
 }
 
-inline int run_count(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
-  if (args.size() != 2) {
-    err << "usage: peft count MODEL_CONFIG.json ADAPTER_CONFIG.json\n";
-    return 2;
-  }
-  const auto [trainable, all] =
-      count_parameters(io::load_json(args[0]), args[0], io::load_json(args[1]), args[1]);
-  out << trainable_line(trainable, all) << '\n';
-  return 0;
-}
-
 }  // namespace peft::cli

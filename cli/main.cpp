@@ -1,17 +1,11 @@
-// The peft command-line front end: build/bin/peft COMMAND [ARGS...].
+// The peft command-line front end: build/bin/peft COMMAND [ARGS...]. Dispatches only: each
+// command is its own translation unit (cli/<command>.cpp, declared in commands.hpp).
+#include <exception>
 #include <iostream>
-#include <peft/peft.hpp>
 #include <string>
 #include <vector>
 
-#include "bench_step.hpp"
-#include "count.hpp"
-#include "demo.hpp"
-#include "generate.hpp"
-#include "inspect.hpp"
-#include "parity.hpp"
-#include "search.hpp"
-#include <peft/experiment/study.hpp>
+#include "commands.hpp"
 
 namespace {
 

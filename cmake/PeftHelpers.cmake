@@ -43,14 +43,9 @@ function(peft_configure_executable target)
     target_sources(${target} PRIVATE "${_PEFT_SANITIZER_DEFAULTS}")
   endif()
   if(PEFT_NATIVE_ARCH)
-    # Eigen picks its SIMD width at compile time: without this it stays on SSE2 and its matrix
-    # products run about 3x slower (docs/performance.md). Project executables only: the
-    # INTERFACE target does not impose it on consumers.
-    target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CXX>:-march=native>")
-    # GCC 12's own AVX-512 intrinsic headers (`__m512 __Y = __Y;`), inlined through Eigen, trip
-    # -W(maybe-)uninitialized: false positives in the compiler's headers, not in this project.
-    target_compile_options(${target} PRIVATE
-      "$<$<COMPILE_LANG_AND_ID:CXX,GNU>:-Wno-maybe-uninitialized;-Wno-uninitialized>")
+    # -march=native and GCC's AVX-512 header warning suppressions: the installed, opt-in
+    # peft::native (CMakeLists.txt), which consumers link as they choose.
+    target_link_libraries(${target} PRIVATE peft::native)
   endif()
   set_target_properties(${target} PROPERTIES UNITY_BUILD OFF)
 endfunction()

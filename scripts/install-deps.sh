@@ -3,11 +3,12 @@
 # when everything is there already (no apt-get update then). Runs as root, or through sudo.
 set -euo pipefail
 
+# Exactly what the build finds (CMakeLists.txt, tests/, benchmarks/): nothing else. The build
+# calls neither git nor pkg-config, and links no BLAS (Eigen's own products; docs/performance.md).
 packages=(
-  g++ make cmake git pkg-config   # toolchain (OpenMP comes with g++: libgomp)
+  g++ make cmake                  # toolchain (OpenMP comes with g++: libgomp)
   libeigen3-dev                   # tensors and kernels
   nlohmann-json3-dev              # config.json, safetensors headers
-  libopenblas-dev                 # BLAS
   doctest-dev                     # tests
   libbenchmark-dev                # benchmarks
 )

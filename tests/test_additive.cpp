@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 #include <random>
 #include <string>
 

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 
 namespace {
 

@@ -14,6 +14,7 @@
 #include <peft/methods/hybrid/search.hpp>
 #include <peft/methods/hybrid/unipelt.hpp>
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 #include <random>
 #include <string>
 

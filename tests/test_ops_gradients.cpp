@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 
 namespace {
 

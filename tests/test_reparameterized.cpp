@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 #include <random>
 #include <set>
 #include <string>

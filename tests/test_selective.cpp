@@ -17,6 +17,7 @@
 #include <peft/methods/selective/masks.hpp>
 #include <peft/methods/selective/structured.hpp>
 #include <peft/peft.hpp>
+#include <peft/testing/gradcheck.hpp>
 #include <random>
 #include <set>
 #include <string>

@@ -1,4 +1,3 @@
-#pragma once
 // `peft demo [GOLDEN_DIR]`: the README's first command until the study lands. Loads the
 // reference GPT-2 checkpoint and LoRA adapter of the gpt2_lora golden case, trains the adapter
 // for a few AdamW steps on the case's batch, prints the losses, and saves the adapter.
@@ -9,9 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "commands.hpp"
+
 namespace peft::cli {
 
-inline int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   const std::filesystem::path golden = args.empty() ? "../shared/golden" : args[0];
   const std::filesystem::path case_dir = golden / "gpt2_lora";
   if (!std::filesystem::exists(case_dir / "case.json")) {

@@ -1,4 +1,3 @@
-#pragma once
 // `peft parity [--device cpu|cuda] CASE_DIR...`: runs golden cases, one line each, then
 // "N passed, M failed" (and ", K skipped" on CUDA).
 //
@@ -13,6 +12,7 @@
 #include <iostream>
 #include <limits>
 #include <peft/peft.hpp>
+#include <peft/testing/golden.hpp>
 #include <string>
 #include <vector>
 
@@ -21,6 +21,8 @@
 
 #include "cuda_commands.hpp"
 #endif
+
+#include "commands.hpp"
 
 namespace peft::cli {
 
@@ -146,7 +148,7 @@ inline testing::GoldenReport run_golden_case_cuda(const std::filesystem::path& c
 }  // namespace detail
 #endif
 
-inline int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   std::vector<std::string> cases;
   std::string device = "cpu";
   for (std::size_t i = 0; i < args.size(); ++i) {

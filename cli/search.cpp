@@ -1,4 +1,3 @@
-#pragma once
 // `peft search`: design-space search over PEFT configurations under a trainable-parameter budget
 // (include/peft/methods/hybrid/search.hpp). Prints the candidates' table and the run's cost;
 // writes the best configuration as adapter_config.json, with config.json (the searched model),
@@ -15,6 +14,8 @@
 #endif
 
 #include <peft/methods/hybrid/search.hpp>
+
+#include "commands.hpp"
 
 namespace peft::cli {
 
@@ -51,7 +52,7 @@ inline std::int64_t parse_integer(const std::string& option, const std::string& 
 
 }  // namespace search_cli
 
-inline int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   search::SearchOptions o;
   std::filesystem::path dir = "search";
   bool quick = false;

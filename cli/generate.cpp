@@ -1,4 +1,3 @@
-#pragma once
 // `peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3) [--max-new N]
 //                [--temperature T] [--top-k K] [--seed N]`
 // Continues a prompt with a model folder (config.json + model.safetensors: a reference
@@ -13,6 +12,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "commands.hpp"
 
 namespace peft::cli {
 
@@ -30,8 +31,7 @@ void print_generation(Model& model, const std::vector<std::int64_t>& prompt,
 }
 }  // namespace detail
 
-inline int run_generate(const std::vector<std::string>& args, std::ostream& out,
-                        std::ostream& err) {
+int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   const auto usage = [&] {
     err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)\n"
            "                     [--max-new N] [--temperature T] [--top-k K] [--seed N]\n";

@@ -1,0 +1,202 @@
+// `peft bench-step [FLAGS]` (bench_step.hpp: the step it times, shared with benchmarks/).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iomanip>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(PEFT_WITH_CUDA)
+#include <peft/backend/cuda/export_lora.hpp>
+
+#include "cuda_commands.hpp"
+#endif
+
+#include "bench_step.hpp"
+#include "commands.hpp"
+
+namespace peft::cli {
+
+/// The process's peak resident set in MiB: VmHWM from /proc/self/status (getrusage otherwise).
+inline double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return double(usage.ru_maxrss) / 1024.0;
+}
+
+/// Sets the OpenMP (and so Eigen's) thread count; 0 keeps OMP_NUM_THREADS or the default.
+inline int apply_threads(int threads) {
+#if defined(_OPENMP)
+  if (threads > 0) omp_set_num_threads(threads);
+  return omp_get_max_threads();
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+inline void print_bench_step_usage(std::ostream& out) {
+  out << "usage: peft bench-step [--layers N] [--d N] [--heads N] [--vocab N] [--seq N]\n"
+         "                       [--batch N] [--rank N] [--alpha X] [--targets qkv,proj,fc,fc2]\n"
+         "                       [--steps N] [--warmup N] [--threads N] [--checkpoint] [--seed N]\n"
+         "                       [--device cpu|cuda] [--dtype fp32|bf16]\n"
+         "defaults: the PyTorch peer's (GPT-2 124M, batch 4, seq 256, LoRA r 8 alpha 16 on\n"
+         "qkv, proj, fc, fc2, 5 timed steps after 2 warm-up steps, threads from OMP_NUM_THREADS);\n"
+         "--device cpu; --dtype: fp32 on the CPU (the only one there), bf16 on CUDA\n";
+}
+
+/// `bench-step --device cuda`: the same model (built on the CPU, with the CPU's initialisation)
+/// and batch, exported to the GPU decoder.
+inline int run_bench_step_cuda(const StepOptions& o, std::ostream& out, std::ostream& err) {
+#if defined(PEFT_WITH_CUDA)
+  if (o.checkpoint) {
+    err << "bench-step: --checkpoint is not implemented on CUDA\n";
+    return 2;
+  }
+  if (cuda_commands::device_count() == 0) {
+    err << "bench-step: error: no CUDA device (the driver reports none)\n";
+    return 2;
+  }
+  cuda_commands::StepRun run;
+  run.bf16 = o.dtype != "fp32";
+  run.warmup = o.warmup;
+  run.steps = o.steps;
+  cuda::DeviceModelSpec spec;
+  std::int64_t trainable = 0, total = 0;
+  {
+    // The CPU model lives only as long as the export needs it.
+    Decoder<arch::Gpt2, LoRA, float> model(gpt2_config(o), step_policy_config<LoRA>(o), o.seed);
+    spec = cuda::export_lora_model(model);
+    for (const NamedParameter<float>& p : model.trainable_parameters())
+      trainable += p.var.value().numel();
+    total = trainable;
+    for (const NamedParameter<float>& p : model.base_parameters()) total += p.var.value().numel();
+  }
+  out << "peft bench-step: gpt2 layers " << o.layers << " d " << o.d << " heads " << o.heads
+      << " vocab " << o.vocab << ", batch " << o.batch << " x seq " << o.seq << ", LoRA r "
+      << o.rank << " alpha " << o.alpha << " on " << o.targets << ", cuda "
+      << (run.bf16 ? "bf16" : "fp32 (no TF32)") << " on " << cuda_commands::device_name() << '\n';
+  out << "trainable " << trainable << " total " << total << '\n';
+  return cuda_commands::bench_step(spec, cuda::device_batch(random_step_batch(o)), run, out);
+#else
+  (void)o;
+  (void)out;
+  err << "bench-step: this build has no CUDA (configure with -DPEFT_WITH_CUDA=ON)\n";
+  return 2;
+#endif
+}
+
+int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  StepOptions o;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& flag = args[i];
+    if (flag == "--help" || flag == "-h") {
+      print_bench_step_usage(out);
+      return 0;
+    }
+    if (flag == "--checkpoint") {
+      o.checkpoint = true;
+      continue;
+    }
+    if (i + 1 >= args.size()) {
+      err << "bench-step: " << flag << " needs a value\n";
+      print_bench_step_usage(err);
+      return 2;
+    }
+    const std::string& value = args[++i];
+    try {
+      if (flag == "--layers")
+        o.layers = std::stoll(value);
+      else if (flag == "--d")
+        o.d = std::stoll(value);
+      else if (flag == "--heads")
+        o.heads = std::stoll(value);
+      else if (flag == "--vocab")
+        o.vocab = std::stoll(value);
+      else if (flag == "--seq")
+        o.seq = std::stoll(value);
+      else if (flag == "--batch")
+        o.batch = std::stoll(value);
+      else if (flag == "--rank")
+        o.rank = std::stoi(value);
+      else if (flag == "--alpha")
+        o.alpha = std::stod(value);
+      else if (flag == "--targets")
+        o.targets = value;
+      else if (flag == "--steps")
+        o.steps = std::stoi(value);
+      else if (flag == "--warmup")
+        o.warmup = std::stoi(value);
+      else if (flag == "--threads")
+        o.threads = std::stoi(value);
+      else if (flag == "--seed")
+        o.seed = std::stoull(value);
+      else if (flag == "--device")
+        o.device = value;
+      else if (flag == "--dtype")
+        o.dtype = value;
+      else {
+        err << "bench-step: unknown flag " << flag << '\n';
+        print_bench_step_usage(err);
+        return 2;
+      }
+    } catch (const std::logic_error&) {
+      err << "bench-step: " << flag << " expects a number, got '" << value << "'\n";
+      return 2;
+    }
+  }
+  if (o.steps < 1 || o.warmup < 0 || o.layers < 1 || o.batch < 1 || o.seq < 1 || o.rank < 1) {
+    err << "bench-step: steps, layers, batch, seq and rank must be positive\n";
+    return 2;
+  }
+  if (o.device != "cpu" && o.device != "cuda") {
+    err << "bench-step: --device " << o.device << ": cpu or cuda\n";
+    return 2;
+  }
+  if (!o.dtype.empty() && o.dtype != "fp32" && o.dtype != "bf16") {
+    err << "bench-step: --dtype " << o.dtype << ": fp32 or bf16\n";
+    return 2;
+  }
+  if (o.device == "cuda") return run_bench_step_cuda(o, out, err);
+  if (o.dtype == "bf16") {
+    err << "bench-step: --dtype bf16 runs on --device cuda only (the CPU step is fp32)\n";
+    return 2;
+  }
+  const int threads = apply_threads(o.threads);
+
+  StepWorkload<LoRA> work(o);
+  out << "peft bench-step: gpt2 layers " << o.layers << " d " << o.d << " heads " << o.heads
+      << " vocab " << o.vocab << ", batch " << o.batch << " x seq " << o.seq << ", LoRA r "
+      << o.rank << " alpha " << o.alpha << " on " << o.targets << ", threads " << threads
+      << (o.checkpoint ? ", activation checkpointing" : "") << '\n';
+  out << "trainable " << work.trainable_count() << " total " << work.total_count() << '\n';
+
+  std::vector<double> times;
+  float loss = 0;
+  for (int i = 0; i < o.warmup + o.steps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    loss = work.step();
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (i >= o.warmup) times.push_back(ms);
+    out << (i < o.warmup ? "warm-up" : "step") << ' ' << i << ": " << std::fixed
+        << std::setprecision(1) << ms << " ms, loss " << std::setprecision(4) << loss << '\n';
+  }
+  std::sort(times.begin(), times.end());
+  out << std::fixed << std::setprecision(1) << "median_ms " << times[times.size() / 2] << " min_ms "
+      << times.front() << " peak_rss_mb " << std::setprecision(0) << peak_rss_mb() << '\n';
+  return 0;
+}
+
+}  // namespace peft::cli

@@ -1,0 +1,20 @@
+#pragma once
+// The `peft` commands, one translation unit each (cli/<command>.cpp, compiled apart so that no
+// one file instantiates every model type the CLI uses); cli/main.cpp only dispatches to them.
+// Each returns the process's exit status: 0 success, 1 error, 2 usage error.
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+namespace peft::cli {
+
+int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_count(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_inspect(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+
+}  // namespace peft::cli
