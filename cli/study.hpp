@@ -391,9 +391,9 @@ inline std::vector<MethodEntry> study_methods() {
   }));
   m.push_back(entry<DoRA>("dora", 1e-2, [=](Model, Steps) {
     DoraConfig c;
-    c.lora.r = 2;
-    c.lora.lora_alpha = 4;
-    c.lora.targets = attention;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
     return c;
   }));
   m.push_back(entry<AdaLoRA>("adalora", 3e-2, [=](Model, Steps steps) {
