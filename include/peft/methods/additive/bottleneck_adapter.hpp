@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "peft/methods/additive/common.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/nn/model_shapes.hpp"
 
@@ -36,11 +37,35 @@ constexpr std::string_view adapter_peft_type(AdapterPlacement p) {
 
 template <detail::AdapterPlacement Placement>
 struct BottleneckAdapterConfig {
+  static constexpr std::string_view peft_type = detail::adapter_peft_type(Placement);
+
   std::int64_t bottleneck_size = 0;  ///< m; 0: hidden_size / reduction_factor
   std::int64_t reduction_factor = 16;
   detail::Activation activation = detail::Activation::Relu;
   double scaling = Placement == detail::AdapterPlacement::Parallel ? 4.0 : 1.0;  ///< s (parallel)
   std::vector<int> layers_to_transform;  ///< empty: every block
+
+  static auto fields() {
+    using C = BottleneckAdapterConfig;
+    auto shared = detail::field_group(
+        field("bottleneck_size", &C::bottleneck_size, check::non_negative),
+        field("reduction_factor", &C::reduction_factor, check::non_negative),
+        detail::activation_choice("activation", &C::activation),
+        detail::LayerListField<C>{&C::layers_to_transform}, fixed("modules_to_save", nullptr));
+    if constexpr (Placement == detail::AdapterPlacement::Parallel)
+      return config_fields(shared, detail::float_field("scaling", &C::scaling));
+    else
+      return config_fields(shared);
+  }
+  static BottleneckAdapterConfig from_json(const nlohmann::json& j, const std::string& source) {
+    return read_config<BottleneckAdapterConfig>(j, source);
+  }
+  /// bottleneck_size is written as the width in effect on `model`.
+  nlohmann::json to_json(const ModelConfig& model) const {
+    BottleneckAdapterConfig c = *this;
+    c.bottleneck_size = width(model);
+    return write_config(c, model);
+  }
 
   std::int64_t width(const ModelConfig& model) const {
     const std::int64_t m = bottleneck_size > 0    ? bottleneck_size
@@ -59,54 +84,21 @@ struct BottleneckAdapterConfig {
       if (l == layer) return true;
     return false;
   }
-
-  static BottleneckAdapterConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, std::string(detail::adapter_peft_type(Placement)), source);
-    BottleneckAdapterConfig c;
-    c.bottleneck_size = detail::json_or<std::int64_t>(j, "bottleneck_size", 0, source);
-    c.reduction_factor = detail::json_or<std::int64_t>(j, "reduction_factor", 16, source);
-    c.activation = detail::activation_from_name(
-        detail::json_or<std::string>(j, "activation", "relu", source), source);
-    c.scaling = detail::json_or<double>(j, "scaling", c.scaling, source);
-    const nlohmann::json& layers = detail::json_field(j, "layers_to_transform");
-    if (layers.is_number_integer())
-      c.layers_to_transform.push_back(layers.get<int>());
-    else
-      c.layers_to_transform =
-          detail::json_or<std::vector<int>>(j, "layers_to_transform", {}, source);
-    if (c.bottleneck_size < 0 || c.reduction_factor < 0)
-      throw ConfigError(source + ": bottleneck_size and reduction_factor must not be negative");
-    return c;
-  }
-
-  nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j =
-        detail::adapter_config_header(std::string(detail::adapter_peft_type(Placement)));
-    j["bottleneck_size"] = width(model);
-    j["reduction_factor"] = reduction_factor;
-    j["activation"] = detail::activation_name(activation);
-    if constexpr (Placement == detail::AdapterPlacement::Parallel) j["scaling"] = scaling;
-    j["layers_to_transform"] =
-        layers_to_transform.empty() ? nlohmann::json(nullptr) : nlohmann::json(layers_to_transform);
-    j["modules_to_save"] = nullptr;
-    return j;
-  }
 };
 
 template <detail::AdapterPlacement Placement>
-struct BottleneckAdapter {
-  using family = family::Additive;
-  static constexpr std::string_view name =
-      Placement == detail::AdapterPlacement::Serial     ? "serial_adapter"
-      : Placement == detail::AdapterPlacement::Pfeiffer ? "pfeiffer_adapter"
-                                                        : "parallel_adapter";
+struct BottleneckAdapter : detail::AdditiveMethod<BottleneckAdapterConfig<Placement>> {
+  static constexpr bool serial = Placement == detail::AdapterPlacement::Serial;
+  static constexpr bool pfeiffer = Placement == detail::AdapterPlacement::Pfeiffer;
+  static constexpr std::string_view name = serial     ? "serial_adapter"
+                                           : pfeiffer ? "pfeiffer_adapter"
+                                                      : "parallel_adapter";
+  static constexpr std::string_view title = serial     ? "serial adapter"
+                                            : pfeiffer ? "Pfeiffer adapter"
+                                                       : "parallel adapter";
   using Config = BottleneckAdapterConfig<Placement>;
 
   static constexpr bool after_attention_site = Placement == detail::AdapterPlacement::Serial;
-
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == detail::adapter_peft_type(Placement);
-  }
 
   static ParameterCount count_parameters(const ModelConfig& model, const std::vector<LinearShape>&,
                                          const Config& config) {
@@ -119,15 +111,14 @@ struct BottleneckAdapter {
   }
 
   template <class T>
-  class State {
+  class State : public detail::ConfiguredState<Config> {
    public:
     struct Module {
       std::string path;  ///< "<block>.<site>"
       detail::DenseLayer<T> down, up;
     };
 
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using detail::ConfiguredState<Config>::ConfiguredState;
 
     void attach(AttachContext<T>& ctx) {
       const ModelConfig& m = ctx.config;
@@ -183,7 +174,7 @@ struct BottleneckAdapter {
                           detail::activate(tape, m.down.forward(tape, x), config_.activation));
     }
 
-    Config config_;
+    using detail::ConfiguredState<Config>::config_;
     std::vector<std::optional<Module>> attention_, mlp_;  // by layer
   };
 };

@@ -17,58 +17,49 @@
 #include <vector>
 
 #include "peft/methods/additive/common.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
-struct PrefixTuningConfig {
-  std::int64_t num_virtual_tokens = 20;
+struct PrefixTuningConfig : detail::PromptLearningConfig {
+  static constexpr std::string_view peft_type = "PREFIX_TUNING";
+
   bool prefix_projection = false;
   std::int64_t encoder_hidden_size = 0;  ///< h of the projection; 0: kv_dim, as the reference
   /// The table is already folded (always so when read from an adapter file, which holds only
   /// the projection's output).
   bool folded = false;
-  detail::PromptLearningDims recorded;  ///< dimensions the file states, checked at attach
 
+  static auto fields() {
+    using C = PrefixTuningConfig;
+    return config_fields(prompt_learning_fields(),
+                         field("prefix_projection", &C::prefix_projection),
+                         field("encoder_hidden_size", &C::encoder_hidden_size, check::non_negative),
+                         constants({{"init_weights", nullptr}}));
+  }
   static PrefixTuningConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "PREFIX_TUNING", source);
-    PrefixTuningConfig c;
-    c.num_virtual_tokens = detail::json_or<std::int64_t>(j, "num_virtual_tokens", 20, source);
-    c.prefix_projection = detail::json_or<bool>(j, "prefix_projection", false, source);
-    c.encoder_hidden_size = detail::json_or<std::int64_t>(j, "encoder_hidden_size", 0, source);
+    PrefixTuningConfig c = read_config<PrefixTuningConfig>(j, source);
     c.folded = true;
-    c.recorded = detail::PromptLearningDims::from_json(j, source);
-    if (c.num_virtual_tokens <= 0)
-      throw ConfigError(source + ": num_virtual_tokens must be positive");
     return c;
+  }
+  /// The reference's adapter_config.json: token_dim and num_attention_heads are the key/value
+  /// width and head count (the reference adjusts them so for grouped-query models).
+  nlohmann::json to_json(const ModelConfig& model) const {
+    PrefixTuningConfig c = recording(*this, model.num_layers, model.kv_dim(), model.num_kv_heads);
+    c.encoder_hidden_size = hidden_for(model);
+    return write_config(c, model);
   }
 
   std::int64_t hidden_for(const ModelConfig& model) const {
     return encoder_hidden_size > 0 ? encoder_hidden_size : model.kv_dim();
   }
-
-  /// The reference's adapter_config.json: token_dim and num_attention_heads are the key/value
-  /// width and head count (the reference adjusts them so for grouped-query models).
-  nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = detail::adapter_config_header("PREFIX_TUNING");
-    detail::prompt_learning_to_json(j, num_virtual_tokens, model.num_layers, model.kv_dim(),
-                                    model.num_kv_heads);
-    j["prefix_projection"] = prefix_projection;
-    j["encoder_hidden_size"] = hidden_for(model);
-    j["init_weights"] = nullptr;
-    return j;
-  }
 };
 
-struct PrefixTuning {
-  using family = family::Additive;
-  static constexpr std::string_view name = "prefix_tuning";
+struct PrefixTuning : detail::AdditiveMethod<PrefixTuningConfig> {
+  static constexpr std::string_view name = "prefix_tuning", title = "prefix tuning";
   using Config = PrefixTuningConfig;
-
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "PREFIX_TUNING";
-  }
 
   /// As the reference prints it while training: the table, or with prefix_projection the
   /// embedding and both projection layers.
@@ -87,23 +78,24 @@ struct PrefixTuning {
   }
 
   template <class T>
-  class State {
+  class State : public detail::ConfiguredState<Config> {
    public:
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using detail::ConfiguredState<Config>::ConfiguredState;
 
     void attach(AttachContext<T>& ctx) {
       const ModelConfig& m = ctx.config;
-      config_.recorded.check("prefix tuning", m.num_layers, m.kv_dim(), m.num_kv_heads);
+      config_.check_recorded(title, m.num_layers, m.kv_dim(), m.num_kv_heads);
       layers_ = m.num_layers;
       kv_dim_ = m.kv_dim();
       const std::int64_t P = config_.num_virtual_tokens, width = layers_ * 2 * kv_dim_;
       if (config_.prefix_projection && !config_.folded) {
-        embedding_ = Var<T>(Tensor<T>(Shape{P, kv_dim_}), true);
-        detail::fill_normal(embedding_.value(), ctx.rng, 1.0);  // torch.nn.Embedding's init
+        encoder_.embedding = Var<T>(Tensor<T>(Shape{P, kv_dim_}), true);
+        detail::fill_normal(encoder_.embedding.value(), ctx.rng, 1.0);  // torch's Embedding init
         const std::int64_t h = config_.hidden_for(m);
-        first_ = detail::DenseLayer<T>(kv_dim_, h, ctx.rng);
-        second_ = detail::DenseLayer<T>(h, width, ctx.rng);
+        encoder_.layers.emplace_back(kv_dim_, h, ctx.rng);
+        encoder_.layers.emplace_back(h, width, ctx.rng);
+        encoder_.activation = detail::Activation::Tanh;
+        encoder_.head = "transform";
       } else {
         table_ = Var<T>(Tensor<T>(Shape{P, width}), true);
         detail::fill_normal(table_.value(), ctx.rng, 1.0);
@@ -120,10 +112,10 @@ struct PrefixTuning {
       const std::int64_t begin = 2 * layer * kv_dim_;
       Var<T> both;  // [P, 2·kv_dim]
       if (projected()) {
-        Var<T> hidden = ops::tanh(tape, first_.forward(tape, embedding_));
-        both = ops::linear(tape, hidden, ops::slice(tape, second_.weight, 0, begin, 2 * kv_dim_),
-                           ops::slice(tape, second_.bias, 0, begin, 2 * kv_dim_),
-                           ops::WeightLayout::OutIn);
+        const detail::DenseLayer<T>& last = encoder_.layers.back();
+        both = ops::linear(
+            tape, encoder_.hidden(tape), ops::slice(tape, last.weight, 0, begin, 2 * kv_dim_),
+            ops::slice(tape, last.bias, 0, begin, 2 * kv_dim_), ops::WeightLayout::OutIn);
       } else {
         both = ops::slice(tape, table_, 1, begin, 2 * kv_dim_);
       }
@@ -132,39 +124,19 @@ struct PrefixTuning {
     }
 
     /// The reference's tensors: the folded table, or while projecting, the encoder's.
-    std::vector<NamedParameter<T>> parameters() {
-      if (!projected()) return {{"prompt_embeddings", table_}};
-      std::vector<NamedParameter<T>> out{{"prompt_encoder.embedding.weight", embedding_}};
-      first_.name_parameters("prompt_encoder.transform.0", out);
-      second_.name_parameters("prompt_encoder.transform.2", out);
-      return out;
-    }
-
-    bool projected() const { return static_cast<bool>(embedding_); }
-
+    std::vector<NamedParameter<T>> parameters() const { return encoder_.parameters_or(table_); }
+    bool projected() const { return encoder_.active(); }
     /// The table [P, L·2·kv_dim] the adapter computes now (what the reference saves).
-    Tensor<T> prefix_table() const {
-      if (!projected()) return table_.value();
-      Tape<T> tape(false);
-      return second_.forward(tape, ops::tanh(tape, first_.forward(tape, embedding_))).value();
-    }
-
+    Tensor<T> prefix_table() const { return encoder_.output_or(table_); }
     /// Replaces the projection by its output: plain trainable prefixes, as saved and loaded.
     void fold() {
-      if (!projected()) return;
-      table_ = Var<T>(prefix_table(), true);
-      embedding_ = Var<T>{};
-      first_ = detail::DenseLayer<T>{};
-      second_ = detail::DenseLayer<T>{};
-      config_.folded = true;
+      if (encoder_.fold_into(table_)) config_.folded = true;
     }
 
    private:
-    Config config_;
     std::int64_t layers_ = 0, kv_dim_ = 0;
-    Var<T> table_;                          // [P, L·2·kv_dim], plain or folded
-    Var<T> embedding_;                      // [P, kv_dim] while projecting
-    detail::DenseLayer<T> first_, second_;  // kv_dim → h → L·2·kv_dim
+    Var<T> table_;                      // [P, L·2·kv_dim], plain or folded
+    detail::PromptEncoder<T> encoder_;  // E [P, kv_dim] → h → L·2·kv_dim while projecting
   };
 };
 

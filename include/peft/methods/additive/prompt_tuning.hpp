@@ -14,57 +14,36 @@
 #include <vector>
 
 #include "peft/methods/additive/common.hpp"
+#include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/nn/model_shapes.hpp"
 
 namespace peft {
 
-struct PromptTuningConfig {
+struct PromptTuningConfig : detail::PromptLearningConfig {
   enum class Init { Random, SampleVocab, Text };
+  static constexpr std::string_view peft_type = "PROMPT_TUNING";
 
-  std::int64_t num_virtual_tokens = 20;
   Init init = Init::Random;
   std::string init_text;                     ///< recorded and written back
   std::vector<std::int64_t> init_token_ids;  ///< the tokens of init_text (TEXT init)
-  detail::PromptLearningDims recorded;
 
-  static Init init_from_name(const std::string& name, const std::string& source) {
-    if (name == "RANDOM") return Init::Random;
-    if (name == "SAMPLE_VOCAB") return Init::SampleVocab;
-    if (name == "TEXT") return Init::Text;
-    throw ConfigError(source + ": prompt_tuning_init '" + name +
-                      "' unsupported (RANDOM, SAMPLE_VOCAB, TEXT)");
+  static auto fields() {
+    using C = PromptTuningConfig;
+    return config_fields(
+        prompt_learning_fields(),
+        choice("prompt_tuning_init", &C::init, std::pair("RANDOM", Init::Random),
+               std::pair("SAMPLE_VOCAB", Init::SampleVocab), std::pair("TEXT", Init::Text)),
+        detail::empty_as_null("prompt_tuning_init_text", &C::init_text),
+        detail::empty_as_null("prompt_tuning_init_token_ids", &C::init_token_ids, /*omit=*/true),
+        constants({{"tokenizer_name_or_path", nullptr}, {"tokenizer_kwargs", nullptr}}));
   }
-  static std::string init_name(Init init) {
-    return init == Init::Random ? "RANDOM" : init == Init::SampleVocab ? "SAMPLE_VOCAB" : "TEXT";
-  }
-
   static PromptTuningConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "PROMPT_TUNING", source);
-    PromptTuningConfig c;
-    c.num_virtual_tokens = detail::json_or<std::int64_t>(j, "num_virtual_tokens", 20, source);
-    c.init = init_from_name(detail::json_or<std::string>(j, "prompt_tuning_init", "RANDOM", source),
-                            source);
-    c.init_text = detail::json_or<std::string>(j, "prompt_tuning_init_text", "", source);
-    c.init_token_ids =
-        detail::json_or<std::vector<std::int64_t>>(j, "prompt_tuning_init_token_ids", {}, source);
-    c.recorded = detail::PromptLearningDims::from_json(j, source);
-    if (c.num_virtual_tokens <= 0)
-      throw ConfigError(source + ": num_virtual_tokens must be positive");
-    return c;
+    return read_config<PromptTuningConfig>(j, source);
   }
-
   nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = detail::adapter_config_header("PROMPT_TUNING");
-    detail::prompt_learning_to_json(j, num_virtual_tokens, model.num_layers, model.hidden_size,
-                                    model.num_heads);
-    j["prompt_tuning_init"] = init_name(init);
-    j["prompt_tuning_init_text"] =
-        init_text.empty() ? nlohmann::json(nullptr) : nlohmann::json(init_text);
-    if (!init_token_ids.empty()) j["prompt_tuning_init_token_ids"] = init_token_ids;
-    j["tokenizer_name_or_path"] = nullptr;
-    j["tokenizer_kwargs"] = nullptr;
-    return j;
+    return write_config(recording(*this, model.num_layers, model.hidden_size, model.num_heads),
+                        model);
   }
 };
 
@@ -88,14 +67,9 @@ Tensor<T> embedding_rows(const Tensor<T>& embeddings, std::vector<std::int64_t> 
 }
 }  // namespace detail
 
-struct PromptTuning {
-  using family = family::Additive;
-  static constexpr std::string_view name = "prompt_tuning";
+struct PromptTuning : detail::AdditiveMethod<PromptTuningConfig> {
+  static constexpr std::string_view name = "prompt_tuning", title = "prompt tuning";
   using Config = PromptTuningConfig;
-
-  static bool accepts(const nlohmann::json& j) {
-    return j.value("peft_type", std::string()) == "PROMPT_TUNING";
-  }
 
   static ParameterCount count_parameters(const ModelConfig& model, const std::vector<LinearShape>&,
                                          const Config& config) {
@@ -103,15 +77,14 @@ struct PromptTuning {
   }
 
   template <class T>
-  class State {
+  class State : public detail::ConfiguredState<Config> {
    public:
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
+    using detail::ConfiguredState<Config>::ConfiguredState;
 
     void attach(AttachContext<T>& ctx) {
       const ModelConfig& m = ctx.config;
       // Only the width shapes the tensors; layers and heads are informational here.
-      config_.recorded.check("prompt tuning", -1, m.hidden_size, -1);
+      config_.check_recorded(title, -1, m.hidden_size, -1);
       prompt_ = Var<T>(Tensor<T>(Shape{config_.num_virtual_tokens, m.hidden_size}), true);
       token_embedding_ = detail::find_token_embedding(ctx.base_parameters);
       if (config_.init == Config::Init::SampleVocab) {
@@ -124,17 +97,16 @@ struct PromptTuning {
 
     /// Called by the decoder once real base weights are in: TEXT and SAMPLE_VOCAB take the
     /// embeddings of the loaded model, not of the random one the adapter was attached to.
-    void on_base_weights_loaded() { initialise_from_vocabulary(); }
-
-    std::int64_t num_virtual_tokens() const { return config_.num_virtual_tokens; }
-
-    Var<T> prepend_virtual_tokens(Tape<T>& tape, const Var<T>& embeddings) {
-      return ops::concat(
-          tape, {detail::repeat_over_batch(tape, prompt_, embeddings.value().dim(0)), embeddings},
-          1);
+    void on_base_weights_loaded(const std::vector<nn::Linear<T>*>&) {
+      initialise_from_vocabulary();
     }
 
-    std::vector<NamedParameter<T>> parameters() { return {{"prompt_embeddings", prompt_}}; }
+    std::int64_t num_virtual_tokens() const { return config_.num_virtual_tokens; }
+    Var<T> prepend_virtual_tokens(Tape<T>& tape, const Var<T>& embeddings) {
+      return detail::prepend_rows(tape, prompt_, embeddings);
+    }
+
+    std::vector<NamedParameter<T>> parameters() const { return {{"prompt_embeddings", prompt_}}; }
 
    private:
     bool initialise_from_vocabulary() {
@@ -142,11 +114,10 @@ struct PromptTuning {
           config_.init == Config::Init::Text ? config_.init_token_ids : sampled_ids_;
       if (config_.init == Config::Init::Random || ids.empty() || !token_embedding_) return false;
       prompt_.value() = detail::embedding_rows(token_embedding_.value(), ids,
-                                               config_.num_virtual_tokens, "prompt tuning");
+                                               config_.num_virtual_tokens, std::string(title));
       return true;
     }
 
-    Config config_;
     Var<T> prompt_;           // [P, hidden]
     Var<T> token_embedding_;  // the base model's table (frozen), for TEXT / SAMPLE_VOCAB
     std::vector<std::int64_t> sampled_ids_;
