@@ -360,6 +360,13 @@ MethodEntry entry(
   };
   return e;
 }
+/// The same, named by the policy (`Policy::name`: "lora", ..., "unipelt").
+template <class Policy>
+MethodEntry entry(
+    double lr,
+    std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config) {
+  return entry<Policy>(std::string(Policy::name), lr, std::move(make_config));
+}
 
 inline TargetRules modules(std::vector<std::string> names) {
   TargetRules t;
@@ -492,11 +499,11 @@ inline std::vector<MethodEntry> study_methods() {
     return c;
   }));
   // --- hybrid: the compositions with names, at the study's sizes
-  m.push_back(entry<UniPELT>("unipelt", 1e-2, [](Model model, Steps) {
+  m.push_back(entry<UniPELT>(1e-2, [](Model model, Steps) {
     return unipelt_config(model,
                           {.lora_r = 2, .lora_alpha = 4, .prefix_tokens = 8, .adapter_width = 8});
   }));
-  m.push_back(entry<MAMAdapter>("mam_adapter", 1e-2, [](Model, Steps) {
+  m.push_back(entry<MAMAdapter>(1e-2, [](Model, Steps) {
     return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
   }));
   return m;
