@@ -397,10 +397,10 @@ inline std::vector<MethodEntry> study_methods() {
     return c;
   }));
   m.push_back(entry<DoRA>("dora", 1e-2, [=](Model, Steps) {
-    DoraConfig c;
-    c.lora.r = 2;
-    c.lora.lora_alpha = 4;
-    c.lora.targets = attention;
+    DoraConfig c;  // a LoraConfig with use_dora
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
     return c;
   }));
   m.push_back(entry<AdaLoRA>("adalora", 3e-2, [=](Model, Steps steps) {
