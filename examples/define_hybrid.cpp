@@ -1,7 +1,7 @@
 // A new hybrid PEFT method in a few lines: LoRA on the attention projections plus (IA)³ on the
-// MLP, as one type. Compose routes each projection to the component that adapts it, checks the
-// composition at compile time, counts it from shapes, trains it, and saves it as one folder per
-// component (each loadable on its own).
+// MLP, as one type. Each component contributes to the projections it adapts (in component
+// order, so two may adapt the same module); Compose checks the composition at compile time, counts
+// it from shapes, trains it, and saves it as one folder per component (each loadable on its own).
 #include <cstdio>
 #include <filesystem>
 #include <peft/peft.hpp>

@@ -503,11 +503,11 @@ inline std::vector<MethodEntry> study_methods() {
     return c;
   }));
   // --- hybrid: the compositions with names, at the study's sizes
-  m.push_back(entry<UniPELT>("unipelt", 1e-2, [](Model model, Steps) {
+  m.push_back(entry<UniPELT>(1e-2, [](Model model, Steps) {
     return unipelt_config(model,
                           {.lora_r = 2, .lora_alpha = 4, .prefix_tokens = 8, .adapter_width = 8});
   }));
-  m.push_back(entry<MAMAdapter>("mam_adapter", 1e-2, [](Model, Steps) {
+  m.push_back(entry<MAMAdapter>(1e-2, [](Model, Steps) {
     return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
   }));
   return m;

@@ -54,14 +54,8 @@
 
 namespace peft {
 
-/// Optional hook (Compose and Gated call it): the input of a block's attention projections, shown
-/// before the block's prefix keys/values are asked for.
-template <class S, class T>
-concept ObservesAttentionInput = requires(S s, Tape<T>& tape, const Var<T>& x) {
-  s.observe_attention_input(tape, 0, x);
-};
-
-/// A linear-hook policy that can say which modules it adapts.
+/// A policy that can say which modules it adapts (transitional: Compose asks it to keep a
+/// first-edition component, whose `linear` hook replaces the product, alone on its modules).
 template <class S, class T>
 concept ReportsAdaptedModules = requires(const S s, const nn::Linear<T>& m) {
   { s.adapts(m) } -> std::convertible_to<bool>;
@@ -141,9 +135,11 @@ Var<T> subtract(Tape<T>& tape, const Var<T>& a, const Var<T>& b) {
 
 }  // namespace detail
 
-/// The configs of a composite's components, in order.
+/// The configs of a composite's components, in order. Its manifest is a list of the components'
+/// own configs, so it keeps hand-written JSON rather than a field table (config_fields.hpp).
 template <class... P>
 struct ComposeConfig {
+  static constexpr std::string_view peft_type = "COMPOSE";
   std::tuple<typename P::Config...> components;
 
   ComposeConfig() = default;
@@ -163,7 +159,7 @@ struct ComposeConfig {
   /// The composite's manifest: peft_type "COMPOSE" and, per component, its method name, folder
   /// and its own adapter_config.json.
   nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = detail::adapter_config_header("COMPOSE");
+    nlohmann::json j = detail::adapter_config_header(std::string(peft_type));
     nlohmann::json list = nlohmann::json::array();
     std::size_t i = 0;
     std::apply(
@@ -181,7 +177,7 @@ struct ComposeConfig {
 
   /// Reads a manifest written by to_json; the components must be P... in order.
   static ComposeConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "COMPOSE", source);
+    detail::require_peft_type(j, std::string(peft_type), source);
     const nlohmann::json& list = detail::json_field(j, "components");
     if (!list.is_array() || list.size() != sizeof...(P))
       throw ConfigError(source + ": 'components' must list " + std::to_string(sizeof...(P)) +
@@ -231,8 +227,9 @@ struct Compose {
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
     ParameterCount total;
-    std::apply([&](const auto&... c) { (add(total, peft::count_parameters<P>(model, linears, c)), ...); },
-               config.components);
+    std::apply(
+        [&](const auto&... c) { (add(total, peft::count_parameters<P>(model, linears, c)), ...); },
+        config.components);
     return total;
   }
 
@@ -253,7 +250,6 @@ struct Compose {
     static constexpr bool any_linear = (HasLinearHook<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_projection = (HasProjectionHook<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_before = (HasBeforeAttention<detail::StateOf<P, T>, T> || ...);
-    static constexpr bool any_observer = (ObservesAttentionInput<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_tokens = (HasVirtualTokens<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_prefix = (HasPrefix<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_after_attention =
@@ -278,19 +274,13 @@ struct Compose {
       return std::get<I>(states_);
     }
 
-    /// Attaches every component in order, then routes each projection to the one that adapts
-    /// it.
+    /// Attaches every component in order; then (transitional) gives each module a first-edition
+    /// component adapts to that component alone.
     void attach(AttachContext<T>& ctx) {
       std::apply([&](auto&... s) { (s.attach(ctx), ...); }, states_);
-      if constexpr (!any_linear) return;
-      owner_.assign(ctx.linears.size(), -1);
-      first_site_of_layer_.assign(static_cast<std::size_t>(ctx.config.num_layers), -1);
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (lin->layer >= 0) {
-          int& first = first_site_of_layer_[static_cast<std::size_t>(lin->layer)];
-          if (first < 0 || lin->site < first) first = lin->site;
-        }
-        claim(*lin, std::index_sequence_for<P...>{});
+      if constexpr (any_linear) {
+        owner_.assign(ctx.linears.size(), -1);
+        for (nn::Linear<T>* lin : ctx.linears) claim(*lin, std::index_sequence_for<P...>{});
       }
     }
 
@@ -301,28 +291,16 @@ struct Compose {
       });
     }
 
-    void adapt(Projection<T>& p) requires(any_projection && !any_linear && !any_observer) {
+    void adapt(Projection<T>& p) requires(any_projection && !any_linear) {
       for_each_state([&](auto& state) {
         if constexpr (HasProjectionHook<std::decay_t<decltype(state)>, T>) state.adapt(p);
       });
     }
 
+    /// Transitional, while a component has the first edition's replacing hook: a module it
+    /// adapts runs its `linear` alone; every other module gets the contributions of the others.
     Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
-                  const Var<T>& x) requires(any_linear || any_observer) {
-      if constexpr (any_observer) {
-        if (module.layer >= 0 &&
-            first_site_of_layer_[static_cast<std::size_t>(module.layer)] == module.site)
-          std::apply(
-              [&](auto&... s) {
-                (
-                    [&](auto& state) {
-                      if constexpr (ObservesAttentionInput<std::decay_t<decltype(state)>, T>)
-                        state.observe_attention_input(tape, module.layer, x);
-                    }(s),
-                    ...);
-              },
-              states_);
-      }
+                  const Var<T>& x) requires(any_linear) {
       const int owner = module.site >= 0 && static_cast<std::size_t>(module.site) < owner_.size()
                             ? owner_[static_cast<std::size_t>(module.site)]
                             : -1;
@@ -428,10 +406,10 @@ struct Compose {
     /// Components initialised from base tensors redo it once the real weights are in.
     void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
       for_each_state([&](auto& state) {
-        if constexpr (requires { state.on_base_weights_loaded(modules); })
+        if constexpr (DependsOnBaseWeights<std::decay_t<decltype(state)>, T>)
           state.on_base_weights_loaded(modules);
         else if constexpr (requires { state.on_base_weights_loaded(); })
-          state.on_base_weights_loaded();
+          state.on_base_weights_loaded();  // transitional: the first edition's form
       });
     }
 
@@ -525,7 +503,6 @@ struct Compose {
     States states_;
     std::vector<int> owner_;  // by linear site: the linear-hook component that adapts it, or −1
     std::vector<int> first_contributor_;  // by linear site: the first contributing component
-    std::vector<int> first_site_of_layer_;
   };
 
  private:
@@ -549,10 +526,13 @@ struct ComposeOf<ComposeConfig<P...>> {
 /// tensors), so the folder loads on its own as that policy.
 template <class Q, class State>
 void save_component(const std::filesystem::path& dir, State& state, const ModelConfig& model) {
+  static_assert(Savable<Q>,
+                "save_composite: this component (Q above) has no "
+                "`Config::to_json(const ModelConfig&)` (methods/policy.hpp, Savable)");
   // Re-parameterised prompts are saved as the reference saves them: their output.
-  if constexpr (requires { state.fold(); }) state.fold();
+  if constexpr (FoldsBeforeSaving<State>) state.fold();
   const nlohmann::json config = state.config().to_json(model);
-  if constexpr (requires(io::SafetensorsWriter & w) { state.write_tensors(w); }) {
+  if constexpr (WritesOwnTensors<State>) {
     // Methods with index tensors (the selective family) write their own tensors.
     std::filesystem::create_directories(dir);
     io::SafetensorsWriter writer;
@@ -571,7 +551,7 @@ template <class State, class T>
 void load_component(const std::filesystem::path& dir, State& state,
                     const std::vector<nn::Linear<T>*>& linears) {
   const io::SafetensorsFile file = io::SafetensorsFile::open(dir / "adapter_model.safetensors");
-  if constexpr (requires { state.read_tensors(file, linears); })
+  if constexpr (ReadsOwnTensors<State, T>)
     state.read_tensors(file, linears);
   else
     io::load_adapter_tensors(state.parameters(), file);

@@ -6,16 +6,22 @@
 // input, with s = 4 and prefix keys/values in every layer (30 virtual tokens and width 512 in the
 // paper, for models of hidden size 1024).
 //
-//   using MAMAdapter = Compose<PrefixTuning, ParallelAdapter>;
+//   struct MAMAdapter : Compose<PrefixTuning, ParallelAdapter> {...};  // named "mam_adapter"
 //
-// Files, counting, merging: as Compose (the prefix and the adapter are not mergeable).
+// Files, counting, merging: as Compose (the prefix and the adapter are not mergeable); the
+// manifest is Compose's (peft_type "COMPOSE").
+#include <string_view>
+
 #include "peft/methods/additive/bottleneck_adapter.hpp"
 #include "peft/methods/additive/prefix_tuning.hpp"
 #include "peft/methods/hybrid/compose.hpp"
 
 namespace peft {
 
-using MAMAdapter = Compose<PrefixTuning, ParallelAdapter>;
+/// A named composition: everything is Compose's, with the registry name "mam_adapter".
+struct MAMAdapter : Compose<PrefixTuning, ParallelAdapter> {
+  static constexpr std::string_view name = "mam_adapter", title = "MAM adapter";
+};
 
 struct MamSizes {
   std::int64_t prefix_tokens = 30;

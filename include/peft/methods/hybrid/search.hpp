@@ -181,19 +181,20 @@ void proxy_train(Model& model, const Workload& w, const SearchOptions& o, double
   row.accuracy = r.evals.back().metrics.exact_match;
 }
 
-/// A candidate of policy P with `config`.
+/// A candidate of policy P with `config`, named P::name ("lora", ..., "unipelt").
 template <class P>
-Candidate make_candidate(const ModelConfig& model, typename P::Config config, std::string targets,
-                         std::string layers, std::int64_t size, std::string size_label, double lr,
-                         std::string method = std::string(P::name)) {
+requires PeftPolicy<P> && CountableFromShapes<P> && Savable<P> Candidate
+make_candidate(const ModelConfig& model, typename P::Config config, std::string targets,
+               std::string layers, std::int64_t size, std::string size_label, double lr) {
   Candidate c;
-  c.method = std::move(method);
+  c.method = std::string(P::name);
   c.targets = std::move(targets);
   c.layers = std::move(layers);
   c.size = size;
   c.size_label = std::move(size_label);
   c.lr = lr;
-  c.parameters = peft::count_parameters<P>(model, linear_shapes<arch::Llama>(model), config).trainable;
+  c.parameters =
+      peft::count_parameters<P>(model, linear_shapes<arch::Llama>(model), config).trainable;
   c.run = [config](const Workload& w, const SearchOptions& o, CandidateResult& row) {
     Decoder<arch::Llama, P, float> net(w.model, config, o.seed + 1);
     proxy_train(net, w, o, row.candidate.lr, row);
@@ -256,8 +257,7 @@ inline std::vector<Candidate> design_space(const ModelConfig& model) {
     const auto c = mam_config({.prefix_tokens = size / 2, .adapter_width = size, .scaling = 4.0});
     out.push_back(detail::make_candidate<MAMAdapter>(
         model, c, "-", "all", size,
-        "tokens=" + std::to_string(size / 2) + ",width=" + std::to_string(size), 1e-2,
-        "mam_adapter"));
+        "tokens=" + std::to_string(size / 2) + ",width=" + std::to_string(size), 1e-2));
   }
   for (int r : {2, 4}) {
     const auto c = unipelt_config(
@@ -266,7 +266,7 @@ inline std::vector<Candidate> design_space(const ModelConfig& model) {
                                                   "r=" + std::to_string(r) +
                                                       ",tokens=" + std::to_string(r) +
                                                       ",width=" + std::to_string(2 * r),
-                                                  1e-2, "unipelt"));
+                                                  1e-2));
   }
   return out;
 }

@@ -4,11 +4,12 @@
 // each behind a learned gate G = σ(W_G x + b_G), W_G [1, d] a linear map of the hidden state x
 // that the submodule reads, learned per layer (per module for LoRA).
 //
-//   using UniPELT = Compose<Gated<LoRA>, Gated<PrefixTuning>, Gated<SerialAdapter>>;
+//   struct UniPELT : Compose<Gated<LoRA>, Gated<PrefixTuning>, Gated<SerialAdapter>> {...};
 //
-// Gated<P> puts any policy behind such gates:
-//   linear          y = W x + G(x) ⊙ Δ(x), Δ(x) the method's change of the module's output
-//                   (for LoRA s·B A x, computed directly; otherwise P's output minus W x).
+// Gated<P> puts any policy behind such gates, without knowing its internals:
+//   adapt           at a module P adapts, P contributes to a Projection of its own and each
+//                   contribution is re-emitted gated (State::adapt says how, per kind): for LoRA
+//                   y = W x + G(x) ⊙ s·B A x, the term computed alone, W x once.
 //   after_attention h ← h + G(h) ⊙ (P(h) − h), likewise after_mlp with G read from the MLP output
 //                   (the adapter's input, as the paper's adapter gate reads the FFN output).
 //   prefix          P_K ← G P_K, P_V ← G P_V with one G per sequence and layer.
@@ -23,9 +24,8 @@
 //     causal); LoRA keeps its α/r as well (set lora_alpha = r to match the code's scale);
 //   - the prefix gate multiplies keys and values shared by every query, so it needs one value per
 //     sequence; it reads the block's attention input at the first position (the only summary
-//     every position may see without looking ahead). Gated<P> receives that input through the
-//     `observe_attention_input` hook, which Compose, and Gated itself, call from the block's
-//     first projection.
+//     every position may see without looking ahead), which the decoder (and Compose) show it
+//     through the contract's `before_attention` hook.
 // Gates start at w ~ N(0, 0.02²), b = 0 (G ≈ ½), as the code initialises the adapter gate.
 //
 // Layout: Gated<P> saves P's tensors and config as P does, and its gates as
@@ -34,6 +34,7 @@
 // peft_type "GATED" and the method's own peft_type under "gated_peft_type".
 #include <array>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -89,9 +90,12 @@ inline std::string block_path(const ModelConfig& model, int layer) {
 
 }  // namespace detail
 
-/// A policy's config and nothing more: the gates have no hyper-parameters.
+/// A policy's config and nothing more: the gates have no hyper-parameters. Its JSON is P's own
+/// (P's field table, if it has one) with peft_type "GATED" and P's under "gated_peft_type", so
+/// it has no field table of its own.
 template <class P>
 struct GatedConfig {
+  static constexpr std::string_view peft_type = "GATED";
   typename P::Config inner;
 
   GatedConfig() = default;
@@ -100,17 +104,31 @@ struct GatedConfig {
   nlohmann::json to_json(const ModelConfig& model) const {
     nlohmann::json j = inner.to_json(model);
     j["gated_peft_type"] = j["peft_type"];
-    j["peft_type"] = "GATED";
+    j["peft_type"] = std::string(peft_type);
     return j;
   }
   static GatedConfig from_json(const nlohmann::json& j, const std::string& source) {
-    detail::require_peft_type(j, "GATED", source);
+    detail::require_peft_type(j, std::string(peft_type), source);
     nlohmann::json inner = j;
     inner["peft_type"] = detail::json_or<std::string>(j, "gated_peft_type", "", source);
     inner.erase("gated_peft_type");
     return GatedConfig(P::Config::from_json(inner, source));
   }
 };
+
+namespace detail {
+
+/// Whether P's module selection can be read from its config and a module's shape alone (its
+/// `selects`, or its `targets` rules): what Gated counts linear gates by.
+template <class P>
+concept SelectsSitesFromShapes = requires(const typename P::Config& c, const ModuleSite& site) {
+  { P::selects(c, site) } -> std::convertible_to<bool>;
+}
+|| requires(const typename P::Config& c) {
+  { c.targets.selects(std::string(), false) } -> std::convertible_to<bool>;
+};
+
+}  // namespace detail
 
 template <class P>
 struct Gated {
@@ -128,18 +146,21 @@ struct Gated {
     return P::accepts(inner);
   }
 
-  /// P's parameters plus d + 1 (or in + 1) per gate.
+  /// P's parameters plus in + 1 per module P adapts (its own selection, site_table.hpp) and
+  /// d + 1 per block-level gate.
   static ParameterCount count_parameters(const ModelConfig& model,
                                          const std::vector<LinearShape>& linears,
                                          const Config& config) {
     ParameterCount count = peft::count_parameters<P>(model, linears, config.inner);
     using S = detail::StateOf<P>;
-    if constexpr (HasLinearHook<S, float>) {
-      static_assert(
-          requires { config.inner.targets.selects(std::string(), false); },
-          "Gated: counting linear gates needs the method's `targets` rules");
+    if constexpr (HasProjectionHook<S, float> || HasLinearHook<S, float>) {
+      static_assert(detail::SelectsSitesFromShapes<P>,
+                    "Gated: counting the gates of a projection method needs its selection from "
+                    "shapes (`static bool selects(const Config&, const ModuleSite&)` or "
+                    "`targets` rules; methods/site_table.hpp)");
       for (const LinearShape& l : linears)
-        if (config.inner.targets.selects(l.name, l.layer < 0)) count.trainable += l.in_features + 1;
+        if (method_selects<P>(config.inner, ModuleSite::of(l)))
+          count.trainable += l.in_features + 1;
     }
     const std::int64_t layers = gated_layers(model, config);
     const std::int64_t per_gate = model.hidden_size + 1;
@@ -152,11 +173,28 @@ struct Gated {
   template <class T>
   class State {
     using Inner = detail::StateOf<P, T>;
-    static constexpr bool inner_linear = HasLinearHook<Inner, T>;
+    static constexpr bool inner_projection = HasProjectionHook<Inner, T>;
+    static constexpr bool inner_linear = HasLinearHook<Inner, T> && !inner_projection;
+    static constexpr bool gates_modules = inner_projection || inner_linear;
     static constexpr bool inner_prefix = HasPrefix<Inner, T>;
-    static_assert(!inner_linear || ReportsAdaptedModules<Inner, T>,
-                  "Gated: the method's linear hook needs `bool adapts(const nn::Linear<T>&) "
-                  "const` to know which modules get a gate");
+    static_assert(!gates_modules || detail::SelectsSitesFromShapes<P> ||
+                      ReportsAdaptedModules<Inner, T>,
+                  "Gated: a projection method needs a selection (`selects` or `targets`) or "
+                  "`bool adapts(const nn::Linear<T>&) const` to know which modules get a gate");
+    using Contribution = typename Projection<T>::Contribution;
+    using Kind = typename Projection<T>::Kind;
+    // G(x) of one projection, computed when the first gated contribution needs it (after the
+    // product, as the first edition did: the tape, and so the gradients' summation order, are
+    // the same), once for all of them.
+    struct LazyGate {
+      const detail::LinearGate<T>* gate;
+      Var<T> x;
+      std::shared_ptr<Var<T>> value;
+      const Var<T>& operator()(Tape<T>& tape) const {
+        if (!value->defined()) *value = gate->forward(tape, x);
+        return *value;
+      }
+    };
 
    public:
     explicit State(const Config& config) : config_(config), inner_(config.inner) {}
@@ -172,18 +210,12 @@ struct Gated {
       attention_gates_.assign(layers, std::nullopt);
       mlp_gates_.assign(layers, std::nullopt);
       prefix_gates_.assign(layers, std::nullopt);
-      first_site_of_layer_.assign(layers, -1);
       first_position_.assign(layers, Var<T>{});
-      for (nn::Linear<T>* lin : ctx.linears) {
-        if (lin->layer >= 0) {
-          int& first = first_site_of_layer_[static_cast<std::size_t>(lin->layer)];
-          if (first < 0 || lin->site < first) first = lin->site;
-        }
-        if constexpr (inner_linear)
-          if (inner_.adapts(*lin))
+      if constexpr (gates_modules)
+        for (nn::Linear<T>* lin : ctx.linears)
+          if (gated_module(*lin))
             linear_gates_[static_cast<std::size_t>(lin->site)].emplace(lin->name + ".gate",
                                                                        lin->in_features, ctx.rng);
-      }
       for (int layer = 0; layer < static_cast<int>(layers); ++layer) {
         const std::string block = detail::block_path(m, layer);
         const auto l = static_cast<std::size_t>(layer);
@@ -198,33 +230,95 @@ struct Gated {
       }
     }
 
-    /// Whether the gated method changes `module` (Compose's routing question).
+    /// Whether the gated method changes `module` (a gate sits on it).
     bool adapts(const nn::Linear<T>& module) const {
-      if constexpr (inner_linear)
-        return inner_.adapts(module);
-      else
-        return false;
+      const auto site = static_cast<std::size_t>(module.site);
+      return module.site >= 0 && site < linear_gates_.size() && linear_gates_[site].has_value();
     }
 
     /// Keeps the block's attention input at the first position, for the prefix gate.
-    void observe_attention_input(Tape<T>& tape, int layer, const Var<T>& x) requires(inner_prefix) {
-      first_position_[static_cast<std::size_t>(layer)] = ops::slice(tape, x, 1, 0, 1);  // [B,1,d]
+    void before_attention(Tape<T>& tape, int layer,
+                          const Var<T>& x) requires(inner_prefix || HasBeforeAttention<Inner, T>) {
+      if constexpr (HasBeforeAttention<Inner, T>) inner_.before_attention(tape, layer, x);
+      if constexpr (inner_prefix)
+        first_position_[static_cast<std::size_t>(layer)] = ops::slice(tape, x, 1, 0, 1);  // [B,1,d]
     }
 
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
-                  const Var<T>& x) requires(inner_linear || inner_prefix) {
-      // Standalone (outside Compose) the gate sees the attention input here.
-      if constexpr (inner_prefix)
-        if (module.layer >= 0 &&
-            first_site_of_layer_[static_cast<std::size_t>(module.layer)] == module.site)
-          observe_attention_input(tape, module.layer, x);
+    /// The inner method contributes to a fresh Projection on the same input; each contribution
+    /// is re-emitted into `p` behind the module's gate G = σ(w·x + b) (per token), without
+    /// knowing which method made it:
+    ///   low-rank term s·B A x  →  delta G ⊙ (s·B A x)           (the term alone, no second W x)
+    ///   delta Δ(x)             →  delta G ⊙ Δ(x)
+    ///   output scale l         →  y ← y ⊙ (1 + G ⊙ (l − 1))      (= y + G ⊙ (y ⊙ l − y))
+    ///   output shift β         →  y ← y + G ⊙ β
+    ///   output map f           →  y ← y + G ⊙ (f(y) − y)
+    ///   input scale, replacement (or a first-edition `linear` hook): the whole inner product as
+    ///   one delta G ⊙ (y_inner − y_base), y_inner the inner contributions on their own
+    ///   Projection, y_base = x Wᵀ + b: exact, but it computes W x twice more.
+    void adapt(Projection<T>& p) requires(gates_modules) {
+      const auto site = static_cast<std::size_t>(p.module().site);
+      if (p.module().site < 0 || site >= linear_gates_.size() || !linear_gates_[site]) return;
+      Tape<T>& tape = p.tape();
       if constexpr (inner_linear) {
-        const auto site = static_cast<std::size_t>(module.site);
-        if (module.site >= 0 && site < linear_gates_.size() && linear_gates_[site])
-          return gated_linear(tape, module, x, *linear_gates_[site]);
-        return inner_.linear(tape, module, x);
+        const LazyGate g{&*linear_gates_[site], p.input(), std::make_shared<Var<T>>()};
+        Inner* inner = &inner_;
+        p.add_delta([inner, g, &module = p.module()](Tape<T>& t, const Var<T>& x) {
+          return detail::scale_rows(
+              t, detail::subtract(t, inner->linear(t, module, x), module.forward_base(t, x)), g(t));
+        });
       } else {
-        return module.forward_base(tape, x);
+        Projection<T> own(tape, p.module(), p.input());
+        inner_.adapt(own);
+        if (own.empty()) return;  // e.g. merged: the method adds nothing here
+        const LazyGate g{&*linear_gates_[site], p.input(), std::make_shared<Var<T>>()};
+        bool whole = false;
+        for (const Contribution& c : own.contributions())
+          whole = whole || c.kind == Kind::InputScale || c.kind == Kind::Replace;
+        if (whole) {
+          p.add_delta([contributions = own.contributions(), g, &module = p.module()](
+                          Tape<T>& t, const Var<T>& x) {
+            Projection<T> alone(t, module, x);
+            for (const Contribution& c : contributions) alone.add(c);
+            return detail::scale_rows(
+                t, detail::subtract(t, alone.compute(), module.forward_base(t, x)), g(t));
+          });
+          return;
+        }
+        const std::int64_t out = p.module().out_features;
+        for (const Contribution& c : own.contributions()) switch (c.kind) {
+            case Kind::LowRank:
+              p.add_delta([c, g](Tape<T>& t, const Var<T>& x) {
+                return detail::scale_rows(t, Projection<T>::low_rank(t, x, c), g(t));
+              });
+              break;
+            case Kind::Delta:
+              p.add_delta([f = c.function, g](Tape<T>& t, const Var<T>& x) {
+                return detail::scale_rows(t, f(t, x), g(t));
+              });
+              break;
+            case Kind::OutputScale:
+              p.map_output([l = c.a, g, out](Tape<T>& t, const Var<T>& y) {
+                const Var<T> scaled = ops::mul(t, y, Projection<T>::flat(t, l, out));
+                return ops::add(t, y, detail::scale_rows(t, detail::subtract(t, scaled, y), g(t)));
+              });
+              break;
+            case Kind::OutputShift:
+              p.map_output([beta = c.a, g, out](Tape<T>& t, const Var<T>& y) {
+                // G ⊗ β: [..., 1] times β as a [out, 1] weight.
+                const Var<T> column = ops::reshape(t, beta, Shape{out, 1});
+                return ops::add(t, y,
+                                ops::linear(t, g(t), column, Var<T>{}, ops::WeightLayout::OutIn));
+              });
+              break;
+            case Kind::OutputMap:
+              p.map_output([f = c.function, g](Tape<T>& t, const Var<T>& y) {
+                return ops::add(t, y, detail::scale_rows(t, detail::subtract(t, f(t, y), y), g(t)));
+              });
+              break;
+            case Kind::InputScale:
+            case Kind::Replace:
+              break;  // handled above, as the whole inner product
+          }
       }
     }
 
@@ -236,9 +330,9 @@ struct Gated {
       const Var<T>& first = first_position_[static_cast<std::size_t>(layer)];
       if (!first.defined())
         throw ConfigError("Gated<" + std::string(P::name) +
-                          ">: no attention input was seen for "
-                          "layer " +
-                          std::to_string(layer) + " (the prefix gate reads it)");
+                          ">: no attention input was seen for layer " + std::to_string(layer) +
+                          " (the prefix gate reads it; the decoder shows it through "
+                          "before_attention)");
       auto [keys, values] = inner_.prefix_key_values(tape, layer, batch);
       Var<T> g = prefix_gates_[static_cast<std::size_t>(layer)]->forward(tape, first);  // [B,1,1]
       return {detail::scale_rows(tape, keys, g), detail::scale_rows(tape, values, g)};
@@ -264,11 +358,12 @@ struct Gated {
       return inner_.extra_loss(tape);
     }
 
-    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) {
-      if constexpr (requires { inner_.on_base_weights_loaded(modules); })
+    void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) requires(
+        DependsOnBaseWeights<Inner, T> || requires(Inner i) { i.on_base_weights_loaded(); }) {
+      if constexpr (DependsOnBaseWeights<Inner, T>)
         inner_.on_base_weights_loaded(modules);
-      else if constexpr (requires { inner_.on_base_weights_loaded(); })
-        inner_.on_base_weights_loaded();
+      else
+        inner_.on_base_weights_loaded();  // transitional: the first edition's form
     }
 
     /// P's tensors, then the gates.
@@ -300,31 +395,21 @@ struct Gated {
     }
 
     /// Projected prefixes are saved as their output (the reference's layout).
-    void fold() requires(requires(Inner i) { i.fold(); }) { inner_.fold(); }
+    void fold() requires(FoldsBeforeSaving<Inner>) { inner_.fold(); }
 
    private:
+    bool gated_module(const nn::Linear<T>& lin) const {
+      if constexpr (detail::SelectsSitesFromShapes<P>)
+        return method_selects<P>(config_.inner, ModuleSite::of(lin));  // as counted
+      else
+        return inner_.adapts(lin);
+    }
+
     static bool adapts_layer(const Config& c, int layer) {
       if constexpr (requires { c.inner.adapts_layer(layer); })
         return c.inner.adapts_layer(layer);
       else
         return true;
-    }
-
-    // W x + G ⊙ Δ(x).
-    Var<T> gated_linear(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x,
-                        const detail::LinearGate<T>& gate) {
-      Var<T> base = module.forward_base(tape, x);
-      Var<T> delta;
-      if constexpr (std::is_same_v<P, LoRA>) {
-        const auto* m = inner_.find(module.site);
-        if (m->merged) return base;
-        Var<T> down = ops::linear(tape, x, m->a, Var<T>{}, ops::WeightLayout::OutIn);
-        delta = ops::scale(tape, ops::linear(tape, down, m->b, Var<T>{}, ops::WeightLayout::OutIn),
-                           m->scale);
-      } else {
-        delta = detail::subtract(tape, inner_.linear(tape, module, x), base);
-      }
-      return ops::add(tape, base, detail::scale_rows(tape, delta, gate.forward(tape, x)));
     }
 
     // h + G ⊙ (adapted − h).
@@ -337,8 +422,7 @@ struct Gated {
     Inner inner_;
     std::vector<std::optional<detail::LinearGate<T>>> linear_gates_;  // by site
     std::vector<std::optional<detail::LinearGate<T>>> attention_gates_, mlp_gates_,
-        prefix_gates_;  // by layer
-    std::vector<int> first_site_of_layer_;
+        prefix_gates_;                    // by layer
     std::vector<Var<T>> first_position_;  // by layer: the last forward's attention input [B,1,d]
   };
 
@@ -355,8 +439,11 @@ struct Gated {
   }
 };
 
-/// UniPELT: gated LoRA (q, v), gated prefix tuning, gated serial adapter.
-using UniPELT = Compose<Gated<LoRA>, Gated<PrefixTuning>, Gated<SerialAdapter>>;
+/// UniPELT: gated LoRA (q, v), gated prefix tuning, gated serial adapter. A named composition:
+/// everything is Compose's, with the registry name "unipelt" (the study's and the search's row).
+struct UniPELT : Compose<Gated<LoRA>, Gated<PrefixTuning>, Gated<SerialAdapter>> {
+  static constexpr std::string_view name = "unipelt", title = "UniPELT";
+};
 
 /// UniPELT's sizes, as hyper-parameters: LoRA rank, prefix length, adapter width.
 struct UniPeltSizes {
