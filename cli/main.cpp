@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
     if (command == "bench-step") return peft::cli::run_bench_step(args, std::cout, std::cerr);
     if (command == "generate") return peft::cli::run_generate(args, std::cout, std::cerr);
     if (command == "search") return peft::cli::run_search(args, std::cout, std::cerr);
-    if (command == "study") return peft::experiment::run_study(args, std::cout, std::cerr);
+    if (command == "study") return peft::cli::run_study(args, std::cout, std::cerr);
     if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);

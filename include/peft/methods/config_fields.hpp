@@ -307,6 +307,38 @@ inline FixedField fixed(std::string_view key, nlohmann::json value,
   return {key, std::move(value), unsupported};
 }
 
+/// A double written as the value it holds (0.0 stays 0.0, 1.0 stays 1.0, as the reference writes
+/// dropouts and densities), where `field` writes integral values as integers (8, not 8.0).
+template <class C, class Check>
+struct FloatField : Field<C, double, Check> {
+  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
+    j[std::string(this->key)] = c.*(this->member);
+  }
+};
+template <class C, class Check = check::None>
+FloatField<C, Check> float_field(std::string_view key, double C::*member, Check test = {}) {
+  return {{key, member, test}};
+}
+
+/// A member struct's own field table, read and written at the top level of the config (the
+/// struct's validate, if any, runs after its fields are read).
+template <class C, class Sub, class Table>
+struct NestedFields {
+  Sub C::*member;
+  Table table;
+  void read(C& c, const nlohmann::json& j, const std::string& source) const {
+    std::apply([&](const auto&... f) { (f.read(c.*member, j, source), ...); }, table.fields);
+    if constexpr (requires { (c.*member).validate(source); }) (c.*member).validate(source);
+  }
+  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
+    std::apply([&](const auto&... f) { (f.write(c.*member, j, model), ...); }, table.fields);
+  }
+};
+template <class C, class Sub, class Table>
+NestedFields<C, Sub, Table> nested_fields(Sub C::*member, Table table) {
+  return {member, std::move(table)};
+}
+
 /// The target rules (target_modules, exclude_modules, layers_to_transform, layers_pattern).
 template <class C>
 struct TargetsField {
@@ -358,6 +390,19 @@ nlohmann::json write_config(const C& c, const ModelConfig& model) {
   std::apply([&](const auto&... f) { (f.write(c, j, model), ...); }, C::fields().fields);
   return j;
 }
+
+/// `C::from_json` / `c.to_json(model)` from C's field table, for a config struct that derives
+/// from it (`struct MyConfig : ConfigIo<MyConfig>`): the members the rest of the library and
+/// the tests call, without writing them.
+template <class C>
+struct ConfigIo {
+  static C from_json(const nlohmann::json& j, const std::string& source) {
+    return read_config<C>(j, source);
+  }
+  nlohmann::json to_json(const ModelConfig& model) const {
+    return write_config(static_cast<const C&>(*this), model);
+  }
+};
 
 /// Whether an adapter_config.json's peft_type is `type` (and, given, `flag` is not true).
 inline bool is_peft_type(const nlohmann::json& j, std::string_view type,

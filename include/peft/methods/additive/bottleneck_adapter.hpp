@@ -53,7 +53,7 @@ struct BottleneckAdapterConfig {
         detail::activation_choice("activation", &C::activation),
         detail::LayerListField<C>{&C::layers_to_transform}, fixed("modules_to_save", nullptr));
     if constexpr (Placement == detail::AdapterPlacement::Parallel)
-      return config_fields(shared, detail::float_field("scaling", &C::scaling));
+      return config_fields(shared, float_field("scaling", &C::scaling));
     else
       return config_fields(shared);
   }

@@ -149,19 +149,6 @@ EmptyAsNullField<C, M> empty_as_null(std::string_view key, M C::*member, bool om
   return {{key, member, {}}, omit};
 }
 
-/// A float field written as a float (4.0, 0.0), as the reference's Python writes one (a table
-/// `field` writes an integral double as an integer).
-template <class C, class Check>
-struct FloatField : Field<C, double, Check> {
-  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
-    j[std::string(this->key)] = c.*(this->member);
-  }
-};
-template <class C, class Check = check::None>
-FloatField<C, Check> float_field(std::string_view key, double C::*member, Check check = {}) {
-  return {{key, member, check}};
-}
-
 /// layers_to_transform: a layer index or a list of them (written null when empty: every layer).
 template <class C>
 struct LayerListField {

@@ -36,7 +36,7 @@ struct PTuningConfig : detail::PromptLearningConfig {
                std::pair("LSTM", Encoder::Lstm)),
         field("encoder_hidden_size", &C::encoder_hidden_size, check::non_negative),
         field("encoder_num_layers", &C::encoder_num_layers, check::non_negative),
-        detail::float_field("encoder_dropout", &C::encoder_dropout, check::probability));
+        float_field("encoder_dropout", &C::encoder_dropout, check::probability));
   }
   static PTuningConfig from_json(const nlohmann::json& j, const std::string& source) {
     PTuningConfig c = read_config<PTuningConfig>(j, source);

@@ -40,7 +40,7 @@ struct NullWhenEmpty : Field<C, M, ::peft::check::None> {
 };
 }  // namespace detail::reparameterized
 
-struct AdaLoraConfig {
+struct AdaLoraConfig : ConfigIo<AdaLoraConfig> {
   static constexpr std::string_view peft_type = "ADALORA";
   int init_r = 12;
   int target_r = 8;
@@ -70,16 +70,15 @@ struct AdaLoraConfig {
   /// Every field the reference (peft 0.21) writes for AdaLoRA (its LoRA fields included).
   static auto fields() {
     using C = AdaLoraConfig;
-    using detail::reparameterized::as_given;
     return config_fields(
         field("init_r", &C::init_r, check::positive),
         field("target_r", &C::target_r, check::positive), field("r", &C::r),
         field("lora_alpha", &C::lora_alpha),
-        as_given("lora_dropout", &C::lora_dropout, check::probability), targets_field(&C::targets),
+        float_field("lora_dropout", &C::lora_dropout, check::probability), targets_field(&C::targets),
         field("tinit", &C::tinit, check::non_negative),
         field("tfinal", &C::tfinal, check::non_negative),
-        field("deltaT", &C::deltaT, check::positive), as_given("beta1", &C::beta1),
-        as_given("beta2", &C::beta2), as_given("orth_reg_weight", &C::orth_reg_weight),
+        field("deltaT", &C::deltaT, check::positive), float_field("beta1", &C::beta1),
+        float_field("beta2", &C::beta2), float_field("orth_reg_weight", &C::orth_reg_weight),
         field("total_step", &C::total_step, check::positive),
         field("init_lora_weights", &C::init_lora_weights),
         detail::reparameterized::NullWhenEmpty<C, decltype(rank_pattern)>{
@@ -114,10 +113,6 @@ struct AdaLoraConfig {
       throw ConfigError(source + ": tinit must be below total_step - tfinal (no budget phase)");
     if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
-  static AdaLoraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<AdaLoraConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct AdaLoRA {

@@ -33,41 +33,6 @@ void normal_fill(Tensor<T>& t, std::mt19937_64& rng, double std) {
   for (std::int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<T>(n(rng));
 }
 
-namespace reparameterized {
-
-/// A double field written as the value it holds (0.0 stays 0.0, as the reference writes
-/// dropouts), where `field` writes integral values as integers.
-template <class C, class Check>
-struct AsGivenField : Field<C, double, Check> {
-  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
-    j[std::string(this->key)] = c.*(this->member);
-  }
-};
-template <class C, class Check = ::peft::check::None>
-AsGivenField<C, Check> as_given(std::string_view key, double C::*member, Check test = {}) {
-  return {{key, member, test}};
-}
-
-/// A member struct's own field table, read and written at the top level of the config (the
-/// struct's validate runs after its fields are read).
-template <class C, class Sub, class Table>
-struct NestedFields {
-  Sub C::*member;
-  Table table;
-  void read(C& c, const nlohmann::json& j, const std::string& source) const {
-    std::apply([&](const auto&... f) { (f.read(c.*member, j, source), ...); }, table.fields);
-    if constexpr (requires { (c.*member).validate(source); }) (c.*member).validate(source);
-  }
-  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
-    std::apply([&](const auto&... f) { (f.write(c.*member, j, model), ...); }, table.fields);
-  }
-};
-template <class C, class Sub, class Table>
-NestedFields<C, Sub, Table> nested(Sub C::*member, Table table) {
-  return {member, std::move(table)};
-}
-
-}  // namespace reparameterized
 
 /// The options LoHa and LoKr share (the reference's LyCORIS-style configs).
 struct LycorisOptions {
@@ -93,8 +58,8 @@ struct LycorisOptions {
     namespace check = ::peft::check;
     return config_fields(
         field("r", &O::r, check::positive), field("alpha", &O::alpha),
-        reparameterized::as_given("rank_dropout", &O::rank_dropout, check::probability),
-        reparameterized::as_given("module_dropout", &O::module_dropout, check::probability),
+        float_field("rank_dropout", &O::rank_dropout, check::probability),
+        float_field("module_dropout", &O::module_dropout, check::probability),
         field("init_weights", &O::init_weights), targets_field(&O::targets),
         field("rank_pattern", &O::rank_pattern, check::all_positive),
         field("alpha_pattern", &O::alpha_pattern),

@@ -18,7 +18,7 @@
 
 namespace peft {
 
-struct DyLoraConfig {
+struct DyLoraConfig : ConfigIo<DyLoraConfig> {
   static constexpr std::string_view peft_type = "DYLORA";
   int r = 8;  ///< the largest rank
   double lora_alpha = 8;
@@ -31,7 +31,7 @@ struct DyLoraConfig {
     using C = DyLoraConfig;
     return config_fields(
         field("r", &C::r, check::positive), field("lora_alpha", &C::lora_alpha),
-        detail::reparameterized::as_given("lora_dropout", &C::lora_dropout, check::probability),
+        float_field("lora_dropout", &C::lora_dropout, check::probability),
         field("eval_rank", &C::eval_rank, check::non_negative),
         field("rank_sampling_seed", &C::rank_sampling_seed), fan_in_fan_out(),
         fixed("bias", "none"), fixed("modules_to_save", nullptr), targets_field(&C::targets));
@@ -40,10 +40,6 @@ struct DyLoraConfig {
     if (eval_rank > r) throw ConfigError(source + ": eval_rank must lie in [0, r] (0: r)");
     if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
-  static DyLoraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<DyLoraConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct DyLoRA {

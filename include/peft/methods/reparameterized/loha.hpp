@@ -16,18 +16,14 @@
 
 namespace peft {
 
-struct LohaConfig {
+struct LohaConfig : ConfigIo<LohaConfig> {
   static constexpr std::string_view peft_type = "LOHA";
   detail::LycorisOptions options;
 
   static auto fields() {
     return config_fields(
-        detail::reparameterized::nested(&LohaConfig::options, detail::LycorisOptions::fields()));
+        nested_fields(&LohaConfig::options, detail::LycorisOptions::fields()));
   }
-  static LohaConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<LohaConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct LoHa {

@@ -60,7 +60,7 @@ struct LokrShape {
 };
 }  // namespace detail
 
-struct LokrConfig {
+struct LokrConfig : ConfigIo<LokrConfig> {
   static constexpr std::string_view peft_type = "LOKR";
   detail::LycorisOptions options;
   bool decompose_both = false;
@@ -70,15 +70,11 @@ struct LokrConfig {
   static auto fields() {
     using C = LokrConfig;
     return config_fields(
-        detail::reparameterized::nested(&C::options, detail::LycorisOptions::fields()),
+        nested_fields(&C::options, detail::LycorisOptions::fields()),
         field("decompose_both", &C::decompose_both),
         field("decompose_factor", &C::decompose_factor),
         field("rank_dropout_scale", &C::rank_dropout_scale));
   }
-  static LokrConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<LokrConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
   detail::LokrShape shape_for(const std::string& module, std::int64_t in, std::int64_t out) const {
     return detail::LokrShape::of(in, out, options.rank_for(module), decompose_factor,
                                  decompose_both);

@@ -17,7 +17,7 @@
 
 namespace peft {
 
-struct LoraConfig {
+struct LoraConfig : ConfigIo<LoraConfig> {
   enum class Init { Default, Gaussian, Zeros, Pissa };
   static constexpr std::string_view peft_type = "LORA";
 
@@ -69,10 +69,6 @@ struct LoraConfig {
   void validate(const std::string& source) const {
     if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
-  static LoraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<LoraConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct LoRA {

@@ -30,7 +30,7 @@ struct TargetsWithoutExclude : TargetsField<C> {
 };
 }  // namespace detail::reparameterized
 
-struct VeraConfig {
+struct VeraConfig : ConfigIo<VeraConfig> {
   static constexpr std::string_view peft_type = "VERA";
   int r = 256;
   TargetRules targets;
@@ -43,23 +43,18 @@ struct VeraConfig {
   /// The fields the reference (peft 0.21) writes for VeRA (it has no exclude_modules).
   static auto fields() {
     using C = VeraConfig;
-    using detail::reparameterized::as_given;
     return config_fields(field("r", &C::r, check::positive),
                          detail::reparameterized::TargetsWithoutExclude<C>{{&C::targets}},
                          field("projection_prng_key", &C::projection_prng_key),
                          field("save_projection", &C::save_projection),
-                         as_given("vera_dropout", &C::vera_dropout, check::probability),
-                         as_given("d_initial", &C::d_initial),
+                         float_field("vera_dropout", &C::vera_dropout, check::probability),
+                         float_field("d_initial", &C::d_initial),
                          field("init_weights", &C::init_weights), fan_in_fan_out(),
                          fixed("bias", "none"), fixed("modules_to_save", nullptr));
   }
   void validate(const std::string& source) const {
     if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
-  static VeraConfig from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<VeraConfig>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const { return write_config(*this, model); }
 };
 
 struct VeRA {

@@ -71,32 +71,6 @@ struct SelectionBudget {
 
 namespace detail {
 
-/// A number written as a JSON float (`1.0`, not `1`), as the selective configs always wrote
-/// their own peft_types' fields; read as any number, then checked.
-template <class C, class Check>
-struct FloatField {
-  Field<C, double, Check> field;
-  void read(C& c, const nlohmann::json& j, const std::string& source) const {
-    field.read(c, j, source);
-  }
-  void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
-    j[std::string(field.key)] = c.*field.member;
-  }
-};
-
-/// Fields of a member struct (the budget), read from and written to the config's own level.
-template <class C, class S, class... F>
-struct NestedFields {
-  S C::*member;
-  ConfigFields<F...> fields;
-  void read(C& c, const nlohmann::json& j, const std::string& source) const {
-    std::apply([&](const auto&... f) { (f.read(c.*member, j, source), ...); }, fields.fields);
-  }
-  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
-    std::apply([&](const auto&... f) { (f.write(c.*member, j, model), ...); }, fields.fields);
-  }
-};
-
 /// The target rules, with the config's default (all-linear) where target_modules is absent.
 template <class C>
 struct DefaultTargetsField {
@@ -119,14 +93,6 @@ struct RequiredField : FixedField {
 
 }  // namespace detail
 
-template <class C, class Check = check::None>
-detail::FloatField<C, Check> float_field(std::string_view key, double C::*member, Check c = {}) {
-  return {field(key, member, c)};
-}
-template <class C, class S, class... F>
-detail::NestedFields<C, S, F...> nested_fields(S C::*member, ConfigFields<F...> fields) {
-  return {member, std::move(fields)};
-}
 /// num_parameters and density.
 template <class C>
 auto budget_fields(SelectionBudget C::*member) {
@@ -142,16 +108,9 @@ inline detail::RequiredField required(std::string_view key, nlohmann::json value
   return {{key, std::move(value), ""}};
 }
 
-/// from_json / to_json of a selective config from its field table (C::fields()).
+/// from_json / to_json of a selective config from its field table (config_fields.hpp).
 template <class C>
-struct TabledConfigIo {
-  static C from_json(const nlohmann::json& j, const std::string& source) {
-    return read_config<C>(j, source);
-  }
-  nlohmann::json to_json(const ModelConfig& model) const {
-    return write_config(static_cast<const C&>(*this), model);
-  }
-};
+using TabledConfigIo = ConfigIo<C>;
 
 namespace detail {
 
