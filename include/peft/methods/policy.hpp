@@ -260,13 +260,6 @@ concept HasExtraLoss = requires(S s, Tape<T>& tape) {
   { s.extra_loss(tape) } -> std::same_as<Var<T>>;
 };
 
-/// Transitional: the first edition's replacing hook `Var<T> linear(tape, module, x)`, kept
-/// while methods move to `adapt`; new code uses `adapt`.
-template <class S, class T>
-concept HasLinearHook = requires(S s, Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
-  { s.linear(tape, m, x) } -> std::same_as<Var<T>>;
-};
-
 /// Capabilities (section 4 above).
 template <class S, class T>
 concept Mergeable = requires(S s, std::vector<nn::Linear<T>*>& modules) {

@@ -188,8 +188,6 @@ class Decoder {
     if constexpr (DependsOnBaseWeights<Adapter, T>) {
       std::vector<nn::Linear<T>*> modules = linear_modules();
       adapter_.on_base_weights_loaded(modules);
-    } else if constexpr (requires { adapter_.on_base_weights_loaded(); }) {
-      adapter_.on_base_weights_loaded();
     }
   }
 
@@ -350,8 +348,6 @@ class Decoder {
       Projection<T> p(tape, lin, x);
       adapter_.adapt(p);
       return p.compute();
-    } else if constexpr (HasLinearHook<Adapter, T>) {
-      return adapter_.linear(tape, lin, x);
     } else {
       return lin.forward_base(tape, x);
     }

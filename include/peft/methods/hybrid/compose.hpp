@@ -7,9 +7,6 @@
 //                        (nn/projection.hpp fixes how contributions combine), so several
 //                        components may adapt one module: Compose<LoRA, IA3> on v_proj computes
 //                        (x Wᵀ + b + s B A x) ⊙ l.
-//   linear (transitional) a component still on the first edition's replacing `linear` hook owns
-//                        the modules it `adapts` alone: another component that adapts one of
-//                        them is an error at attach time.
 //   virtual tokens       at most one component (checked at compile time).
 //   prefix keys/values   at most one component (checked at compile time).
 //   after_attention      chained in component order: o ← P_1(o), then P_2, ...
@@ -32,7 +29,8 @@
 //   - at most one component prepends virtual tokens (the decoder has one token site, and a second
 //     set would shift the first's positions);
 //   - at most one component supplies prefix keys/values (one prefix per layer);
-//   - a component with the transitional linear hook says which modules it adapts (`adapts`).
+//   - at most one component replaces a given module's product (DoRA, VeRA, LoKr, the selective
+//     diffs): checked when the product is built (Projection::replace_product).
 #include <array>
 #include <cstddef>
 #include <filesystem>
@@ -54,13 +52,6 @@
 
 namespace peft {
 
-/// A policy that can say which modules it adapts (transitional: Compose asks it to keep a
-/// first-edition component, whose `linear` hook replaces the product, alone on its modules).
-template <class S, class T>
-concept ReportsAdaptedModules = requires(const S s, const nn::Linear<T>& m) {
-  { s.adapts(m) } -> std::convertible_to<bool>;
-};
-
 namespace detail {
 
 template <class P, class T = float>
@@ -70,17 +61,10 @@ template <class P>
 inline constexpr bool prepends_tokens = HasVirtualTokens<StateOf<P>, float>;
 template <class P>
 inline constexpr bool supplies_prefix = HasPrefix<StateOf<P>, float>;
-template <class P>
-inline constexpr bool has_linear_hook = HasLinearHook<StateOf<P>, float>;
-
-/// Instantiated once per component, so that a failing check names the policy ("P = ...").
+/// Instantiated once per component, so that a failing contract check names the component.
 template <class P>
 struct ComposeComponentCheck {
-  static_assert(!has_linear_hook<P> || ReportsAdaptedModules<StateOf<P>, float>,
-                "Compose: this component (P above) has a linear hook but no "
-                "`bool adapts(const nn::Linear<T>&) const`: Compose routes each module to the one "
-                "component that adapts it, and cannot ask this one");
-  static constexpr bool ok = true;
+  static constexpr bool ok = check_policy<P>();
 };
 
 /// "<i>_<name>": a component's folder in the saved layout and its parameters' name prefix.
@@ -247,7 +231,6 @@ struct Compose {
   template <class T>
   class State {
     using States = std::tuple<detail::StateOf<P, T>...>;
-    static constexpr bool any_linear = (HasLinearHook<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_projection = (HasProjectionHook<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_before = (HasBeforeAttention<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_tokens = (HasVirtualTokens<detail::StateOf<P, T>, T> || ...);
@@ -274,14 +257,9 @@ struct Compose {
       return std::get<I>(states_);
     }
 
-    /// Attaches every component in order; then (transitional) gives each module a first-edition
-    /// component adapts to that component alone.
+    /// Attaches every component in order.
     void attach(AttachContext<T>& ctx) {
       std::apply([&](auto&... s) { (s.attach(ctx), ...); }, states_);
-      if constexpr (any_linear) {
-        owner_.assign(ctx.linears.size(), -1);
-        for (nn::Linear<T>* lin : ctx.linears) claim(*lin, std::index_sequence_for<P...>{});
-      }
     }
 
     void before_attention(Tape<T>& tape, int layer, const Var<T>& x) requires(any_before) {
@@ -291,27 +269,10 @@ struct Compose {
       });
     }
 
-    void adapt(Projection<T>& p) requires(any_projection && !any_linear) {
+    void adapt(Projection<T>& p) requires(any_projection) {
       for_each_state([&](auto& state) {
         if constexpr (HasProjectionHook<std::decay_t<decltype(state)>, T>) state.adapt(p);
       });
-    }
-
-    /// Transitional, while a component has the first edition's replacing hook: a module it
-    /// adapts runs its `linear` alone; every other module gets the contributions of the others.
-    Var<T> linear(Tape<T>& tape, const nn::Linear<T>& module,
-                  const Var<T>& x) requires(any_linear) {
-      const int owner = module.site >= 0 && static_cast<std::size_t>(module.site) < owner_.size()
-                            ? owner_[static_cast<std::size_t>(module.site)]
-                            : -1;
-      if (owner < 0) {
-        Projection<T> p(tape, module, x);
-        for_each_state([&](auto& state) {
-          if constexpr (HasProjectionHook<std::decay_t<decltype(state)>, T>) state.adapt(p);
-        });
-        return p.compute();
-      }
-      return route(tape, module, x, owner, std::index_sequence_for<P...>{});
     }
 
     std::int64_t num_virtual_tokens() const requires(any_tokens) {
@@ -408,8 +369,6 @@ struct Compose {
       for_each_state([&](auto& state) {
         if constexpr (DependsOnBaseWeights<std::decay_t<decltype(state)>, T>)
           state.on_base_weights_loaded(modules);
-        else if constexpr (requires { state.on_base_weights_loaded(); })
-          state.on_base_weights_loaded();  // transitional: the first edition's form
       });
     }
 
@@ -449,60 +408,8 @@ struct Compose {
       (f(std::get<sizeof...(P) - 1 - I>(states_)), ...);
     }
 
-    template <std::size_t... I>
-    void claim(const nn::Linear<T>& lin, std::index_sequence<I...>) {
-      (claim_one<I>(lin), ...);
-    }
-    // Transitional: a component on the replacing linear hook owns its modules alone (owner_);
-    // components that contribute record that they adapt a module (first_contributor_).
-    template <std::size_t I>
-    void claim_one(const nn::Linear<T>& lin) {
-      using S = std::tuple_element_t<I, States>;
-      constexpr bool legacy = HasLinearHook<S, T>;
-      if constexpr (legacy || ReportsAdaptedModules<S, T>) {
-        if (!std::get<I>(states_).adapts(lin)) return;
-        const auto site = static_cast<std::size_t>(lin.site);
-        if (first_contributor_.size() < owner_.size()) first_contributor_.assign(owner_.size(), -1);
-        int& owner = owner_[site];
-        int& contributor = first_contributor_[site];
-        const int other = owner >= 0 ? owner : (legacy ? contributor : -1);
-        if (other >= 0)
-          throw ConfigError("Compose: module '" + lin.name + "' is adapted by component " +
-                            std::to_string(other) + " (" + component_name(other) +
-                            ") and component " + std::to_string(I) + " (" +
-                            component_name(static_cast<int>(I)) +
-                            "), and the first-edition component replaces the module's product "
-                            "(narrow their target_modules)");
-        if (legacy)
-          owner = static_cast<int>(I);
-        else if (contributor < 0)
-          contributor = static_cast<int>(I);
-      }
-    }
-
-    static std::string component_name(int index) {
-      static constexpr std::array<std::string_view, sizeof...(P)> names{P::name...};
-      return std::string(names[static_cast<std::size_t>(index)]);
-    }
-
-    template <std::size_t... I>
-    Var<T> route(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x, int owner,
-                 std::index_sequence<I...>) {
-      Var<T> y;
-      (
-          [&] {
-            using S = std::tuple_element_t<I, States>;
-            if constexpr (HasLinearHook<S, T>)
-              if (static_cast<int>(I) == owner) y = std::get<I>(states_).linear(tape, module, x);
-          }(),
-          ...);
-      return y;
-    }
-
     Config config_;
     States states_;
-    std::vector<int> owner_;  // by linear site: the linear-hook component that adapts it, or −1
-    std::vector<int> first_contributor_;  // by linear site: the first contributing component
   };
 
  private:

@@ -153,7 +153,7 @@ struct Gated {
                                          const Config& config) {
     ParameterCount count = peft::count_parameters<P>(model, linears, config.inner);
     using S = detail::StateOf<P>;
-    if constexpr (HasProjectionHook<S, float> || HasLinearHook<S, float>) {
+    if constexpr (HasProjectionHook<S, float>) {
       static_assert(detail::SelectsSitesFromShapes<P>,
                     "Gated: counting the gates of a projection method needs its selection from "
                     "shapes (`static bool selects(const Config&, const ModuleSite&)` or "
@@ -174,11 +174,12 @@ struct Gated {
   class State {
     using Inner = detail::StateOf<P, T>;
     static constexpr bool inner_projection = HasProjectionHook<Inner, T>;
-    static constexpr bool inner_linear = HasLinearHook<Inner, T> && !inner_projection;
-    static constexpr bool gates_modules = inner_projection || inner_linear;
+    static constexpr bool gates_modules = inner_projection;
     static constexpr bool inner_prefix = HasPrefix<Inner, T>;
     static_assert(!gates_modules || detail::SelectsSitesFromShapes<P> ||
-                      ReportsAdaptedModules<Inner, T>,
+                      requires(const Inner i, const nn::Linear<T>& m) {
+                        { i.adapts(m) } -> std::convertible_to<bool>;
+                      },
                   "Gated: a projection method needs a selection (`selects` or `targets`) or "
                   "`bool adapts(const nn::Linear<T>&) const` to know which modules get a gate");
     using Contribution = typename Projection<T>::Contribution;
@@ -252,21 +253,14 @@ struct Gated {
     ///   output scale l         →  y ← y ⊙ (1 + G ⊙ (l − 1))      (= y + G ⊙ (y ⊙ l − y))
     ///   output shift β         →  y ← y + G ⊙ β
     ///   output map f           →  y ← y + G ⊙ (f(y) − y)
-    ///   input scale, replacement (or a first-edition `linear` hook): the whole inner product as
+    ///   input scale, replacement: the whole inner product as
     ///   one delta G ⊙ (y_inner − y_base), y_inner the inner contributions on their own
     ///   Projection, y_base = x Wᵀ + b: exact, but it computes W x twice more.
     void adapt(Projection<T>& p) requires(gates_modules) {
       const auto site = static_cast<std::size_t>(p.module().site);
       if (p.module().site < 0 || site >= linear_gates_.size() || !linear_gates_[site]) return;
       Tape<T>& tape = p.tape();
-      if constexpr (inner_linear) {
-        const LazyGate g{&*linear_gates_[site], p.input(), std::make_shared<Var<T>>()};
-        Inner* inner = &inner_;
-        p.add_delta([inner, g, &module = p.module()](Tape<T>& t, const Var<T>& x) {
-          return detail::scale_rows(
-              t, detail::subtract(t, inner->linear(t, module, x), module.forward_base(t, x)), g(t));
-        });
-      } else {
+      {
         Projection<T> own(tape, p.module(), p.input());
         inner_.adapt(own);
         if (own.empty()) return;  // e.g. merged: the method adds nothing here
@@ -359,11 +353,8 @@ struct Gated {
     }
 
     void on_base_weights_loaded(std::vector<nn::Linear<T>*>& modules) requires(
-        DependsOnBaseWeights<Inner, T> || requires(Inner i) { i.on_base_weights_loaded(); }) {
-      if constexpr (DependsOnBaseWeights<Inner, T>)
-        inner_.on_base_weights_loaded(modules);
-      else
-        inner_.on_base_weights_loaded();  // transitional: the first edition's form
+        DependsOnBaseWeights<Inner, T>) {
+      inner_.on_base_weights_loaded(modules);
     }
 
     /// P's tensors, then the gates.
