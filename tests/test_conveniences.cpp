@@ -57,7 +57,7 @@ peft::ParameterSummary check_against_shapes(const ModelConfig& mc,
   peft::Decoder<Arch, Policy, float> model(mc, config, 1);
   const peft::ParameterSummary s = peft::parameter_summary(model);
   const peft::ParameterCount c =
-      Policy::count_parameters(mc, peft::linear_shapes<Arch>(mc), config);
+      peft::count_parameters<Policy>(mc, peft::linear_shapes<Arch>(mc), config);
   const std::int64_t all = peft::base_parameter_count<Arch>(mc) + c.trainable + c.frozen;
   CHECK(s.base == peft::base_parameter_count<Arch>(mc));
   CHECK(s.trainable == c.trainable);

@@ -268,14 +268,14 @@ TEST_CASE_TEMPLATE("hybrid: save, load, same logits; component folders load on t
 }
 
 namespace {
-// A template, so that the branch for the other edition of IA3 is not compiled.
 template <class Both>
 void check_lora_ia3_same_module() {
   using Arch = peft::arch::Gpt2;
   peft::Ia3Config ia3;
   ia3.targets.target_modules.names = {"c_attn"};  // not feed-forward: an output scale
   const typename Both::Config config(attention_lora<Arch>(), ia3);
-  if constexpr (peft::HasProjectionHook<typename Both::template State<double>, double>) {
+  static_assert(peft::HasProjectionHook<typename Both::template State<double>, double>);
+  {
     // Both components contribute to c_attn, in component order.
     Decoder<Arch, Both, double> model(tiny_gpt2(), config, 3);
     perturb_adapter(model, 13);
@@ -309,18 +309,6 @@ void check_lora_ia3_same_module() {
         worst = std::max(worst, std::abs(y.data()[row * out + c] - want));
       }
     CHECK(worst < 1e-12);
-  } else {
-    // Transitional, until IA3 moves to `adapt` (scale_output): a first-edition component owns
-    // the modules it adapts, so Compose refuses the pair at attach time and says why.
-    try {
-      Decoder<Arch, Both, float> model(tiny_gpt2(), config);
-      FAIL("expected a ConfigError");
-    } catch (const peft::ConfigError& e) {
-      const std::string what = e.what();
-      CHECK(what.find("transformer.h.0.attn.c_attn") != std::string::npos);
-      CHECK(what.find("lora") != std::string::npos);
-      CHECK(what.find("ia3") != std::string::npos);
-    }
   }
 }
 }  // namespace

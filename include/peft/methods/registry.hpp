@@ -7,11 +7,12 @@
 //   MyMethods::visit_for(adapter_json, [&]<class P>() { ... });     // the first that accepts
 //   MyMethods::visit_named("output_shift", [&]<class P>() { ... });
 //
-// and hands it to the commands' library entry points (`peft::cli::main<MyMethods>(argc, argv)`,
-// docs/cli.md). A prebuilt `peft` binary knows BuiltinMethods only: a method compiled later
-// reaches the commands through the user's own one-line main, not through plugins (a shared-
-// object plugin would need a stable ABI for templates instantiated on the user's types, which
-// a header-only template library does not have).
+// in the user's own program. A prebuilt `peft` binary knows BuiltinMethods only: a method
+// compiled later reaches the library's runners through the user's program (the study:
+// experiment::run_study with extra rows), not through plugins (a shared-object plugin would need
+// a stable ABI for templates instantiated on the user's types, which a header-only template
+// library does not have). Not built yet: the `count` and `generate` commands as installed
+// library entry points templated on a registry (today they use BuiltinMethods).
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>

@@ -1,7 +1,7 @@
 #pragma once
 // The reference's print_trainable_parameters, as a library function:
 //   "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
-// from two counts (e.g. a Policy::count_parameters from shapes) or from a live model.
+// from two counts (e.g. peft::count_parameters<P> from shapes) or from a live model.
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -42,7 +42,7 @@ struct ParameterSummary {
 };
 
 /// Counts `model` as the reference's print_trainable_parameters does, and as `peft count` and
-/// Policy::count_parameters do from shapes: all = every base tensor plus every tensor the
+/// peft::count_parameters<P> do from shapes: all = every base tensor plus every tensor the
 /// adapter lists in parameters(); trainable = every tensor of trainable_parameters() (a tensor
 /// listed by both the base and the adapter once; full fine-tuning counts the base too).
 /// A base tensor the adapter trains in place (LN tuning's norms, BitFit's biases) is in "all"
@@ -51,7 +51,7 @@ struct ParameterSummary {
 /// What is counted is what the adapter lists: a frozen tensor it saves (VeRA's shared
 /// projections when save_projection is on) counts in "all", where the reference keeps it as a
 /// buffer and does not; a scalar that is not a tensor here (AdaLoRA's ranknum, a frozen
-/// parameter in the reference) does not. Policy::count_parameters from shapes follows the
+/// parameter in the reference) does not. peft::count_parameters<P> from shapes follows the
 /// reference exactly for both.
 template <class Model>
 ParameterSummary parameter_summary(Model& model) {
