@@ -38,7 +38,8 @@ inline std::pair<std::int64_t, std::int64_t> count_parameters(const nlohmann::js
   const bool known = visit_policy_for(adapter_json, [&]<class Policy>() {
     const auto config = Policy::Config::from_json(adapter_json, adapter_source);
     visit_arch_for(model.model_type, [&]<class Arch>() {
-      const ParameterCount c = peft::count_parameters<Policy>(model, linear_shapes<Arch>(model), config);
+      const ParameterCount c =
+          peft::count_parameters<Policy>(model, linear_shapes<Arch>(model), config);
       trainable = c.trainable;
       all = base_parameter_count<Arch>(model) + c.trainable + c.frozen;
     });

@@ -87,7 +87,8 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
     const nlohmann::json adapter_json = io::load_json(adapter_config);
     const bool known = visit_policy_for(adapter_json, [&]<class Policy>() {
       auto model = Decoder<Arch, Policy, float>::load(
-          model_dir, Policy::Config::from_json(adapter_json, adapter_config.string()));
+          model_dir,
+          config_from_json<typename Policy::Config>(adapter_json, adapter_config.string()));
       io::load_adapter_tensors(
           model.adapter().parameters(),
           io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors"));

@@ -377,7 +377,8 @@ std::pair<std::int64_t, std::int64_t> count(const nlohmann::json& model_json,
   const bool known = peft::visit_policy_for(adapter_json, [&]<class Policy>() {
     const auto config = Policy::Config::from_json(adapter_json, "adapter");
     peft::visit_arch_for(model.model_type, [&]<class Arch>() {
-      const auto c = peft::count_parameters<Policy>(model, peft::linear_shapes<Arch>(model), config);
+      const auto c =
+          peft::count_parameters<Policy>(model, peft::linear_shapes<Arch>(model), config);
       trainable = c.trainable;
       all = peft::base_parameter_count<Arch>(model) + c.trainable + c.frozen;
     });

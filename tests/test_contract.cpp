@@ -32,7 +32,8 @@ std::string error_of(const nlohmann::json& j) {
 
 }  // namespace
 
-TEST_CASE("config fields: reading is strict and errors name the file, the field, expected and found") {
+TEST_CASE(
+    "config fields: reading is strict and errors name the file, the field, expected and found") {
   CHECK(peft::LoraConfig::from_json(lora_json({}), "f").r == 4);
   CHECK(error_of(lora_json({{"r", 0.5}})) ==
         "adapter_config.json: field 'r': expected an integer, found 0.5");
@@ -58,10 +59,13 @@ TEST_CASE("config fields: reading is strict and errors name the file, the field,
 }
 
 TEST_CASE("config fields: what is written reads back to the same config and the same JSON") {
-  peft::LoraConfig c = peft::LoraConfig::from_json(
-      lora_json({{"lora_alpha", 16}, {"use_rslora", true}, {"init_lora_weights", "gaussian"},
-                 {"rank_pattern", {{"v_proj", 2}}}, {"alpha_pattern", {{"v_proj", 3.5}}}}),
-      "f");
+  peft::LoraConfig c =
+      peft::LoraConfig::from_json(lora_json({{"lora_alpha", 16},
+                                             {"use_rslora", true},
+                                             {"init_lora_weights", "gaussian"},
+                                             {"rank_pattern", {{"v_proj", 2}}},
+                                             {"alpha_pattern", {{"v_proj", 3.5}}}}),
+                                  "f");
   const peft::ModelConfig model = test_support::tiny_llama();
   const nlohmann::json written = c.to_json(model);
   CHECK(written["lora_alpha"] == 16);  // integral values as integers, as the reference writes
@@ -135,7 +139,8 @@ TEST_CASE("projection: the gradient through every contribution kind matches (dou
         });
         p.scale_output(in[4]);
         p.shift_output(in[5]);
-        p.map_output([](peft::Tape<T>& t, const peft::Var<T>& y) { return peft::ops::mul(t, y, y); });
+        p.map_output(
+            [](peft::Tape<T>& t, const peft::Var<T>& y) { return peft::ops::mul(t, y, y); });
         return p.compute();
       },
       inputs);
@@ -158,10 +163,12 @@ TEST_CASE("registry: an outside method joins the builtin ones without editing th
   using Methods = peft::BuiltinMethods::with<Renamed>;
   CHECK(Methods::size == peft::BuiltinMethods::size + 1);
   bool named = false, dispatched = false, builtin = false;
-  CHECK(Methods::visit_named("renamed_lora", [&]<class P>() { named = std::is_same_v<P, Renamed>; }));
+  CHECK(
+      Methods::visit_named("renamed_lora", [&]<class P>() { named = std::is_same_v<P, Renamed>; }));
   CHECK(Methods::visit_for(nlohmann::json{{"peft_type", "RENAMED"}},
                            [&]<class P>() { dispatched = std::is_same_v<P, Renamed>; }));
-  CHECK(Methods::visit_for(lora_json({}), [&]<class P>() { builtin = std::is_same_v<P, peft::LoRA>; }));
+  CHECK(Methods::visit_for(lora_json({}),
+                           [&]<class P>() { builtin = std::is_same_v<P, peft::LoRA>; }));
   CHECK((named && dispatched && builtin));
   CHECK_FALSE(peft::BuiltinMethods::visit_named("renamed_lora", []<class P>() {}));
   CHECK_FALSE(Methods::visit_for(nlohmann::json{{"peft_type", "NOPE"}}, []<class P>() {}));

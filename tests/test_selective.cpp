@@ -559,7 +559,7 @@ TEST_CASE("selective: diff pruning's L0 penalty pulls the open gates toward the 
   model.adapter().prune();
   CHECK(model.adapter().trained_entries() ==
         peft::count_parameters<peft::DiffPruning>(model.config(),
-                                            peft::linear_shapes<Gpt2>(model.config()), c)
+                                                  peft::linear_shapes<Gpt2>(model.config()), c)
             .trainable);
 }
 

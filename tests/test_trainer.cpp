@@ -385,7 +385,8 @@ TEST_CASE("tutorial: OutputShift counts, saves and loads through the contract al
       peft::count_parameters<OutputShift>(c, peft::linear_shapes<peft::arch::Llama>(c), config);
   CHECK(counted.trainable == 2 * 8);
   CHECK(model.trainable_parameters().size() == 2);
-  CHECK(model.trainable_parameters()[0].name == "base_model.model.model.layers.0.self_attn.v_proj.shift");
+  CHECK(model.trainable_parameters()[0].name ==
+        "base_model.model.model.layers.0.self_attn.v_proj.shift");
   const nlohmann::json j = peft::config_to_json(config, c);
   CHECK(j["peft_type"] == "OUTPUT_SHIFT");
   CHECK(j["target_modules"] == nlohmann::json::array({"v_proj"}));

@@ -4,15 +4,18 @@
 // 20 lines between the markers; main() then uses it as a researcher would: gradient check,
 // composition with LoRA on the same module and with IA3, composite save and load, counting
 // from shapes, the commands' registry, and a run of the study.
+#include <unistd.h>
+
 #include <cmath>
 #include <filesystem>
 #include <iostream>
-#include <peft/experiment/study.hpp>
 #include <peft/peft.hpp>
-#include <peft/testing/gradcheck.hpp>
 #include <sstream>
 #include <string>
-#include <unistd.h>
+#ifndef PEFT_CONSUMER_SMOKE
+#include <peft/experiment/study.hpp>
+#include <peft/testing/gradcheck.hpp>
+#endif
 
 // ---- the method: 20 lines ----
 struct OutputShift {
@@ -36,6 +39,21 @@ struct OutputShift {
 using Methods = peft::BuiltinMethods::with<OutputShift>;
 // ---- end of the method ----
 
+#ifdef PEFT_CONSUMER_SMOKE
+// The install checks' short form: the method on the installed headers, one model.
+int main() {
+  peft::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 20, c.hidden_size = 8, c.num_layers = 1, c.num_heads = 2, c.num_kv_heads = 2;
+  c.head_dim = 4, c.intermediate_size = 16, c.max_positions = 16;
+  OutputShift::Config shift;
+  shift.targets.target_modules.names = {"v_proj"};
+  peft::Decoder<peft::arch::Llama, OutputShift, float> model(c, shift, 1);
+  if (model.trainable_parameters().size() != 1) return 1;
+  std::cout << "consumer ok\n";
+  return 0;
+}
+#else
 namespace {
 
 int failures = 0;
@@ -132,8 +150,9 @@ int main() {
       double worst = 0;
       for (std::int64_t r = 0; r < 3; ++r)
         for (std::int64_t o = 0; o < v.out_features; ++o)
-          worst = std::max(worst, std::abs(y[r * v.out_features + o] -
-                                           (y_lora[r * v.out_features + o] + sp[0].var.value()[o])));
+          worst =
+              std::max(worst, std::abs(y[r * v.out_features + o] -
+                                       (y_lora[r * v.out_features + o] + sp[0].var.value()[o])));
       expect(v.name == "model.layers.0.self_attn.v_proj" && worst < 1e-12,
              "LoRA and OutputShift on the same module: x W^T + s B A x + shift");
     }
@@ -146,7 +165,8 @@ int main() {
            "Compose<OutputShift, IA3> starts at the base model");
 
     // 3. The composite saves in the reference layout and loads back into a fresh model.
-    const fs::path dir = fs::temp_directory_path() / ("peft-consumer-" + std::to_string(::getpid()));
+    const fs::path dir =
+        fs::temp_directory_path() / ("peft-consumer-" + std::to_string(::getpid()));
     fs::remove_all(dir);
     peft::save_composite(dir, both);
     peft::Decoder<Arch, WithLora, double> reloaded(mc, {lora, shift}, 99);
@@ -193,3 +213,4 @@ int main() {
   std::cout << (failures == 0 ? "consumer ok\n" : "consumer FAILED\n");
   return failures == 0 ? 0 : 1;
 }
+#endif  // PEFT_CONSUMER_SMOKE

@@ -3,7 +3,7 @@
 #
 #   cmake -DPEFT_BUILD_DIR=<build> -DPREFIX=<prefix> -DCONSUMER_BUILD_DIR=<dir>
 #         [-DPEFT_SOURCE_DIR=<src> -DPEFT_CONFIGURE_ARGS=<-Da=b|-Dc=d>]
-#         [-DEXPECT_CLI=ON|OFF] [-DCOMPONENT=<component>]
+#         [-DEXPECT_CLI=ON|OFF] [-DCOMPONENT=<component>] [-DSMOKE=ON]
 #         [-DGENERATOR=<g>] [-DMAKE_PROGRAM=<p>] [-DCXX_COMPILER=<c>] [-DCONFIG=<cfg>]
 #         -P run_consumer_test.cmake
 #
@@ -11,7 +11,9 @@
 # PEFT_CONFIGURE_ARGS ('|'-separated) and nothing is built, as a user who wants the headers
 # alone would do: the install must still succeed. Without COMPONENT, everything is installed
 # (`cmake --install` as the README says); EXPECT_CLI says whether bin/peft must then be in the
-# prefix (ON) or must not be (OFF); unset, it is not checked.
+# prefix (ON) or must not be (OFF); unset, it is not checked. SMOKE builds the consumer's short
+# form (its method and one model, not the whole workout): for the install variants, which check
+# the install, not the method.
 
 foreach(var IN ITEMS PEFT_BUILD_DIR PREFIX CONSUMER_BUILD_DIR)
   if(NOT ${var})
@@ -72,10 +74,16 @@ if(DEFINED EXPECT_CLI AND NOT EXPECT_CLI STREQUAL "")
 endif()
 
 # 2. Configure the consumer against the prefix only (no package registry).
+if(SMOKE)
+  set(smoke ON)
+else()
+  set(smoke OFF)
+endif()
 run_step("configure" "${CMAKE_COMMAND}"
   -S "${CMAKE_CURRENT_LIST_DIR}" -B "${CONSUMER_BUILD_DIR}" ${generator_args}
   "-DCMAKE_PREFIX_PATH=${PREFIX}"
   -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
+  "-DPEFT_CONSUMER_SMOKE=${smoke}"
   "-DCMAKE_BUILD_TYPE=${CONFIG}")
 string(REGEX MATCH "using peft [^\n]*" found_line "${step_output}")
 message(STATUS "consumer test: ${found_line}")

@@ -828,7 +828,6 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
   return true;
 }
 
-
 /// `peft study [OPTIONS]`; see print_usage and docs/study.md.
 /// `peft study ARGS`, with `extra` rows after the library's own (an outside project's methods:
 /// `entry<MyMethod>(lr, make_config)`). Returns the exit status (2: bad arguments).
@@ -866,8 +865,9 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
     pretrain_corpus.emplace(data::ByteCorpus::from_file(s.pretrain_text, seq));
     corpus.emplace(data::ByteCorpus::from_file(s.text, seq));
     const std::vector<std::uint8_t> bytes = data::read_bytes(s.pretrain_text);
-    data_key = "text:" + hex16(fnv1a(std::string_view(
-                             reinterpret_cast<const char*>(bytes.data()), bytes.size())));
+    data_key =
+        "text:" +
+        hex16(fnv1a(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size())));
     pretrain_batch = [&](std::mt19937_64& rng) { return pretrain_corpus->train_batch(rng, batch); };
     pretrain_eval = pretrain_corpus->eval_batches(s.eval_examples / 2, 32);
     w.train_batch = [&](std::mt19937_64& rng) { return corpus->train_batch(rng, batch); };
@@ -904,8 +904,7 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
       << "model: llama-style, d=" << w.model.hidden_size << ", " << w.model.num_layers
       << " layers, " << w.model.num_heads << " heads, vocab " << w.model.vocab_size << "; "
       << s.threads << " thread(s), seed " << s.seed << "\n";
-  w.base_dir =
-      pretrained_base(s, w.model, pretrain_batch, pretrain_eval, data_key, out, progress);
+  w.base_dir = pretrained_base(s, w.model, pretrain_batch, pretrain_eval, data_key, out, progress);
 
   out << "adapting: " << s.adapt_steps << " steps of batch " << batch
       << " per method, cosine schedule, AdamW, clip 1.0\n";

@@ -100,10 +100,10 @@ M read_value(const nlohmann::json& v, const std::string& source, std::string_vie
     }
     const auto i = v.get<std::int64_t>();
     if (i < static_cast<std::int64_t>(std::numeric_limits<M>::min()) ||
-        (i > 0 && static_cast<std::uint64_t>(i) >
-                      static_cast<std::uint64_t>(std::numeric_limits<M>::max())))
-      fail(source, key, "an integer in the range of " + std::string(sizeof(M) == 4 ? "int32" : "int64"),
-           v);
+        (i > 0 &&
+         static_cast<std::uint64_t>(i) > static_cast<std::uint64_t>(std::numeric_limits<M>::max())))
+      fail(source, key,
+           "an integer in the range of " + std::string(sizeof(M) == 4 ? "int32" : "int64"), v);
     return static_cast<M>(i);
   } else if constexpr (std::is_floating_point_v<M>) {
     if (!v.is_number()) fail(source, key, type_name<M>(), v);
@@ -114,8 +114,7 @@ M read_value(const nlohmann::json& v, const std::string& source, std::string_vie
   } else if constexpr (is_vector<M>::value) {
     if (!v.is_array()) fail(source, key, type_name<M>(), v);
     M out;
-    for (const auto& item : v)
-      out.push_back(read_value<typename M::value_type>(item, source, key));
+    for (const auto& item : v) out.push_back(read_value<typename M::value_type>(item, source, key));
     return out;
   } else if constexpr (is_string_map<M>::value) {
     if (!v.is_object()) fail(source, key, type_name<M>(), v);
@@ -240,7 +239,10 @@ struct ChoiceField {
         return;
       }
     std::string expected = "one of";
-    for (const auto& [json, value] : choices) expected += " " + json.dump();
+    for (const auto& [json, value] : choices) {
+      expected += ' ';
+      expected += json.dump();  // appended, not "+": GCC 12's false -Wrestrict (bug 105329)
+    }
     config_detail::fail(source, key, expected, v);
   }
   void write(const C& c, nlohmann::json& j, const ModelConfig&) const {
@@ -293,9 +295,9 @@ struct FixedField {
   void read(C&, const nlohmann::json& j, const std::string& source) const {
     const nlohmann::json& v = detail::json_field(j, std::string(key).c_str());
     if (v.is_null() || v == value) return;
-    config_detail::fail(source, key,
-                        value.dump() + (unsupported.empty() ? "" : " (" + std::string(unsupported) + ")"),
-                        v);
+    config_detail::fail(
+        source, key,
+        value.dump() + (unsupported.empty() ? "" : " (" + std::string(unsupported) + ")"), v);
   }
   template <class C>
   void write(const C&, nlohmann::json& j, const ModelConfig&) const {

@@ -171,25 +171,33 @@ struct PolicyCheck {
   static constexpr bool has_family = requires { typename P::family; };
   static constexpr bool has_config = requires { typename P::Config; };
   static constexpr bool has_state = requires { typename P::template State<float>; };
-  static_assert(has_name, "peft policy: missing `static constexpr std::string_view name` "
-                          "(include/peft/methods/policy.hpp, section 1)");
-  static_assert(has_family, "peft policy: missing `using family = peft::family::...` "
-                            "(include/peft/methods/policy.hpp, section 1)");
-  static_assert(has_config, "peft policy: missing `struct Config` "
-                            "(include/peft/methods/policy.hpp, section 1)");
-  static_assert(has_state, "peft policy: missing `template <class T> class State` "
-                           "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_name,
+                "peft policy: missing `static constexpr std::string_view name` "
+                "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_family,
+                "peft policy: missing `using family = peft::family::...` "
+                "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_config,
+                "peft policy: missing `struct Config` "
+                "(include/peft/methods/policy.hpp, section 1)");
+  static_assert(has_state,
+                "peft policy: missing `template <class T> class State` "
+                "(include/peft/methods/policy.hpp, section 1)");
   static constexpr bool traits = has_name && has_family && has_config && has_state;
   template <class S, class C>
   static constexpr bool constructible = std::constructible_from<S, const C&>;
   template <class S>
-  static constexpr bool attaches = requires(S s, AttachContext<float>& ctx) { s.attach(ctx); };
+  static constexpr bool attaches = requires(S s, AttachContext<float>& ctx) {
+    s.attach(ctx);
+  };
   template <class S>
   static constexpr bool lists = requires(S s) {
     { s.parameters() } -> std::same_as<std::vector<NamedParameter<float>>>;
   };
   template <class S>
-  static constexpr bool configured = requires(const S s) { s.config(); };
+  static constexpr bool configured = requires(const S s) {
+    s.config();
+  };
   static constexpr bool state_ok = [] {
     if constexpr (traits) {
       using S = typename P::template State<float>;
@@ -232,7 +240,9 @@ constexpr bool check_policy() {
 
 /// Hook detection, one concept per optional hook (section 3 above).
 template <class S, class T>
-concept HasProjectionHook = requires(S s, Projection<T>& p) { s.adapt(p); };
+concept HasProjectionHook = requires(S s, Projection<T>& p) {
+  s.adapt(p);
+};
 template <class S, class T>
 concept HasBeforeAttention = requires(S s, Tape<T>& tape, const Var<T>& x) {
   s.before_attention(tape, 0, x);
@@ -267,7 +277,9 @@ concept Mergeable = requires(S s, std::vector<nn::Linear<T>*>& modules) {
   s.unmerge(modules);
 };
 template <class S, class T>
-concept Unloadable = requires(S s, std::vector<nn::Linear<T>*>& modules) { s.unload(modules); };
+concept Unloadable = requires(S s, std::vector<nn::Linear<T>*>& modules) {
+  s.unload(modules);
+};
 template <class S, class T>
 concept DependsOnBaseWeights = requires(S s, std::vector<nn::Linear<T>*>& modules) {
   s.on_base_weights_loaded(modules);
@@ -280,20 +292,26 @@ concept Savable = TabledConfig<typename P::Config> ||
 template <class P>
 concept Loadable = (TabledConfig<typename P::Config> ||
                     requires(const nlohmann::json& j, const std::string& source) {
-                      { P::Config::from_json(j, source) } -> std::convertible_to<typename P::Config>;
+                      {
+                        P::Config::from_json(j, source)
+                        } -> std::convertible_to<typename P::Config>;
                     }) &&
-    (TabledConfig<typename P::Config> || requires(const nlohmann::json& j) {
-      { P::accepts(j) } -> std::convertible_to<bool>;
-    });
+                   (TabledConfig<typename P::Config> || requires(const nlohmann::json& j) {
+                     { P::accepts(j) } -> std::convertible_to<bool>;
+                   });
 template <class S>
-concept WritesOwnTensors = requires(const S s, io::SafetensorsWriter& w) { s.write_tensors(w); };
+concept WritesOwnTensors = requires(const S s, io::SafetensorsWriter& w) {
+  s.write_tensors(w);
+};
 template <class S, class T>
 concept ReadsOwnTensors = requires(S s, const io::SafetensorsFile& f,
                                    const std::vector<nn::Linear<T>*>& linears) {
   s.read_tensors(f, linears);
 };
 template <class S>
-concept FoldsBeforeSaving = requires(S s) { s.fold(); };
+concept FoldsBeforeSaving = requires(S s) {
+  s.fold();
+};
 template <class P>
 concept CountsOwnParameters = requires(const ModelConfig& m, const std::vector<LinearShape>& l,
                                        const typename P::Config& c) {
@@ -310,7 +328,9 @@ concept Calibrated = requires(S s, Model& model, const Batches& batches) {
   s.calibrate(model, batches);
 };
 template <class S>
-concept AllocatesBudget = requires(S s) { s.update_and_allocate(0); };
+concept AllocatesBudget = requires(S s) {
+  s.update_and_allocate(0);
+};
 template <class S>
 concept SamplesRank = requires(S s) {
   s.sample_rank();
@@ -318,13 +338,15 @@ concept SamplesRank = requires(S s) {
   { s.config().r } -> std::convertible_to<int>;
 };
 template <class S>
-concept TrainsInTwoPhases = requires(S s) { s.prune(); };
+concept TrainsInTwoPhases = requires(S s) {
+  s.prune();
+};
 
 /// What a method adds to a model, from shapes alone: its own count, or its site declaration.
 template <class P>
-requires CountableFromShapes<P> ParameterCount count_parameters(
-    const ModelConfig& model, const std::vector<LinearShape>& linears,
-    const typename P::Config& config) {
+requires CountableFromShapes<P> ParameterCount
+count_parameters(const ModelConfig& model, const std::vector<LinearShape>& linears,
+                 const typename P::Config& config) {
   if constexpr (CountsOwnParameters<P>)
     return P::count_parameters(model, linears, config);
   else

@@ -55,8 +55,9 @@ class SiteState {
   using Config = typename P::Config;
   using Sites = SiteTable<T, typename detail::ExtraOf<P, T>::type>;
   using Slot = typename Sites::Slot;
-  static constexpr bool mergeable =
-      requires(const Slot& s, const nn::Linear<T>& m) { P::delta_weight(s, m); };
+  static constexpr bool mergeable = requires(const Slot& s, const nn::Linear<T>& m) {
+    P::delta_weight(s, m);
+  };
 
   explicit SiteState(const Config& config) : config_(config) {}
   const Config& config() const { return config_; }
@@ -72,7 +73,7 @@ class SiteState {
     on_base_weights_loaded(ctx.linears);
   }
   void on_base_weights_loaded(const std::vector<nn::Linear<T>*>& modules) {
-    if constexpr (requires(Slot& s, nn::Linear<T>& m) { P::reinitialise(config_, s, m); })
+    if constexpr (requires(Slot & s, nn::Linear<T> & m) { P::reinitialise(config_, s, m); })
       for (nn::Linear<T>* lin : modules)
         if (Slot* s = sites_.active(*lin)) P::reinitialise(config_, *s, *lin);
   }
@@ -89,9 +90,7 @@ class SiteState {
     sites_.fold(m, false, delta);
   }
   /// Merges for good and drops the adapter (parameters() is empty afterwards).
-  void unload(const std::vector<nn::Linear<T>*>& m) requires mergeable {
-    sites_.unload(m, delta);
-  }
+  void unload(const std::vector<nn::Linear<T>*>& m) requires mergeable { sites_.unload(m, delta); }
 
  private:
   static RowMatrix<T> delta(const Slot& s, const nn::Linear<T>& m) { return P::delta_weight(s, m); }

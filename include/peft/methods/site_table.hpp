@@ -197,8 +197,8 @@ class SiteTable {
     for (const auto& slot : slots_)
       if (slot)
         for (std::size_t i = 0; i < slot->tensors.size(); ++i)
-          out.push_back({"base_model.model." + slot->module + "." + slot->keys[i],
-                         slot->tensors[i]});
+          out.push_back(
+              {"base_model.model." + slot->module + "." + slot->keys[i], slot->tensors[i]});
     return out;
   }
 

@@ -124,8 +124,7 @@ class Projection {
   /// s · (x Aᵀ) Bᵀ on its own (a gate wrapping a low-rank term needs the term alone).
   static Var<T> low_rank(Tape<T>& tape, const Var<T>& x, const Contribution& c) {
     Var<T> h = ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn);
-    return ops::scale(tape, ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn),
-                      c.scale);
+    return ops::scale(tape, ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn), c.scale);
   }
 
   /// A vector contribution [n] (or [n, 1], [1, n]) as [n], which broadcasts over the rows.

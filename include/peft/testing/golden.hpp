@@ -103,8 +103,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   const io::SafetensorsFile expected = io::SafetensorsFile::open(case_dir / "expected.safetensors");
   const io::SafetensorsFile adapter_file =
       io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors");
-  auto config =
-      Policy::Config::from_json(adapter_json, (adapter_dir / "adapter_config.json").string());
+  auto config = config_from_json<typename Policy::Config>(
+      adapter_json, (adapter_dir / "adapter_config.json").string());
   auto model = Decoder<Arch, Policy, T>::load(model_dir, config);
   auto load_adapter = [&] { io::load_adapter_tensors(model.adapter().parameters(), adapter_file); };
   load_adapter();

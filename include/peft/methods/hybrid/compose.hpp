@@ -150,7 +150,7 @@ struct ComposeConfig {
         [&](const auto&... config) {
           ((list.push_back({{"method", std::string(P::name)},
                             {"folder", detail::component_folder<P>(i)},
-                            {"config", config.to_json(model)}}),
+                            {"config", config_to_json(config, model)}}),
             ++i),
            ...);
         },
@@ -185,7 +185,8 @@ struct ComposeConfig {
     if (method != Q::name)
       throw ConfigError(where + ": method '" + method + "', this composite expects '" +
                         std::string(Q::name) + "'");
-    return Q::Config::from_json(detail::json_field(entry, "config"), where + ".config");
+    return config_from_json<typename Q::Config>(detail::json_field(entry, "config"),
+                                                where + ".config");
   }
 };
 
@@ -438,7 +439,7 @@ void save_component(const std::filesystem::path& dir, State& state, const ModelC
                 "`Config::to_json(const ModelConfig&)` (methods/policy.hpp, Savable)");
   // Re-parameterised prompts are saved as the reference saves them: their output.
   if constexpr (FoldsBeforeSaving<State>) state.fold();
-  const nlohmann::json config = state.config().to_json(model);
+  const nlohmann::json config = config_to_json(state.config(), model);
   if constexpr (WritesOwnTensors<State>) {
     // Methods with index tensors (the selective family) write their own tensors.
     std::filesystem::create_directories(dir);

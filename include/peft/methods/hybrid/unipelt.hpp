@@ -102,7 +102,7 @@ struct GatedConfig {
   GatedConfig(typename P::Config config) : inner(std::move(config)) {}  // implicit: reads as P's
 
   nlohmann::json to_json(const ModelConfig& model) const {
-    nlohmann::json j = inner.to_json(model);
+    nlohmann::json j = config_to_json(inner, model);
     j["gated_peft_type"] = j["peft_type"];
     j["peft_type"] = std::string(peft_type);
     return j;
@@ -112,7 +112,7 @@ struct GatedConfig {
     nlohmann::json inner = j;
     inner["peft_type"] = detail::json_or<std::string>(j, "gated_peft_type", "", source);
     inner.erase("gated_peft_type");
-    return GatedConfig(P::Config::from_json(inner, source));
+    return GatedConfig(config_from_json<typename P::Config>(inner, source));
   }
 };
 
@@ -143,7 +143,7 @@ struct Gated {
     if (j.value("peft_type", std::string()) != "GATED") return false;
     nlohmann::json inner = j;
     inner["peft_type"] = j.value("gated_peft_type", std::string());
-    return P::accepts(inner);
+    return method_accepts<P>(inner);
   }
 
   /// P's parameters plus in + 1 per module P adapts (its own selection, site_table.hpp) and
@@ -176,12 +176,13 @@ struct Gated {
     static constexpr bool inner_projection = HasProjectionHook<Inner, T>;
     static constexpr bool gates_modules = inner_projection;
     static constexpr bool inner_prefix = HasPrefix<Inner, T>;
-    static_assert(!gates_modules || detail::SelectsSitesFromShapes<P> ||
-                      requires(const Inner i, const nn::Linear<T>& m) {
-                        { i.adapts(m) } -> std::convertible_to<bool>;
-                      },
-                  "Gated: a projection method needs a selection (`selects` or `targets`) or "
-                  "`bool adapts(const nn::Linear<T>&) const` to know which modules get a gate");
+    static_assert(
+        !gates_modules || detail::SelectsSitesFromShapes<P> ||
+            requires(const Inner i, const nn::Linear<T>& m) {
+              { i.adapts(m) } -> std::convertible_to<bool>;
+            },
+        "Gated: a projection method needs a selection (`selects` or `targets`) or "
+        "`bool adapts(const nn::Linear<T>&) const` to know which modules get a gate");
     using Contribution = typename Projection<T>::Contribution;
     using Kind = typename Projection<T>::Kind;
     // G(x) of one projection, computed when the first gated contribution needs it (after the

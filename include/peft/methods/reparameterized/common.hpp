@@ -33,7 +33,6 @@ void normal_fill(Tensor<T>& t, std::mt19937_64& rng, double std) {
   for (std::int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<T>(n(rng));
 }
 
-
 /// The options LoHa and LoKr share (the reference's LyCORIS-style configs).
 struct LycorisOptions {
   int r = 8;

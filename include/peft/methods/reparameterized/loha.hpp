@@ -21,8 +21,7 @@ struct LohaConfig : ConfigIo<LohaConfig> {
   detail::LycorisOptions options;
 
   static auto fields() {
-    return config_fields(
-        nested_fields(&LohaConfig::options, detail::LycorisOptions::fields()));
+    return config_fields(nested_fields(&LohaConfig::options, detail::LycorisOptions::fields()));
   }
 };
 

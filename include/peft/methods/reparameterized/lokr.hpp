@@ -69,11 +69,10 @@ struct LokrConfig : ConfigIo<LokrConfig> {
 
   static auto fields() {
     using C = LokrConfig;
-    return config_fields(
-        nested_fields(&C::options, detail::LycorisOptions::fields()),
-        field("decompose_both", &C::decompose_both),
-        field("decompose_factor", &C::decompose_factor),
-        field("rank_dropout_scale", &C::rank_dropout_scale));
+    return config_fields(nested_fields(&C::options, detail::LycorisOptions::fields()),
+                         field("decompose_both", &C::decompose_both),
+                         field("decompose_factor", &C::decompose_factor),
+                         field("rank_dropout_scale", &C::rank_dropout_scale));
   }
   detail::LokrShape shape_for(const std::string& module, std::int64_t in, std::int64_t out) const {
     return detail::LokrShape::of(in, out, options.rank_for(module), decompose_factor,

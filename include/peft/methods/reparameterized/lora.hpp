@@ -56,14 +56,23 @@ struct LoraConfig : ConfigIo<LoraConfig> {
         fixed("use_dora", use_dora, use_dora ? "a DoRA config" : "load it with the DoRA policy"),
         fixed("bias", "none"), fixed("lora_bias", false), fixed("layer_replication", nullptr),
         fixed("modules_to_save", nullptr), fan_in_fan_out(),
-        constants({{"alora_invocation_tokens", nullptr}, {"arrow_config", nullptr},
-                   {"corda_config", nullptr}, {"eva_config", nullptr}, {"kasa_config", nullptr},
-                   {"lora_ga_config", nullptr}, {"megatron_config", nullptr},
-                   {"monteclora_config", nullptr}, {"target_parameters", nullptr},
-                   {"trainable_token_indices", nullptr}, {"use_bdlora", nullptr},
-                   {"velora_config", nullptr}, {"ensure_weight_tying", false},
-                   {"loftq_config", nlohmann::json::object()}, {"megatron_core", "megatron.core"},
-                   {"qalora_group_size", 16}, {"use_qalora", false}}));
+        constants({{"alora_invocation_tokens", nullptr},
+                   {"arrow_config", nullptr},
+                   {"corda_config", nullptr},
+                   {"eva_config", nullptr},
+                   {"kasa_config", nullptr},
+                   {"lora_ga_config", nullptr},
+                   {"megatron_config", nullptr},
+                   {"monteclora_config", nullptr},
+                   {"target_parameters", nullptr},
+                   {"trainable_token_indices", nullptr},
+                   {"use_bdlora", nullptr},
+                   {"velora_config", nullptr},
+                   {"ensure_weight_tying", false},
+                   {"loftq_config", nlohmann::json::object()},
+                   {"megatron_core", "megatron.core"},
+                   {"qalora_group_size", 16},
+                   {"use_qalora", false}}));
   }
   static auto fields() { return lora_fields(false); }
   void validate(const std::string& source) const {
@@ -91,7 +100,8 @@ struct LoRA {
   }
   /// B = 0 (every init but PiSSA), so the adapted model starts exactly at the base model.
   template <class T>
-  static void initialise(const Config& c, Slot<T>& s, const nn::Linear<T>& m, std::mt19937_64& rng) {
+  static void initialise(const Config& c, Slot<T>& s, const nn::Linear<T>& m,
+                         std::mt19937_64& rng) {
     const int r = c.rank_for(m.name);
     s.extra.scale = static_cast<T>(c.scaling(r, c.alpha_for(m.name)));
     if (c.init == Config::Init::Default) detail::kaiming_uniform(s[0].value(), rng);
