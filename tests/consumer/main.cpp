@@ -174,8 +174,11 @@ int main() {
       for (auto& q : both.base_parameters())
         if (p.name == q.name) p.var.value() = q.var.value();
     peft::load_composite(dir, reloaded);
-    expect(max_diff(reloaded.logits(batch), both.logits(batch)) == 0.0,
-           "composite saved and loaded: same logits");
+    // The files hold F32, as the reference writes them: equal to F32 rounding of the tensors.
+    const double reload_diff = max_diff(reloaded.logits(batch), both.logits(batch));
+    expect(reload_diff < 1e-5 && reload_diff < max_diff(both.logits(batch), base.logits(batch)),
+           "composite saved and loaded: same logits (to F32 rounding: " +
+               std::to_string(reload_diff) + ")");
     const auto manifest = peft::io::load_json(dir / "adapter_config.json");
     const auto shift_file = peft::io::load_json(dir / "1_output_shift" / "adapter_config.json");
     expect(shift_file.value("peft_type", "") == "OUTPUT_SHIFT",
