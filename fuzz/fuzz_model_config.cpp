@@ -1,0 +1,33 @@
+// libFuzzer harness: a base model's config.json, parsed as the library parses the file
+// (io::detail::parse_json_strict, as io::load_json does) and read by peft::ModelConfig::from_json.
+// An accepted config must survive a round trip through to_json, and what the decoder computes
+// from it before allocating any weight (the rotary frequencies) must not fail outside the
+// library's errors. Expected outcomes and findings: fuzz/harness.hpp.
+#include <cstdint>
+
+#include "harness.hpp"
+#include "peft/io/json.hpp"
+#include "peft/nn/config.hpp"
+
+namespace {
+
+void check(bool ok, const char* what) {
+  if (!ok) peft::fuzz::finding("config.json round trip", "check", what);
+}
+
+void run(const std::uint8_t* data, std::size_t size) {
+  const nlohmann::json j =
+      peft::io::detail::parse_json_strict(peft::fuzz::as_text(data, size), "config.json");
+  const peft::ModelConfig c = peft::ModelConfig::from_json(j, "config.json");
+  const peft::ModelConfig again = peft::ModelConfig::from_json(c.to_json(), "config.json (again)");
+  check(again.to_json() == c.to_json(), "to_json(from_json(to_json(c))) != to_json(c)");
+  // The decoder computes these from a validated config: head_dim must already be bounded.
+  (void)peft::rope_inverse_frequencies(c);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  peft::fuzz::expect_peft_errors_only([&] { run(data, size); });
+  return 0;
+}
