@@ -10,6 +10,7 @@
 #include <string>
 
 #include "harness.hpp"
+#include "json_mutator.hpp"
 #include "peft/io/json.hpp"
 #include "peft/methods/hybrid/compose.hpp"
 #include "peft/methods/hybrid/unipelt.hpp"
@@ -85,7 +86,95 @@ void run(const std::uint8_t* data, std::size_t size) {
   read_as<typename GatedLora::Config>(j, peft::method_accepts<GatedLora>(j));
 }
 
+// Keys and values of adapter_config.json worth trying (json_mutator.hpp): the fields every
+// method reads, peft types, module names, and patterns that stress a regex engine.
+constexpr std::string_view kStrings[] = {"peft_type",
+                                         "LORA",
+                                         "IA3",
+                                         "VERA",
+                                         "LOHA",
+                                         "LOKR",
+                                         "ADALORA",
+                                         "PREFIX_TUNING",
+                                         "PROMPT_TUNING",
+                                         "P_TUNING",
+                                         "COMPOSE",
+                                         "GATED",
+                                         "gated_peft_type",
+                                         "components",
+                                         "method",
+                                         "folder",
+                                         "config",
+                                         "lora",
+                                         "ia3",
+                                         "r",
+                                         "lora_alpha",
+                                         "lora_dropout",
+                                         "use_rslora",
+                                         "use_dora",
+                                         "fan_in_fan_out",
+                                         "bias",
+                                         "none",
+                                         "all",
+                                         "lora_only",
+                                         "init_lora_weights",
+                                         "target_modules",
+                                         "exclude_modules",
+                                         "layers_to_transform",
+                                         "layers_pattern",
+                                         "rank_pattern",
+                                         "alpha_pattern",
+                                         "feedforward_modules",
+                                         "modules_to_save",
+                                         "num_virtual_tokens",
+                                         "token_dim",
+                                         "num_transformer_submodules",
+                                         "num_attention_heads",
+                                         "num_layers",
+                                         "encoder_hidden_size",
+                                         "prefix_projection",
+                                         "projection_dim",
+                                         "vera_dropout",
+                                         "d_initial",
+                                         "save_projection",
+                                         "alpha",
+                                         "rank_dropout",
+                                         "module_dropout",
+                                         "decompose_both",
+                                         "decompose_factor",
+                                         "target_r",
+                                         "init_r",
+                                         "tinit",
+                                         "tfinal",
+                                         "deltaT",
+                                         "beta1",
+                                         "beta2",
+                                         "orth_reg_weight",
+                                         "total_step",
+                                         "all-linear",
+                                         "q_proj",
+                                         "v_proj",
+                                         "c_attn",
+                                         "c_fc",
+                                         "h",
+                                         "layers",
+                                         ".*",
+                                         "(.*)",
+                                         "(.*.*)*X",
+                                         "(((((((((((x)))))))))))",
+                                         "(a|a)*b",
+                                         "\\1",
+                                         "[",
+                                         "(?P<n>x)",
+                                         "model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj",
+                                         "\\"};
+
 }  // namespace
+
+extern "C" std::size_t LLVMFuzzerCustomMutator(std::uint8_t* data, std::size_t size,
+                                               std::size_t max_size, unsigned seed) {
+  return peft::fuzz::mutate_json(data, size, max_size, seed, kStrings);
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   peft::fuzz::expect_peft_errors_only([&] { run(data, size); });

@@ -16,6 +16,9 @@
 #   --no-build      use the harnesses already built
 #   --max-len N     largest input (default per harness: 64 KiB, golden_case 256 KiB)
 #   --timeout S     an input running longer than S seconds is a hang (default 10; golden_case 60)
+#   --keep-going    go on after a finding (libFuzzer's -fork=J with -ignore_crashes, -ignore_ooms,
+#                   -ignore_timeouts): a campaign collects every finding instead of stopping at
+#                   the first; needs --time
 #
 # Every harness runs with -rss_limit_mb=2048 -malloc_limit_mb=512: an input that makes the
 # library allocate half a gigabyte in one piece (before validating the size) is a finding.
@@ -31,6 +34,7 @@ golden="${PEFT_GOLDEN_DIR:-../shared/golden}"
 do_build=1
 max_len=""
 timeout_s=""
+keep_going=0
 harnesses=()
 
 usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -46,6 +50,7 @@ while [ $# -gt 0 ]; do
     --build) need "$@"; build=$2; shift 2 ;;
     --golden) need "$@"; golden=$2; shift 2 ;;
     --no-build) do_build=0; shift ;;
+    --keep-going) keep_going=1; shift ;;
     --max-len) need "$@"; is_count "$2" --max-len; max_len=$2; shift 2 ;;
     --timeout) need "$@"; is_count "$2" --timeout; timeout_s=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -56,6 +61,10 @@ done
 [ ${#harnesses[@]} -gt 0 ] || harnesses=(safetensors model_config adapter_config golden_case)
 [ "$jobs" -ge 1 ] || { echo "fuzz.sh: --jobs must be at least 1" >&2; exit 2; }
 [ "$runs" -gt 0 ] || [ "$time_limit" -gt 0 ] || { echo "fuzz.sh: give --runs or --time" >&2; exit 2; }
+if [ "$keep_going" -eq 1 ]; then
+  [ "$time_limit" -gt 0 ] || { echo "fuzz.sh: --keep-going needs --time" >&2; exit 2; }
+  runs=0  # fork mode is bounded by time
+fi
 [ -d "$golden/models" ] || { echo "fuzz.sh: no golden cases at $golden (--golden or PEFT_GOLDEN_DIR)" >&2; exit 2; }
 golden=$(cd "$golden" && pwd)
 work=${work:-$build/campaign}
@@ -121,21 +130,26 @@ for h in "${harnesses[@]}"; do
   echo "== fuzz_$h: $jobs job(s), $([ "$runs" -gt 0 ] && echo "$runs runs/job")$([ "$runs" -gt 0 ] && [ "$time_limit" -gt 0 ] && echo ", ")$([ "$time_limit" -gt 0 ] && echo "${time_limit}s"), corpus $dir/corpus"
   start=$(date +%s%N)
   pids=()
-  for j in $(seq 1 "$jobs"); do
-    # One process per job, each on the shared corpus (libFuzzer's -jobs would restart jobs
-    # after a crash; here a crash ends its job and is reported below).
-    "$bin" "${args[@]}" "$dir/corpus" \
-      >"$dir/logs/job$j.log" 2>&1 &
+  if [ "$keep_going" -eq 1 ]; then
+    "$bin" "${args[@]}" "-fork=$jobs" -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 \
+      "$dir/corpus" >"$dir/logs/job1.log" 2>&1 &
     pids+=($!)
-  done
+  else
+    for j in $(seq 1 "$jobs"); do
+      # One process per job, each on the shared corpus (libFuzzer's -jobs would restart jobs
+      # after a crash; here a crash ends its job and is reported below).
+      "$bin" "${args[@]}" "$dir/corpus" >"$dir/logs/job$j.log" 2>&1 &
+      pids+=($!)
+    done
+  fi
   failed=0
   for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
   seconds=$(awk -v ns=$(($(date +%s%N) - start)) 'BEGIN { printf "%.1f", ns / 1e9 }')
   # "Done N runs in S second(s)", or for a job that stopped on a finding its last "#N" line.
   execs=0
   for log in "$dir"/logs/job*.log; do
-    n=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)
-    [ -n "$n" ] || n=$(grep -oE '^#[0-9]+' "$log" | tr -d '#' | tail -1 || true)
+    n=$(grep -aoE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)
+    [ -n "$n" ] || n=$(grep -aoE '^#[0-9]+' "$log" | tr -d '#' | tail -1 || true)
     execs=$((execs + ${n:-0}))
   done
   crashes=$(find "$dir/crashes" -type f | wc -l)
@@ -145,9 +159,12 @@ for h in "${harnesses[@]}"; do
   summary+=("$line")
   if [ "$failed" -gt 0 ] || [ "$crashes" -gt 0 ]; then
     status=1
-    for log in "$dir"/logs/job*.log; do
-      grep -hE '^(FINDING|==[0-9]+==ERROR|SUMMARY|.*runtime error|ALARM|  \w+ is too slow)' "$log" | head -5 || true
-    done
+    # What each artifact is: replayed, first report line, grouped (at most 50 replayed).
+    find "$dir/crashes" -type f | head -50 | while read -r artifact; do
+      what=$("$bin" -timeout="$hang" -rss_limit_mb=2048 -malloc_limit_mb=512 "$artifact" 2>&1 |
+        grep -aoE -m1 '(FINDING: .*|ERROR: AddressSanitizer: [a-z-]+|runtime error: .*|ERROR: libFuzzer: [a-z -]+|ERROR: LeakSanitizer.*|out-of-memory.*)' || true)
+      echo "  ${what:-(no report on replay)}  [$(basename "$artifact")]"
+    done | sort | uniq -c -w 100 | sed 's/^/  /'
   fi
 done
 

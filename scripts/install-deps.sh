@@ -11,6 +11,8 @@ packages=(
   nlohmann-json3-dev              # config.json, safetensors headers
   doctest-dev                     # tests
   libbenchmark-dev                # benchmarks
+  clang libclang-rt-14-dev        # fuzz/ harnesses: clang 14 with libFuzzer and its sanitizers
+  libomp-14-dev                   # OpenMP for clang builds (the fuzz/ harnesses link peft::peft)
 )
 
 missing=()
