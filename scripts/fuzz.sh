@@ -162,7 +162,7 @@ for h in "${harnesses[@]}"; do
     # What each artifact is: replayed, first report line, grouped (at most 50 replayed).
     find "$dir/crashes" -type f | head -50 | while read -r artifact; do
       what=$("$bin" -timeout="$hang" -rss_limit_mb=2048 -malloc_limit_mb=512 "$artifact" 2>&1 |
-        grep -aoE -m1 '(FINDING: .*|ERROR: AddressSanitizer: [a-z-]+|runtime error: .*|ERROR: libFuzzer: [a-z -]+|ERROR: LeakSanitizer.*|out-of-memory.*)' || true)
+        grep -aoE -m1 '(FINDING: .*|SUMMARY: [A-Za-z]+Sanitizer: [a-z-]+|runtime error: .*|ERROR: libFuzzer: [a-z -]+|ERROR: LeakSanitizer.*|out-of-memory.*)' || true)
       echo "  ${what:-(no report on replay)}  [$(basename "$artifact")]"
     done | sort | uniq -c -w 100 | sed 's/^/  /'
   fi
