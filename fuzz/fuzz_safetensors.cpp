@@ -1,11 +1,15 @@
 // libFuzzer harness: the safetensors reader (header parse + tensor table validation) on bytes in
 // memory, then every accepted tensor read as each element type, then a round trip through the
 // writer. Expected outcomes and findings: fuzz/harness.hpp.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <random>
+#include <string_view>
 #include <vector>
 
 #include "harness.hpp"
+#include "json_mutator.hpp"
 #include "peft/io/safetensors.hpp"
 
 namespace {
@@ -65,7 +69,36 @@ void run(const std::uint8_t* data, std::size_t size) {
   });
 }
 
+// Header keys and values worth trying (json_mutator.hpp).
+constexpr std::string_view kStrings[] = {
+    "dtype", "shape", "data_offsets", "__metadata__", "F64", "F32", "F16",
+    "BF16",  "I64",   "U8",           "format",       "pt",  "w",   "input_ids"};
+
 }  // namespace
+
+// Half of the mutations change the JSON header as a tree and rewrite the length prefix, so
+// that type confusion and edge numbers reach the tensor table's checks (a byte mutation mostly
+// breaks the length or the JSON); the rest are libFuzzer's own.
+extern "C" std::size_t LLVMFuzzerCustomMutator(std::uint8_t* data, std::size_t size,
+                                               std::size_t max_size, unsigned seed) {
+  std::uint64_t header = 0;
+  if (size >= 8) std::memcpy(&header, data, sizeof header);
+  if (seed % 2 == 0 || size < 8 || header == 0 || header > size - 8)
+    return LLVMFuzzerMutate(data, size, max_size);
+  const std::size_t rest = size - 8 - static_cast<std::size_t>(header);
+  if (max_size < 8 + rest + 2) return LLVMFuzzerMutate(data, size, max_size);
+  std::vector<std::uint8_t> text(data + 8, data + 8 + header);
+  const std::size_t room = max_size - 8 - rest;
+  text.resize(std::max<std::size_t>(room, text.size()));
+  const std::size_t text_size = peft::fuzz::mutate_json(
+      text.data(), static_cast<std::size_t>(header), room, seed / 2, kStrings);
+  std::vector<std::uint8_t> tail(data + 8 + header, data + size);
+  const std::uint64_t new_header = text_size;
+  std::memcpy(data, &new_header, sizeof new_header);
+  std::memcpy(data + 8, text.data(), text_size);
+  if (!tail.empty()) std::memcpy(data + 8 + text_size, tail.data(), tail.size());
+  return 8 + text_size + tail.size();
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   peft::fuzz::expect_peft_errors_only([&] { run(data, size); });

@@ -16,6 +16,8 @@
 #   --no-build      use the harnesses already built
 #   --max-len N     largest input (default per harness: 64 KiB, golden_case 256 KiB)
 #   --timeout S     an input running longer than S seconds is a hang (default 10; golden_case 60)
+#   --replay        no campaign: replay fuzz/findings/<harness>-* (inputs flagged earlier) and
+#                   say which still fail; exits non-zero if any does
 #   --keep-going    go on after a finding (libFuzzer's -fork=J with -ignore_crashes, -ignore_ooms,
 #                   -ignore_timeouts): a campaign collects every finding instead of stopping at
 #                   the first; needs --time
@@ -35,6 +37,7 @@ do_build=1
 max_len=""
 timeout_s=""
 keep_going=0
+replay=0
 harnesses=()
 
 usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
     --golden) need "$@"; golden=$2; shift 2 ;;
     --no-build) do_build=0; shift ;;
     --keep-going) keep_going=1; shift ;;
+    --replay) replay=1; shift ;;
     --max-len) need "$@"; is_count "$2" --max-len; max_len=$2; shift 2 ;;
     --timeout) need "$@"; is_count "$2" --timeout; timeout_s=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -111,8 +115,26 @@ seed() {
   esac
 }
 
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1 PEFT_GOLDEN_DIR="$golden"
 status=0
+
+if [ "$replay" -eq 1 ]; then
+  for h in "${harnesses[@]}"; do
+    bin="$build/bin/fuzz_$h"
+    hang=${timeout_s:-$([ "$h" = golden_case ] && echo 60 || echo 10)}
+    for f in fuzz/findings/"$h"-*; do
+      [ -f "$f" ] || continue
+      if out=$(PEFT_GOLDEN_DIR="$golden" "$bin" -timeout="$hang" -rss_limit_mb=2048 -malloc_limit_mb=512 "$f" 2>&1); then
+        echo "fixed         $f"
+      else
+        status=1
+        what=$(grep -aoE -m1 '(FINDING: .*|SUMMARY: [A-Za-z]+Sanitizer: [a-z-]+|runtime error: .*|ERROR: libFuzzer: [a-z -]+)' <<<"$out" || true)
+        echo "still failing $f: ${what:-exit status non-zero}"
+      fi
+    done
+  done
+  exit $status
+fi
 summary=()
 for h in "${harnesses[@]}"; do
   bin="$build/bin/fuzz_$h"
