@@ -185,8 +185,11 @@ for h in "${harnesses[@]}"; do
     find "$dir/crashes" -type f | head -50 | while read -r artifact; do
       what=$("$bin" -timeout="$hang" -rss_limit_mb=2048 -malloc_limit_mb=512 "$artifact" 2>&1 |
         grep -aoE -m1 '(FINDING: .*|SUMMARY: [A-Za-z]+Sanitizer: [a-z-]+|runtime error: .*|ERROR: libFuzzer: [a-z -]+|ERROR: LeakSanitizer.*|out-of-memory.*)' || true)
-      echo "  ${what:-(no report on replay)}  [$(basename "$artifact")]"
-    done | sort | uniq -c -w 100 | sed 's/^/  /'
+      # nlohmann's mangled type names make equal messages look different: dropped.
+      what=$(sed -E 's/ \(N8nlohmann[^)]*\)//' <<<"${what:-(no report on replay)}")
+      printf '%s\t%s\n' "$what" "$(basename "$artifact")"
+    done | sort | awk -F'\t' '{ n[$1]++; if (!($1 in e)) e[$1] = $2 }
+      END { for (m in n) printf "  %5d  %s  (e.g. %s)\n", n[m], m, e[m] }' | sort -rn
   fi
 done
 
