@@ -220,12 +220,12 @@ struct Compose {
 
   /// A manifest written by ComposeConfig::to_json for exactly these components.
   static bool accepts(const nlohmann::json& j) {
-    if (j.value("peft_type", std::string()) != "COMPOSE") return false;
+    if (detail::string_or(j, "peft_type", "") != "COMPOSE") return false;
     const nlohmann::json& list = detail::json_field(j, "components");
     if (!list.is_array() || list.size() != sizeof...(P)) return false;
     std::size_t i = 0;
     bool all = true;
-    ((all = all && list[i].value("method", std::string()) == P::name, ++i), ...);
+    ((all = all && detail::string_or(list[i], "method", "") == P::name, ++i), ...);
     return all;
   }
 
