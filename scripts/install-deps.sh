@@ -9,6 +9,8 @@ packages=(
   g++ make cmake                  # toolchain (OpenMP comes with g++: libgomp)
   libeigen3-dev                   # tensors and kernels
   nlohmann-json3-dev              # config.json, safetensors headers
+  libre2-dev                      # target_modules / layers_pattern / rank_pattern regexes, matched
+                                  # in linear time (std::regex hangs or crashes on hostile ones)
   doctest-dev                     # tests
   libbenchmark-dev                # benchmarks
   clang libclang-rt-14-dev        # fuzz/ harnesses: clang 14 with libFuzzer and its sanitizers

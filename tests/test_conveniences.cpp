@@ -207,11 +207,20 @@ TEST_CASE("conveniences: a failed save leaves nothing under the final names") {
   const ModelConfig mc = test_support::tiny_llama();
   peft::Decoder<peft::arch::Llama, peft::NoPeft, float> model(mc, {}, 5);
   const fs::path dir = scratch_dir("failed");
-  fs::create_directories(dir / "config.json.tmp");  // a folder: the config cannot be written
-  CHECK_THROWS_AS(peft::io::save_model(model, dir), peft::FileError);
-  CHECK(!fs::exists(dir / "config.json"));
-  CHECK(!fs::exists(dir / "model.safetensors"));
-  CHECK(!fs::exists(dir / "model.safetensors.tmp"));
+  // Where the model folder should be there is a file: refused before anything is written.
+  fs::create_directories(dir.parent_path());
+  std::ofstream(dir) << "x";
+  CHECK_THROWS_WITH_AS(peft::io::save_model(model, dir), doctest::Contains("is not a folder"),
+                       peft::FileError);
+  CHECK(fs::is_regular_file(dir));
+  for (const fs::directory_entry& entry : fs::directory_iterator(dir.parent_path()))
+    CHECK(entry.path().filename().string().find(".peft-tmp-") == std::string::npos);
+  fs::remove(dir);
+  // The old writer's fixed temporary name, taken by a folder, no longer disturbs a save.
+  fs::create_directories(dir / "config.json.tmp");
+  CHECK_NOTHROW(peft::io::save_model(model, dir));
+  CHECK(fs::is_regular_file(dir / "config.json"));
+  CHECK(fs::is_regular_file(dir / "model.safetensors"));
 
   // A folder that cannot be created (its parent is a file) throws before writing anything.
   const fs::path file = scratch_dir("a_file");

@@ -237,7 +237,7 @@ TEST_CASE("target_modules follow the reference's matching rules") {
   CHECK_FALSE(rules.selects("model.layers.1.self_attn.q_proj"));  // layer not listed
   CHECK(rules.selects("model.layers.2.self_attn.v_proj"));
 
-  std::map<std::string, int> ranks{{"v_proj", 16}, {"layers.1.self_attn.q_proj", 4}};
+  peft::PatternMap<int> ranks{{"v_proj", 16}, {"layers.1.self_attn.q_proj", 4}};
   CHECK(peft::pattern_lookup(ranks, "model.layers.0.self_attn.v_proj") == 16);
   CHECK(peft::pattern_lookup(ranks, "model.layers.1.self_attn.q_proj") == 4);
   CHECK_FALSE(peft::pattern_lookup(ranks, "model.layers.0.self_attn.q_proj").has_value());

@@ -6,25 +6,28 @@
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/io/atomic_file.hpp"
 #include "peft/nn/decoder.hpp"
 
 namespace peft::data {
 
 inline constexpr std::int64_t kByteVocabSize = 256;
 
-/// The bytes of `path`, whole. Throws FileError when it is missing or empty.
+/// Text files larger than this are refused before they are read: the study's corpora are a few
+/// megabytes, and a ByteCorpus holds its text once more (split into head and tail).
+inline constexpr std::uint64_t kMaxTextFileBytes = 1ull << 30;
+
+/// The bytes of `path`, whole. Throws FileError when it is missing, not a regular file (a FIFO
+/// would block, /dev/zero never ends: io::read_regular_file refuses both before reading), over
+/// kMaxTextFileBytes, or empty.
 inline std::vector<std::uint8_t> read_bytes(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileError(path.string() + ": cannot open for reading");
-  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
-  if (bytes.empty()) throw FileError(path.string() + ": file is empty");
+  std::vector<std::uint8_t> bytes = io::read_regular_file(path, kMaxTextFileBytes, "text file");
+  if (bytes.empty()) throw FileError(io::printable(path.string()) + ": file is empty");
   return bytes;
 }
 

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/io/atomic_file.hpp"
+#include "peft/io/printable.hpp"
 
 namespace peft::io {
 
@@ -26,30 +28,6 @@ inline constexpr std::uintmax_t kMaxJsonFileBytes = 16u * 1024u * 1024u;
 /// Deeper nesting than this is refused: no config or header we read nests more than a few
 /// levels, and a bound keeps a hostile "[[[[..." from costing unbounded memory.
 inline constexpr std::size_t kMaxJsonDepth = 64;
-
-/// Makes text from a file or a path safe to put inside a one-line message: control characters
-/// are escaped as \xNN (a tensor name holding a newline must not forge a second log line) and
-/// very long text is cut, because a hostile header can hold a name megabytes long.
-inline std::string printable(std::string_view text, std::size_t max_chars = 200) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(text.size() < max_chars ? text.size() : max_chars);
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (out.size() >= max_chars) {
-      out += "...";
-      break;
-    }
-    const auto byte = static_cast<unsigned char>(text[i]);
-    if (byte < 0x20 || byte == 0x7f) {
-      out += "\\x";
-      out += kHex[byte >> 4];
-      out += kHex[byte & 0xf];
-    } else {
-      out += static_cast<char>(byte);
-    }
-  }
-  return out;
-}
 
 /// Describes a JSON value for "found ..." in messages: its type, and for scalars its value.
 inline std::string describe_json(const nlohmann::json& value) {
@@ -78,56 +56,95 @@ inline std::string describe_json(const nlohmann::json& value) {
 
 namespace detail {
 
+/// Builds the parsed value itself, one event at a time: each event does constant work plus a
+/// key lookup in its own object, so parsing is linear in the text (nlohmann's callback parser
+/// rescans the parent object at every close: quadratic in the number of tensors of a header).
+/// Refuses duplicate keys in any object and nesting deeper than kMaxJsonDepth.
+class StrictJsonBuilder {
+ public:
+  using json = nlohmann::json;
+  StrictJsonBuilder(json& root, const std::string& display_name)
+      : root_(root), name_(display_name) {}
+
+  bool null() { return put(json(nullptr)); }
+  bool boolean(bool value) { return put(json(value)); }
+  bool number_integer(json::number_integer_t value) { return put(json(value)); }
+  bool number_unsigned(json::number_unsigned_t value) { return put(json(value)); }
+  bool number_float(json::number_float_t value, const json::string_t& /*text*/) {
+    return put(json(value));
+  }
+  bool string(json::string_t& value) { return put(json(std::move(value))); }
+  bool binary(json::binary_t& value) { return put(json::binary(std::move(value))); }
+  bool start_object(std::size_t /*elements*/) { return open(json::object()); }
+  bool start_array(std::size_t /*elements*/) { return open(json::array()); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+  bool key(json::string_t& value) {
+    json& object = *stack_.back();
+    if (object.contains(value))
+      throw FileError(printable(name_) + ": duplicate JSON key '" + printable(value) + "'");
+    // The slot is created now and filled by the value event that follows.
+    pending_ = &object[value];
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string& /*last_token*/,
+                   const nlohmann::detail::exception& error) {
+    // The message carries "at line L, column C"; the 0-based byte offset (position counts from
+    // 1) helps with one-line JSON such as a safetensors header.
+    const std::size_t offset = position > 0 ? position - 1 : 0;
+    throw FileError(printable(name_) + ": invalid JSON at byte offset " + std::to_string(offset) +
+                    ": " + printable(error.what(), 300));
+  }
+
+ private:
+  json* slot() {
+    if (stack_.empty()) return &root_;
+    json& parent = *stack_.back();
+    if (parent.is_array()) {
+      parent.push_back(json());
+      return &parent.back();
+    }
+    return pending_;
+  }
+  bool put(json&& value) {
+    *slot() = std::move(value);
+    return true;
+  }
+  bool open(json&& container) {
+    if (stack_.size() >= kMaxJsonDepth)
+      throw FileError(printable(name_) + ": JSON nests deeper than " +
+                      std::to_string(kMaxJsonDepth) + " levels");
+    json* target = slot();
+    *target = std::move(container);
+    stack_.push_back(target);
+    return true;
+  }
+  bool close() {
+    stack_.pop_back();
+    return true;
+  }
+
+  json& root_;
+  const std::string& name_;
+  std::vector<json*> stack_;  // open containers; elements never move while their parent is open
+  json* pending_ = nullptr;   // the object slot the next value fills
+};
+
 /// Parses text as strict JSON (no comments, no trailing garbage), additionally refusing
 /// duplicate keys in any object and nesting deeper than kMaxJsonDepth. nlohmann::json silently
 /// keeps the last of two equal keys, so a file could show one value to us and another to a
 /// reader that keeps the first; refusing both is the only safe answer.
 inline nlohmann::json parse_json_strict(std::string_view text, const std::string& display_name) {
-  // One set of seen keys per open container (arrays get an unused empty set, which keeps the
-  // push/pop bookkeeping uniform).
-  std::vector<std::set<std::string>> open_containers;
-  const auto on_event = [&](int /*depth*/, nlohmann::json::parse_event_t event,
-                            nlohmann::json& parsed) -> bool {
-    using Event = nlohmann::json::parse_event_t;
-    switch (event) {
-      case Event::object_start:
-      case Event::array_start:
-        if (open_containers.size() >= kMaxJsonDepth) {
-          throw FileError(printable(display_name) + ": JSON nests deeper than " +
-                          std::to_string(kMaxJsonDepth) + " levels");
-        }
-        open_containers.emplace_back();
-        break;
-      case Event::object_end:
-      case Event::array_end:
-        if (!open_containers.empty()) open_containers.pop_back();
-        break;
-      case Event::key: {
-        if (open_containers.empty() || !parsed.is_string()) break;
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!open_containers.back().insert(key).second) {
-          throw FileError(printable(display_name) + ": duplicate JSON key '" + printable(key) +
-                          "'");
-        }
-        break;
-      }
-      case Event::value:
-        break;
-    }
-    return true;
-  };
+  nlohmann::json root;
+  StrictJsonBuilder builder(root, display_name);
   try {
-    return nlohmann::json::parse(text.begin(), text.end(), on_event, /*allow_exceptions=*/true,
-                                 /*ignore_comments=*/false);
-  } catch (const nlohmann::json::parse_error& e) {
-    // e.what() already carries "at line L, column C"; the 0-based byte offset (e.byte counts
-    // from 1) helps with one-line JSON such as a safetensors header.
-    const std::size_t offset = e.byte > 0 ? e.byte - 1 : 0;
-    throw FileError(printable(display_name) + ": invalid JSON at byte offset " +
-                    std::to_string(offset) + ": " + printable(e.what(), 300));
+    nlohmann::json::sax_parse(text.begin(), text.end(), &builder,
+                              nlohmann::json::input_format_t::json, /*strict=*/true,
+                              /*ignore_comments=*/false);
   } catch (const nlohmann::json::exception& e) {
     throw FileError(printable(display_name) + ": invalid JSON: " + printable(e.what(), 300));
   }
+  return root;
 }
 
 template <class T>
@@ -250,29 +267,9 @@ inline void require_object(const nlohmann::json& obj, std::string_view key,
 /// Reads and parses a JSON file that may be missing, huge or malformed.
 /// Throws FileError naming the file (and, for syntax errors, the position).
 inline nlohmann::json load_json(const std::filesystem::path& path) {
-  const std::string name = path.string();
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (ec || !std::filesystem::exists(status)) {
-    throw FileError(printable(name) + ": file not found");
-  }
-  if (!std::filesystem::is_regular_file(status)) {
-    throw FileError(printable(name) + ": not a regular file");
-  }
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw FileError(printable(name) + ": cannot read size: " + ec.message());
-  if (size > kMaxJsonFileBytes) {
-    throw FileError(printable(name) + ": JSON file is " + std::to_string(size) +
-                    " bytes, more than the limit of " + std::to_string(kMaxJsonFileBytes));
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileError(printable(name) + ": cannot open for reading");
-  std::string text(static_cast<std::size_t>(size), '\0');
-  in.read(text.data(), static_cast<std::streamsize>(size));
-  // The file may have shrunk since file_size(); parse only what was really read.
-  text.resize(static_cast<std::size_t>(in.gcount()));
-  if (in.bad()) throw FileError(printable(name) + ": read error");
-  return detail::parse_json_strict(text, name);
+  const std::vector<std::uint8_t> bytes = read_regular_file(path, kMaxJsonFileBytes, "JSON file");
+  return detail::parse_json_strict(
+      std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), path.string());
 }
 
 /// Returns obj[key] as T. Missing key or wrong type: FileError

@@ -8,6 +8,8 @@
 // pointer arithmetic) until it has been checked against the real file size, and every failure is
 // a peft::FileError whose message names the file, the tensor and what was expected vs found.
 // The writer produces files the Python safetensors library reads.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -19,6 +21,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -32,6 +35,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/io/atomic_file.hpp"
 #include "peft/io/json.hpp"
 
 namespace peft::io {
@@ -497,47 +501,47 @@ class HeaderValidator {
 /// what the Python library's keys() gives as well).
 class SafetensorsFile {
  public:
-  /// Reads the whole file once and validates it. Throws FileError.
+  /// Reads the whole file once and validates it. Throws FileError. Only a regular file is
+  /// read (a FIFO or a device is refused before any read, io::read_regular_file), and the one
+  /// allocation is the size the file system reports, so it is bounded by what is on disk.
   static SafetensorsFile open(const std::filesystem::path& path) {
     const std::string name = path.string();
-    std::error_code ec;
-    const auto status = std::filesystem::status(path, ec);
-    if (ec || !std::filesystem::exists(status)) {
-      throw FileError(printable(name) + ": file not found");
-    }
-    if (!std::filesystem::is_regular_file(status)) {
-      throw FileError(printable(name) + ": not a regular file");
-    }
-    // The size comes from the file system, not from the file's content, so allocating it is
-    // bounded by what is really on disk.
-    const std::uintmax_t size = std::filesystem::file_size(path, ec);
-    if (ec) throw FileError(printable(name) + ": cannot read size: " + ec.message());
-    if (size > static_cast<std::uintmax_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
-      throw FileError(printable(name) + ": file of " + std::to_string(size) +
-                      " bytes is too large to load");
-    }
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw FileError(printable(name) + ": cannot open for reading");
-    std::vector<std::uint8_t> bytes;
-    try {
-      bytes.resize(static_cast<std::size_t>(size));
-    } catch (const std::bad_alloc&) {
-      throw FileError(printable(name) + ": file of " + std::to_string(size) +
-                      " bytes does not fit in memory");
-    }
-    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
-    if (static_cast<std::uintmax_t>(in.gcount()) != size) {
-      throw FileError(printable(name) + ": read " + std::to_string(in.gcount()) + " of " +
-                      std::to_string(size) + " bytes (file changed or read error)");
-    }
+    std::vector<std::uint8_t> bytes = read_regular_file(
+        path, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()),
+        "safetensors file");
     return from_bytes(std::move(bytes), name);
+  }
+
+  /// Maps the file read-only instead of reading it: validating the header touches only its
+  /// first pages, so listing a 2 GiB file costs kilobytes of memory and I/O (`peft inspect`).
+  /// Tensor data is read from the mapping on demand. The same checks as open(); a file that is
+  /// truncated by someone else while mapped would fault, so loaders keep using open().
+  static SafetensorsFile map(const std::filesystem::path& path) {
+    const std::string name = path.string();
+    OpenedFile opened = open_regular_file(
+        path, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()),
+        "safetensors file");
+    if (opened.size < 8) return open(path);  // too short to map usefully; open() reports it
+    void* address = ::mmap(nullptr, static_cast<std::size_t>(opened.size), PROT_READ, MAP_PRIVATE,
+                           opened.fd.get(), 0);
+    if (address == MAP_FAILED)
+      throw FileError(printable(name) + ": cannot map the file: " + detail::errno_text(errno));
+    const auto length = static_cast<std::size_t>(opened.size);
+    SafetensorsFile file;
+    file.name_ = name;
+    file.mapping_ = std::shared_ptr<const std::uint8_t>(
+        static_cast<const std::uint8_t*>(address),
+        [length](const std::uint8_t* p) { ::munmap(const_cast<std::uint8_t*>(p), length); });
+    file.mapped_size_ = length;
+    file.parse();
+    return file;
   }
 
   /// Validates bytes already in memory; display_name is used in every message.
   static SafetensorsFile from_bytes(std::vector<std::uint8_t> bytes, std::string display_name) {
     SafetensorsFile file;
     file.name_ = std::move(display_name);
-    file.bytes_ = std::move(bytes);
+    file.owned_ = std::move(bytes);
     file.parse();
     return file;
   }
@@ -560,22 +564,56 @@ class SafetensorsFile {
   /// The tensor's stored bytes, unconverted (little-endian elements of info(tensor).dtype).
   std::span<const std::uint8_t> raw_bytes(std::string_view tensor) const {
     const TensorInfo& found = info(tensor);
-    return {bytes_.data() + data_start_ + found.begin, static_cast<std::size_t>(found.byte_size())};
+    return {data() + data_start_ + found.begin, static_cast<std::size_t>(found.byte_size())};
   }
 
   /// The tensor's elements converted to T, row-major. Float dtypes convert to float/double
-  /// (F64 -> float rounds to nearest); I64 converts to int64, float and double. Reading a float
-  /// dtype as int64 throws FileError (it would silently truncate).
+  /// (F64 -> float rounds to nearest); I64 reads only as int64. Reading across the two kinds
+  /// throws FileError: a float dtype as int64 would truncate, and integer data where a weight is
+  /// expected means the file holds something else than the tensor asked for.
   template <SafetensorsElement T>
   std::vector<T> read(std::string_view tensor) const {
     const TensorInfo& found = info(tensor);
-    if (std::is_same_v<T, std::int64_t> && is_floating_dtype(found.dtype)) {
+    if (std::is_same_v<T, std::int64_t> == is_floating_dtype(found.dtype)) {
       throw FileError(printable(name_) + ": tensor '" + printable(found.name) + "' has dtype " +
                       std::string(dtype_name(found.dtype)) + ", cannot be read as " +
-                      std::string(detail::element_type_name<T>()) + " (expected I64)");
+                      std::string(detail::element_type_name<T>()) +
+                      (std::is_same_v<T, std::int64_t> ? " (expected I64)"
+                                                       : " (expected F64, F32, F16 or BF16)"));
     }
-    return detail::decode_elements<T>(found.dtype, bytes_.data() + data_start_ + found.begin,
+    return detail::decode_elements<T>(found.dtype, data() + data_start_ + found.begin,
                                       static_cast<std::size_t>(found.numel()));
+  }
+
+  /// As read(tensor, expected_shape), and every value must be finite: a NaN or an infinity in a
+  /// weight (or one that F64 -> float rounding makes infinite) would turn every output into
+  /// NaN, which nothing downstream may pass off as a result. FileError names the tensor, the
+  /// first bad element and how many there are.
+  template <SafetensorsElement T>
+  std::vector<T> read_finite(std::string_view tensor,
+                             const std::vector<std::int64_t>& expected_shape) const {
+    std::vector<T> values = read<T>(tensor, expected_shape);
+    if constexpr (!std::is_same_v<T, std::int64_t>) {
+      std::size_t bad = 0, first = 0;
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        if (!std::isfinite(values[i])) {
+          if (bad == 0) first = i;
+          ++bad;
+        }
+      }
+      if (bad != 0) {
+        const T value = values[first];
+        throw FileError(printable(name_) + ": tensor '" + printable(tensor) +
+                        "' holds non-finite values (" + std::to_string(bad) + " of " +
+                        std::to_string(values.size()) + ", first at element " +
+                        std::to_string(first) + ": " +
+                        (std::isnan(value) ? "nan"
+                         : value > 0       ? "inf"
+                                           : "-inf") +
+                        "), expected finite numbers");
+      }
+    }
+    return values;
   }
 
   /// As read(tensor), after checking the shape:
@@ -603,14 +641,18 @@ class SafetensorsFile {
     return &*it;
   }
 
+  /// The file's bytes: the mapping, or the vector read by open() / given to from_bytes().
+  const std::uint8_t* data() const { return mapping_ ? mapping_.get() : owned_.data(); }
+  std::size_t size() const { return mapping_ ? mapped_size_ : owned_.size(); }
+
   void parse() {
     const std::string file = printable(name_);
-    const std::uint64_t file_size = bytes_.size();
+    const std::uint64_t file_size = size();
     if (file_size < 8) {
       throw FileError(file + ": file is " + std::to_string(file_size) +
                       " bytes, expected at least 8 (the header length)");
     }
-    const auto header_size = detail::load_unaligned<std::uint64_t>(bytes_.data());
+    const auto header_size = detail::load_unaligned<std::uint64_t>(data());
     if (header_size > kMaxSafetensorsHeaderBytes) {
       throw FileError(file + ": header length " + std::to_string(header_size) +
                       " exceeds the limit of " + std::to_string(kMaxSafetensorsHeaderBytes) +
@@ -624,7 +666,7 @@ class SafetensorsFile {
     data_start_ = 8 + header_size;
     const std::uint64_t data_size = file_size - data_start_;
 
-    const std::string_view header_text(reinterpret_cast<const char*>(bytes_.data() + 8),
+    const std::string_view header_text(reinterpret_cast<const char*>(data() + 8),
                                        static_cast<std::size_t>(header_size));
     const nlohmann::json header = detail::parse_json_strict(header_text, name_);
     if (!header.is_object()) {
@@ -646,7 +688,9 @@ class SafetensorsFile {
   }
 
   std::string name_;
-  std::vector<std::uint8_t> bytes_;
+  std::vector<std::uint8_t> owned_;
+  std::shared_ptr<const std::uint8_t> mapping_;  // set by map(); shared, so copies stay valid
+  std::size_t mapped_size_ = 0;
   std::uint64_t data_start_ = 0;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
@@ -768,29 +812,10 @@ class SafetensorsWriter {
     return bytes;
   }
 
-  /// Writes `path` + ".tmp" and renames it over `path`, so a reader never sees a half-written
-  /// file and a failed write leaves any previous file intact. Throws FileError.
-  void write(const std::filesystem::path& path) const {
-    const std::vector<std::uint8_t> bytes = to_bytes();
-    std::filesystem::path temporary = path;
-    temporary += ".tmp";
-    const auto fail = [&](const std::string& what) {
-      std::error_code ignored;
-      std::filesystem::remove(temporary, ignored);
-      throw FileError(printable(path.string()) + ": " + what);
-    };
-    {
-      std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-      if (!out) fail("cannot create temporary file " + printable(temporary.string()));
-      out.write(reinterpret_cast<const char*>(bytes.data()),
-                static_cast<std::streamsize>(bytes.size()));
-      out.close();
-      if (!out) fail("write to " + printable(temporary.string()) + " failed");
-    }
-    std::error_code ec;
-    std::filesystem::rename(temporary, path, ec);
-    if (ec) fail("cannot rename " + printable(temporary.string()) + " into place: " + ec.message());
-  }
+  /// Writes the file with io::write_file_atomically (exclusive temporary beside `path`, fsync,
+  /// rename, folder fsync): a reader never sees a half-written file and a failed write leaves any
+  /// previous file intact. Throws FileError.
+  void write(const std::filesystem::path& path) const { write_file_atomically(path, to_bytes()); }
 
  private:
   struct PendingTensor {

@@ -1,6 +1,7 @@
 #pragma once
 // Fields every reference adapter_config.json shares, and reading them strictly.
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -15,15 +16,30 @@ inline const nlohmann::json& json_field(const nlohmann::json& j, const char* key
   return j.contains(key) ? j[key] : null_value;
 }
 
+/// A string field, or `fallback` when absent or null; any other JSON type is a ConfigError
+/// naming the file and the field ("peft_type": 3 is not left to nlohmann's own message).
 template <class V>
-V json_or(const nlohmann::json& j, const char* key, V fallback, const std::string& source) {
+requires std::same_as<V, std::string> V json_or(const nlohmann::json& j, const char* key,
+                                                V fallback, const std::string& source) {
+  if (!j.is_object())
+    throw ConfigError(source + ": expected a JSON object, found " + std::string(j.type_name()));
   const nlohmann::json& v = json_field(j, key);
   if (v.is_null()) return fallback;
-  try {
-    return v.get<V>();
-  } catch (const nlohmann::json::exception&) {
-    throw ConfigError(source + ": field '" + key + "' has the wrong type (" + v.dump() + ")");
+  if (!v.is_string()) {
+    std::string shown = v.dump();
+    if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
+    throw ConfigError(source + ": field '" + key + "': expected a string, found " + shown);
   }
+  return v.get<std::string>();
+}
+
+/// A string field for a yes/no question (`accepts`): the field's string, or `fallback` when
+/// `j` is not an object or the field is absent or not a string. Never throws: a wrong type is
+/// reported by the reader that follows.
+inline std::string string_or(const nlohmann::json& j, const char* key, std::string fallback) {
+  if (!j.is_object()) return fallback;
+  const auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : fallback;
 }
 
 /// An integral value as a JSON integer (the reference writes `8`, not `8.0`).

@@ -21,12 +21,15 @@
 //
 // READING: a key that is absent or null keeps the member's default (the value in `MyConfig{}`).
 // A present key must have the member's JSON type exactly (an integer field rejects 0.5 and
-// 4294967296; a bool field rejects 1); then the field's check runs. Every error is a ConfigError
+// 4294967296; a bool field rejects 1; a number field rejects a non-finite value; a
+// PatternMap's keys must compile, target_modules.hpp); then the field's check runs (the
+// `check::` functors below: ranges, and the upper bounds of `limits`). Every error is a ConfigError
 // "<source>: field '<key>': expected <what>, found <json>". Keys the table does not name are
 // ignored (the reference adds fields between versions).
 // WRITING: every field writes its key; `constants` keys are written and never read; `fixed` keys
 // are written with their one value and, when read, must hold it (or be null).
 #include <array>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <limits>
@@ -61,6 +64,10 @@ struct is_string_map : std::false_type {};
 template <class V>
 struct is_string_map<std::map<std::string, V>> : std::true_type {};
 template <class M>
+struct is_pattern_map : std::false_type {};
+template <class V>
+struct is_pattern_map<PatternMap<V>> : std::true_type {};
+template <class M>
 struct is_vector : std::false_type {};
 template <class V>
 struct is_vector<std::vector<V>> : std::true_type {};
@@ -79,6 +86,8 @@ std::string type_name() {
     return "a list of " + type_name<typename M::value_type>() + "s";
   else if constexpr (is_string_map<M>::value)
     return "an object of " + type_name<typename M::mapped_type>() + "s";
+  else if constexpr (is_pattern_map<M>::value)
+    return "an object of patterns to " + type_name<typename M::mapped_type>() + "s";
   else
     return "a value";
 }
@@ -107,7 +116,9 @@ M read_value(const nlohmann::json& v, const std::string& source, std::string_vie
     return static_cast<M>(i);
   } else if constexpr (std::is_floating_point_v<M>) {
     if (!v.is_number()) fail(source, key, type_name<M>(), v);
-    return v.get<M>();
+    const double x = v.get<double>();
+    if (!std::isfinite(x)) fail(source, key, "a finite number", v);
+    return static_cast<M>(x);
   } else if constexpr (std::is_same_v<M, std::string>) {
     if (!v.is_string()) fail(source, key, type_name<M>(), v);
     return v.get<std::string>();
@@ -122,6 +133,10 @@ M read_value(const nlohmann::json& v, const std::string& source, std::string_vie
     for (const auto& [k, item] : v.items())
       out.emplace(k, read_value<typename M::mapped_type>(item, source, std::string(key) + "." + k));
     return out;
+  } else if constexpr (is_pattern_map<M>::value) {
+    // Each key is compiled here, once; a key RE2 refuses names the field.
+    return M(read_value<typename M::map_type>(v, source, key),
+             source + ": field '" + std::string(key) + "'");
   } else {
     static_assert(sizeof(M) == 0, "config field: no JSON reader for this member type");
   }
@@ -131,7 +146,7 @@ template <class M>
 nlohmann::json write_value(const M& value) {
   if constexpr (std::is_floating_point_v<M>)
     return detail::json_number(static_cast<double>(value));  // the reference writes 8, not 8.0
-  else if constexpr (is_string_map<M>::value) {
+  else if constexpr (is_string_map<M>::value || is_pattern_map<M>::value) {
     nlohmann::json j = nlohmann::json::object();
     for (const auto& [k, v] : value) j[k] = write_value(v);
     return j;
@@ -141,6 +156,22 @@ nlohmann::json write_value(const M& value) {
 }
 
 }  // namespace config_detail
+
+/// Upper bounds on config values that size tensors or scale activations. The reference has no
+/// such bounds (Python allocates until the machine says no); here a value past them is a
+/// ConfigError naming the field when the config is read, instead of std::bad_alloc, or
+/// infinities in the logits, once the model is built.
+namespace limits {
+/// The largest rank, width, virtual-token count or layer count a config may ask for: 2^16.
+/// Each such value is one dimension of an adapter tensor; at 65,536 one LoRA module on a
+/// 1,024-wide layer already holds 512 MiB of float32 factors, far beyond any model this CPU
+/// library trains, so a larger value is a typo (r: 80000000), not a plan.
+inline constexpr std::int64_t max_dimension = 65536;
+/// The largest magnitude of a scale factor (lora_alpha, alpha, scaling, d_initial): float32's
+/// largest finite value, since the models compute in float32 and a larger α / r would be an
+/// infinite scale.
+inline constexpr double max_scale = 3.4028234663852886e38;
+}  // namespace limits
 
 /// Field checks: each returns an empty string when the value is acceptable, else what was
 /// expected.
@@ -184,7 +215,8 @@ inline constexpr Fraction fraction{};
 struct AllPositive {
   template <class M>
   std::string operator()(const M& v) const {
-    if constexpr (config_detail::is_string_map<M>::value) {
+    if constexpr (config_detail::is_string_map<M>::value ||
+                  config_detail::is_pattern_map<M>::value) {
       for (const auto& [k, x] : v)
         if (!(x > 0)) return "positive values";
     } else {
@@ -195,6 +227,57 @@ struct AllPositive {
   }
 };
 inline constexpr AllPositive all_positive{};
+/// A tensor dimension (rank, width, token or layer count): 1 ..= limits::max_dimension, or
+/// 0 ..= limits::max_dimension where 0 means "derived from the model" / "not recorded".
+struct Dimension {
+  bool zero_allowed = false;
+  template <class M>
+  std::string operator()(const M& v) const {
+    if constexpr (config_detail::is_string_map<M>::value ||
+                  config_detail::is_pattern_map<M>::value) {
+      for (const auto& [k, x] : v)
+        if (const std::string e = (*this)(x); !e.empty()) return e + " for every key";
+      return {};
+    } else {
+      if (static_cast<std::int64_t>(v) < (zero_allowed ? 0 : 1))
+        return zero_allowed ? "a value >= 0" : "a positive value";
+      if (static_cast<std::int64_t>(v) > limits::max_dimension)
+        return "at most " + std::to_string(limits::max_dimension) +
+               " (limits::max_dimension: larger tensors than any model here can hold)";
+      return {};
+    }
+  }
+};
+inline constexpr Dimension dimension{false};
+inline constexpr Dimension dimension_or_zero{true};
+/// A scale factor: |x| <= limits::max_scale (float32's range), every value of a map.
+struct Scale {
+  std::string operator()(double x) const {
+    return std::isfinite(x) && std::abs(x) <= limits::max_scale
+               ? std::string()
+               : "a number of magnitude at most 3.4e38 (float32's range: the models compute in "
+                 "float32)";
+  }
+  template <class M>
+  requires(config_detail::is_string_map<M>::value ||
+           config_detail::is_pattern_map<M>::value) std::string
+  operator()(const M& v) const {
+    for (const auto& [k, x] : v)
+      if (const std::string e = (*this)(x); !e.empty()) return e + " for every key";
+    return {};
+  }
+};
+inline constexpr Scale scale{};
+/// Every list entry >= 0 (indices).
+struct AllNonNegative {
+  template <class M>
+  std::string operator()(const M& v) const {
+    for (const auto& x : v)
+      if (x < 0) return "indices >= 0";
+    return {};
+  }
+};
+inline constexpr AllNonNegative all_non_negative{};
 }  // namespace check
 
 /// One member read from and written to one key.

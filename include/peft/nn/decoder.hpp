@@ -9,7 +9,9 @@
 // [policy: after_mlp] → residual → final norm → head → logits → cross-entropy.
 #include <filesystem>
 #include <random>
+#include <set>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -19,6 +21,7 @@
 #include "peft/io/safetensors.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/nn/config.hpp"
+#include "peft/nn/model_shapes.hpp"
 #include "peft/nn/modules.hpp"
 
 namespace peft {
@@ -80,20 +83,58 @@ class Decoder {
       throw ConfigError("config is for '" + config_.model_type + "', the decoder is " +
                         std::string(Arch::model_type));
     config_.validate("model config");
+    check_plausible_size<Arch>(config_, "model config", sizeof(T));
     build_modules();
     initialise_base_weights();
     attach_adapter();
   }
 
   /// A model whose base weights come from `model_dir/model.safetensors` (config from
-  /// `model_dir/config.json` must match Arch), with the policy attached.
+  /// `model_dir/config.json` must match Arch), with the policy attached. Validates before it
+  /// allocates: the config's sizes are bounded (check_plausible_size) and the checkpoint's
+  /// header is checked against the config (check_base_tensors) before any weight exists.
   static Decoder load(const std::filesystem::path& model_dir,
                       typename Policy::Config peft_config = {}, std::uint64_t seed = 0) {
     const std::filesystem::path config_path = model_dir / "config.json";
     ModelConfig config = ModelConfig::from_json(io::load_json(config_path), config_path.string());
+    if (config.model_type != Arch::model_type)
+      throw ConfigError(config_path.string() + ": config is for '" + config.model_type +
+                        "', the decoder is " + std::string(Arch::model_type));
+    check_plausible_size<Arch>(config, config_path.string(), sizeof(T));
+    const io::SafetensorsFile file = io::SafetensorsFile::open(model_dir / "model.safetensors");
+    check_base_tensors(file, base_tensor_shapes<Arch>(config));
     Decoder model(std::move(config), std::move(peft_config), seed);
-    model.load_base_weights(io::SafetensorsFile::open(model_dir / "model.safetensors"));
+    model.load_base_weights(file);
     return model;
+  }
+
+  /// Checks a checkpoint's table of tensors against the base tensors a config implies, from the
+  /// header alone: every expected tensor present with its shape and a float dtype, and no tensor
+  /// the model does not have (a file for another model or config must not load half-used).
+  /// Throws FileError naming the file and the tensor.
+  static void check_base_tensors(const io::SafetensorsFile& file,
+                                 const std::vector<BaseTensorShape>& expected) {
+    std::set<std::string_view> known;
+    for (const BaseTensorShape& e : expected) {
+      known.insert(e.name);
+      if (!file.contains(e.name))
+        throw FileError(io::printable(file.name()) + ": missing tensor '" + e.name +
+                        "' (expected shape " + io::shape_to_string(e.shape) + " for this config)");
+      const io::TensorInfo& info = file.info(e.name);
+      if (info.shape != e.shape)
+        throw FileError(io::printable(file.name()) + ": tensor '" + e.name + "' has shape " +
+                        io::shape_to_string(info.shape) + ", expected " +
+                        io::shape_to_string(e.shape) + " for this config");
+      if (!io::is_floating_dtype(info.dtype))
+        throw FileError(io::printable(file.name()) + ": tensor '" + e.name + "' has dtype " +
+                        std::string(io::dtype_name(info.dtype)) +
+                        ", expected a float dtype (F64, F32, F16 or BF16) for a weight");
+    }
+    for (const io::TensorInfo& info : file.tensors())
+      if (!known.count(info.name))
+        throw FileError(io::printable(file.name()) + ": tensor '" + io::printable(info.name) +
+                        "' is not a tensor of this model (a checkpoint of another model or "
+                        "config?)");
   }
 
   Decoder(Decoder&&) noexcept = default;
@@ -165,19 +206,20 @@ class Decoder {
     for (NamedParameter<T>& p : base_parameters()) p.var.set_requires_grad(trainable);
   }
 
-  /// Loads base weights, checking each tensor's presence and shape against the config.
-  /// Converts any float dtype of the file to T.
+  /// Loads base weights, checking the file's table against the config first (every tensor
+  /// present with its shape and a float dtype, none the model lacks: check_base_tensors), then
+  /// that every value is finite (FileError naming the tensor). Converts any float dtype of the
+  /// file to T. A table that does not fit changes nothing; a non-finite tensor is found only as
+  /// it is read (one tensor at a time, so loading never holds two copies of the model), and
+  /// leaves the tensors before it replaced: discard the model then (load() does).
   void load_base_weights(const io::SafetensorsFile& file) {
-    for (NamedParameter<T>& p : base_parameters()) {
-      if (!file.contains(p.name))
-        throw FileError(file.name() + ": missing tensor '" + p.name + "' (expected shape " +
-                        shape_string(p.var.shape()) + " for this config)");
-      std::vector<T> values = file.template read<T>(p.name, p.var.shape());
-      p.var.value() = Tensor<T>(p.var.shape(), std::move(values));
-    }
-    if (!config_.tie_word_embeddings && !file.contains("lm_head.weight"))
-      throw FileError(file.name() +
-                      ": missing tensor 'lm_head.weight' (tie_word_embeddings is false)");
+    std::vector<NamedParameter<T>> params = base_parameters();
+    std::vector<BaseTensorShape> expected;
+    expected.reserve(params.size());
+    for (const NamedParameter<T>& p : params) expected.push_back({p.name, p.var.shape()});
+    check_base_tensors(file, expected);
+    for (NamedParameter<T>& p : params)
+      p.var.value() = Tensor<T>(p.var.shape(), file.template read_finite<T>(p.name, p.var.shape()));
     base_weights_changed();
   }
 

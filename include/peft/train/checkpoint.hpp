@@ -7,20 +7,20 @@
 //                           under "peft_checkpoint", the state as JSON: step, AdamW step count,
 //                           the data generator's state, the loss history, early-stopping state;
 //   checkpoint.json         the same state, pretty-printed for people (a sidecar: never read).
-// Both are written to a temporary file and renamed into place. The rename of the safetensors
-// file is the commit point: since the state travels inside it, a crash at any moment leaves
-// either the previous checkpoint or the new one, whole, never a mixture of the two.
+// Both are written with io::write_file_atomically (exclusive temporary, fsync, rename). The rename
+// of the safetensors file is the commit point: since the state travels inside it, a crash at any
+// moment leaves either the previous checkpoint or the new one, whole, never a mixture of the two.
 //
 // Tensors are stored in their own precision (F32 for float, F64 for double), so a resumed run
 // starts from exactly the numbers the interrupted one had.
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "peft/core/autograd.hpp"
+#include "peft/io/atomic_file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/train/optimizer.hpp"
@@ -38,22 +38,10 @@ constexpr io::Dtype exact_dtype() {
 }
 }  // namespace detail
 
-/// Writes `text` to `path` through `path.tmp` and a rename.
+/// Writes `text` to `path` atomically and durably (io::write_file_atomically); what study and
+/// search results use.
 inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
-  std::filesystem::path temporary = path;
-  temporary += ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out) throw FileError(temporary.string() + ": cannot create");
-    out << text;
-    out.close();
-    if (!out) throw FileError(temporary.string() + ": write failed");
-  }
-  std::error_code ec;
-  std::filesystem::rename(temporary, path, ec);
-  if (ec)
-    throw FileError(path.string() +
-                    ": cannot rename the temporary file into place: " + ec.message());
+  io::write_file_atomically(path, text);
 }
 
 /// Saves `params` (the optimizer's tensors, in its order), the optimizer's moments and step
@@ -119,11 +107,11 @@ nlohmann::json load_checkpoint(const std::filesystem::path& dir,
   for (std::size_t k = 0; k < params.size(); ++k) {
     NamedParameter<T> p = params[k];
     const Shape& shape = p.var.shape();
-    p.var.value() = Tensor<T>(shape, file.template read<T>("param/" + p.name, shape));
+    p.var.value() = Tensor<T>(shape, file.template read_finite<T>("param/" + p.name, shape));
     optimizer.first_moments()[k] =
-        Tensor<T>(shape, file.template read<T>("adam_m/" + p.name, shape));
+        Tensor<T>(shape, file.template read_finite<T>("adam_m/" + p.name, shape));
     optimizer.second_moments()[k] =
-        Tensor<T>(shape, file.template read<T>("adam_v/" + p.name, shape));
+        Tensor<T>(shape, file.template read_finite<T>("adam_v/" + p.name, shape));
   }
   optimizer.set_step_count(io::json_get<std::int64_t>(state, "optimizer_step", file.name()));
   return state;

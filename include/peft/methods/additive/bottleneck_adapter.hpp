@@ -48,12 +48,12 @@ struct BottleneckAdapterConfig {
   static auto fields() {
     using C = BottleneckAdapterConfig;
     auto shared = detail::field_group(
-        field("bottleneck_size", &C::bottleneck_size, check::non_negative),
-        field("reduction_factor", &C::reduction_factor, check::non_negative),
+        field("bottleneck_size", &C::bottleneck_size, check::dimension_or_zero),
+        field("reduction_factor", &C::reduction_factor, check::dimension_or_zero),
         detail::activation_choice("activation", &C::activation),
         detail::LayerListField<C>{&C::layers_to_transform}, fixed("modules_to_save", nullptr));
     if constexpr (Placement == detail::AdapterPlacement::Parallel)
-      return config_fields(shared, float_field("scaling", &C::scaling));
+      return config_fields(shared, float_field("scaling", &C::scaling, check::scale));
     else
       return config_fields(shared);
   }

@@ -159,6 +159,8 @@ struct LayerListField {
       c.*member = {config_detail::read_value<int>(v, source, "layers_to_transform")};
     else
       empty_as_null("layers_to_transform", member).read(c, j, source);
+    for (int layer : c.*member)  // a negative index would select no block, silently
+      if (layer < 0) config_detail::fail(source, "layers_to_transform", "layer indices >= 0", v);
   }
   void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
     empty_as_null("layers_to_transform", member).write(c, j, model);
@@ -174,12 +176,13 @@ struct PromptLearningConfig {
 
   static auto prompt_learning_fields() {
     using C = PromptLearningConfig;
-    return field_group(field("num_virtual_tokens", &C::num_virtual_tokens, check::positive),
-                       field("num_layers", &C::num_layers, check::non_negative),
-                       field("token_dim", &C::token_dim, check::non_negative),
-                       field("num_attention_heads", &C::num_attention_heads, check::non_negative),
-                       fixed("num_transformer_submodules", 1, "decoder-only models have 1"),
-                       fixed("modules_to_save", nullptr));
+    return field_group(
+        field("num_virtual_tokens", &C::num_virtual_tokens, check::dimension),
+        field("num_layers", &C::num_layers, check::dimension_or_zero),
+        field("token_dim", &C::token_dim, check::dimension_or_zero),
+        field("num_attention_heads", &C::num_attention_heads, check::dimension_or_zero),
+        fixed("num_transformer_submodules", 1, "decoder-only models have 1"),
+        fixed("modules_to_save", nullptr));
   }
 
   /// Throws when a recorded dimension disagrees with the model's; an actual value of −1 skips

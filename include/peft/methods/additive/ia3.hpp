@@ -6,7 +6,6 @@
 //
 // Reference layout: `ia3_l` [out, 1] (output scaling) or [1, in] (input scaling) per module,
 // keyed "base_model.model.<module>.ia3_l", peft_type "IA3".
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -78,8 +77,7 @@ struct Ia3Config {
 
   /// Whether `module_path` has its input (not output) scaled.
   bool is_feedforward(const std::string& module_path) const {
-    if (feedforward_modules.regex)
-      return std::regex_match(module_path, std::regex(*feedforward_modules.regex));
+    if (feedforward_modules.regex) return feedforward_modules.regex->matches(module_path);
     for (const std::string& name : feedforward_modules.names)
       if (module_path.ends_with(name)) return true;
     return false;

@@ -30,12 +30,13 @@ struct PTuningConfig : detail::PromptLearningConfig {
 
   static auto fields() {
     using C = PTuningConfig;
-    return config_fields(prompt_learning_fields(),
-                         choice("encoder_reparameterization_type", &C::encoder,
-                                std::pair("MLP", Encoder::Mlp), std::pair("LSTM", Encoder::Lstm)),
-                         field("encoder_hidden_size", &C::encoder_hidden_size, check::non_negative),
-                         field("encoder_num_layers", &C::encoder_num_layers, check::non_negative),
-                         float_field("encoder_dropout", &C::encoder_dropout, check::probability));
+    return config_fields(
+        prompt_learning_fields(),
+        choice("encoder_reparameterization_type", &C::encoder, std::pair("MLP", Encoder::Mlp),
+               std::pair("LSTM", Encoder::Lstm)),
+        field("encoder_hidden_size", &C::encoder_hidden_size, check::dimension_or_zero),
+        field("encoder_num_layers", &C::encoder_num_layers, check::dimension_or_zero),
+        float_field("encoder_dropout", &C::encoder_dropout, check::probability));
   }
   static PTuningConfig from_json(const nlohmann::json& j, const std::string& source) {
     PTuningConfig c = read_config<PTuningConfig>(j, source);

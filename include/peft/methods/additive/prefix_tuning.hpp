@@ -34,10 +34,10 @@ struct PrefixTuningConfig : detail::PromptLearningConfig {
 
   static auto fields() {
     using C = PrefixTuningConfig;
-    return config_fields(prompt_learning_fields(),
-                         field("prefix_projection", &C::prefix_projection),
-                         field("encoder_hidden_size", &C::encoder_hidden_size, check::non_negative),
-                         constants({{"init_weights", nullptr}}));
+    return config_fields(
+        prompt_learning_fields(), field("prefix_projection", &C::prefix_projection),
+        field("encoder_hidden_size", &C::encoder_hidden_size, check::dimension_or_zero),
+        constants({{"init_weights", nullptr}}));
   }
   static PrefixTuningConfig from_json(const nlohmann::json& j, const std::string& source) {
     PrefixTuningConfig c = read_config<PrefixTuningConfig>(j, source);

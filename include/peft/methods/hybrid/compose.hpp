@@ -220,12 +220,12 @@ struct Compose {
 
   /// A manifest written by ComposeConfig::to_json for exactly these components.
   static bool accepts(const nlohmann::json& j) {
-    if (j.value("peft_type", std::string()) != "COMPOSE") return false;
+    if (detail::string_or(j, "peft_type", "") != "COMPOSE") return false;
     const nlohmann::json& list = detail::json_field(j, "components");
     if (!list.is_array() || list.size() != sizeof...(P)) return false;
     std::size_t i = 0;
     bool all = true;
-    ((all = all && list[i].value("method", std::string()) == P::name, ++i), ...);
+    ((all = all && detail::string_or(list[i], "method", "") == P::name, ++i), ...);
     return all;
   }
 
@@ -442,14 +442,14 @@ void save_component(const std::filesystem::path& dir, State& state, const ModelC
   const nlohmann::json config = config_to_json(state.config(), model);
   if constexpr (WritesOwnTensors<State>) {
     // Methods with index tensors (the selective family) write their own tensors.
-    std::filesystem::create_directories(dir);
     io::SafetensorsWriter writer;
     writer.set_metadata("format", "pt");
     state.write_tensors(writer);
-    writer.write(dir / "adapter_model.safetensors");
-    std::ofstream out(dir / "adapter_config.json");
-    out << config.dump(2) << '\n';
-    if (!out) throw FileError((dir / "adapter_config.json").string() + ": write failed");
+    const std::vector<std::uint8_t> tensors = writer.to_bytes();
+    io::replace_directory_atomically(dir, [&](const std::filesystem::path& fresh) {
+      io::write_file_atomically(fresh / "adapter_model.safetensors", tensors);
+      io::write_file_atomically(fresh / "adapter_config.json", config.dump(2) + "\n");
+    });
   } else {
     io::save_adapter(dir, config, state.parameters());
   }
@@ -472,15 +472,14 @@ void load_component(const std::filesystem::path& dir, State& state,
 template <class Model>
 void save_composite(const std::filesystem::path& dir, Model& model) {
   auto& adapter = model.adapter();
-  std::filesystem::create_directories(dir);
-  adapter.for_each_indexed([&]<class Q>(auto& state, std::size_t i) {
-    detail::save_component<Q>(dir / detail::component_folder<Q>(i), state, model.config());
-  });
-  // The manifest last: its presence marks a complete composite.
   const nlohmann::json manifest = adapter.config().to_json(model.config());
-  std::ofstream out(dir / "adapter_config.json");
-  out << manifest.dump(2) << '\n';
-  if (!out) throw FileError((dir / "adapter_config.json").string() + ": write failed");
+  // The whole composite (manifest and every component) replaces the folder as one unit.
+  io::replace_directory_atomically(dir, [&](const std::filesystem::path& fresh) {
+    adapter.for_each_indexed([&]<class Q>(auto& state, std::size_t i) {
+      detail::save_component<Q>(fresh / detail::component_folder<Q>(i), state, model.config());
+    });
+    io::write_file_atomically(fresh / "adapter_config.json", manifest.dump(2) + "\n");
+  });
 }
 
 /// Loads every component's tensors from a folder written by save_composite into `model`, whose

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "peft/data/tasks.hpp"
+#include "peft/io/atomic_file.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
 #include "peft/methods/additive/ia3.hpp"
 #include "peft/methods/additive/prefix_tuning.hpp"
@@ -426,9 +427,7 @@ inline void write_results(const std::filesystem::path& dir, const SearchResult& 
   std::filesystem::create_directories(dir);
   const CandidateResult& best = r.rows.at(r.best);
   auto write = [&](const std::string& name, const std::string& text) {
-    std::ofstream out(dir / name);
-    out << text;
-    if (!out) throw FileError((dir / name).string() + ": write failed");
+    io::write_file_atomically(dir / name, text);
   };
   write("adapter_config.json", best.candidate.config_json(o.model).dump(2) + "\n");
   write("config.json", o.model.to_json().dump(2) + "\n");

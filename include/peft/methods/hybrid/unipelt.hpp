@@ -140,9 +140,9 @@ struct Gated {
   using Config = GatedConfig<P>;
 
   static bool accepts(const nlohmann::json& j) {
-    if (j.value("peft_type", std::string()) != "GATED") return false;
+    if (detail::string_or(j, "peft_type", "") != "GATED") return false;
     nlohmann::json inner = j;
-    inner["peft_type"] = j.value("gated_peft_type", std::string());
+    inner["peft_type"] = detail::string_or(j, "gated_peft_type", "");
     return method_accepts<P>(inner);
   }
 

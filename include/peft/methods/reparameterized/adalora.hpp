@@ -71,9 +71,10 @@ struct AdaLoraConfig : ConfigIo<AdaLoraConfig> {
   static auto fields() {
     using C = AdaLoraConfig;
     return config_fields(
-        field("init_r", &C::init_r, check::positive),
-        field("target_r", &C::target_r, check::positive), field("r", &C::r),
-        field("lora_alpha", &C::lora_alpha),
+        field("init_r", &C::init_r, check::dimension),
+        field("target_r", &C::target_r, check::dimension),
+        field("r", &C::r, check::dimension_or_zero),
+        field("lora_alpha", &C::lora_alpha, check::scale),
         float_field("lora_dropout", &C::lora_dropout, check::probability),
         targets_field(&C::targets), field("tinit", &C::tinit, check::non_negative),
         field("tfinal", &C::tfinal, check::non_negative),

@@ -41,8 +41,8 @@ struct LycorisOptions {
   double module_dropout = 0.0;  ///< recorded and written back; dropout is not applied
   bool init_weights = true;     ///< false: every factor random (the update starts non-zero)
   TargetRules targets;
-  std::map<std::string, int> rank_pattern;
-  std::map<std::string, double> alpha_pattern;
+  PatternMap<int> rank_pattern;  ///< keys compiled once (target_modules.hpp)
+  PatternMap<double> alpha_pattern;
 
   int rank_for(const std::string& module) const {
     return pattern_lookup(rank_pattern, module).value_or(r);
@@ -56,12 +56,12 @@ struct LycorisOptions {
     using O = LycorisOptions;
     namespace check = ::peft::check;
     return config_fields(
-        field("r", &O::r, check::positive), field("alpha", &O::alpha),
+        field("r", &O::r, check::dimension), field("alpha", &O::alpha, check::scale),
         float_field("rank_dropout", &O::rank_dropout, check::probability),
         float_field("module_dropout", &O::module_dropout, check::probability),
         field("init_weights", &O::init_weights), targets_field(&O::targets),
-        field("rank_pattern", &O::rank_pattern, check::all_positive),
-        field("alpha_pattern", &O::alpha_pattern),
+        field("rank_pattern", &O::rank_pattern, check::dimension),
+        field("alpha_pattern", &O::alpha_pattern, check::scale),
         fixed("use_effective_conv2d", false,
               "it applies to convolutions, which this library's models do not have"),
         fixed("modules_to_save", nullptr));

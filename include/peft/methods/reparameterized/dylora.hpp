@@ -29,12 +29,12 @@ struct DyLoraConfig : ConfigIo<DyLoraConfig> {
 
   static auto fields() {
     using C = DyLoraConfig;
-    return config_fields(field("r", &C::r, check::positive), field("lora_alpha", &C::lora_alpha),
-                         float_field("lora_dropout", &C::lora_dropout, check::probability),
-                         field("eval_rank", &C::eval_rank, check::non_negative),
-                         field("rank_sampling_seed", &C::rank_sampling_seed), fan_in_fan_out(),
-                         fixed("bias", "none"), fixed("modules_to_save", nullptr),
-                         targets_field(&C::targets));
+    return config_fields(
+        field("r", &C::r, check::dimension), field("lora_alpha", &C::lora_alpha, check::scale),
+        float_field("lora_dropout", &C::lora_dropout, check::probability),
+        field("eval_rank", &C::eval_rank, check::dimension_or_zero),
+        field("rank_sampling_seed", &C::rank_sampling_seed), fan_in_fan_out(),
+        fixed("bias", "none"), fixed("modules_to_save", nullptr), targets_field(&C::targets));
   }
   void validate(const std::string& source) const {
     if (eval_rank > r) throw ConfigError(source + ": eval_rank must lie in [0, r] (0: r)");

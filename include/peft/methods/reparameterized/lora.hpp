@@ -26,8 +26,8 @@ struct LoraConfig : ConfigIo<LoraConfig> {
   bool use_rslora = false;
   double lora_dropout = 0.0;  ///< recorded and written back; dropout is not applied
   TargetRules targets;
-  std::map<std::string, int> rank_pattern;
-  std::map<std::string, double> alpha_pattern;
+  PatternMap<int> rank_pattern;  ///< keys compiled once (target_modules.hpp)
+  PatternMap<double> alpha_pattern;
   Init init = Init::Default;
 
   /// s = α / r, or α / √r with rsLoRA.
@@ -45,11 +45,11 @@ struct LoraConfig : ConfigIo<LoraConfig> {
   template <class C = LoraConfig>
   static auto lora_fields(bool use_dora) {
     return config_fields(
-        field("r", &C::r, check::positive), field("lora_alpha", &C::lora_alpha),
+        field("r", &C::r, check::dimension), field("lora_alpha", &C::lora_alpha, check::scale),
         field("use_rslora", &C::use_rslora),
         field("lora_dropout", &C::lora_dropout, check::probability),
-        field("rank_pattern", &C::rank_pattern, check::all_positive),
-        field("alpha_pattern", &C::alpha_pattern), targets_field<C>(&C::targets),
+        field("rank_pattern", &C::rank_pattern, check::dimension),
+        field("alpha_pattern", &C::alpha_pattern, check::scale), targets_field<C>(&C::targets),
         choice("init_lora_weights", &C::init, std::pair(true, Init::Default),
                std::pair(false, Init::Zeros), std::pair("gaussian", Init::Gaussian),
                std::pair("pissa", Init::Pissa)),

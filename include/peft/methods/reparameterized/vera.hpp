@@ -43,12 +43,12 @@ struct VeraConfig : ConfigIo<VeraConfig> {
   /// The fields the reference (peft 0.21) writes for VeRA (it has no exclude_modules).
   static auto fields() {
     using C = VeraConfig;
-    return config_fields(field("r", &C::r, check::positive),
+    return config_fields(field("r", &C::r, check::dimension),
                          detail::reparameterized::TargetsWithoutExclude<C>{{&C::targets}},
                          field("projection_prng_key", &C::projection_prng_key),
                          field("save_projection", &C::save_projection),
                          float_field("vera_dropout", &C::vera_dropout, check::probability),
-                         float_field("d_initial", &C::d_initial),
+                         float_field("d_initial", &C::d_initial, check::scale),
                          field("init_weights", &C::init_weights), fan_in_fan_out(),
                          fixed("bias", "none"), fixed("modules_to_save", nullptr));
   }

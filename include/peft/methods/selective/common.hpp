@@ -399,7 +399,8 @@ class SelectiveDiffs {
         const std::vector<std::int64_t> flat =
             file.read<std::int64_t>(take(key + ".sparse_delta.indices"));
         const auto k = static_cast<std::int64_t>(flat.size());
-        set_entries(*lin, flat, file.read<T>(take(key + ".sparse_delta.values"), {k}));
+        set_entries(*lin, flat,
+                    file.template read_finite<T>(take(key + ".sparse_delta.values"), {k}));
       }
       for (const auto axis : {ops::LineAxis::Rows, ops::LineAxis::Columns}) {
         const std::string base =
@@ -410,14 +411,14 @@ class SelectiveDiffs {
         const Shape shape =
             axis == ops::LineAxis::Rows ? Shape{r, lin->in_features} : Shape{lin->out_features, r};
         set_lines(*lin, axis, std::vector<std::int32_t>(l64.begin(), l64.end()),
-                  Tensor<T>(shape, file.read<T>(take(base + ".values"), shape)));
+                  Tensor<T>(shape, file.template read_finite<T>(take(base + ".values"), shape)));
       }
       if (file.contains(key + ".bias_delta.indices")) {
         const std::vector<std::int64_t> e =
             file.read<std::int64_t>(take(key + ".bias_delta.indices"));
         const auto k = static_cast<std::int64_t>(e.size());
         set_bias_entries(*lin, std::vector<std::int32_t>(e.begin(), e.end()),
-                         file.read<T>(take(key + ".bias_delta.values"), {k}));
+                         file.template read_finite<T>(take(key + ".bias_delta.values"), {k}));
       }
     }
     for (InPlaceTensor<T>& t : in_place_) {
@@ -425,7 +426,8 @@ class SelectiveDiffs {
       if (!file.contains(name))
         throw FileError(file.name() + ": missing tensor '" + name + "' (expected shape " +
                         shape_string(t.var.shape()) + ")");
-      t.var.value() = Tensor<T>(t.var.shape(), file.read<T>(take(name), t.var.shape()));
+      t.var.value() =
+          Tensor<T>(t.var.shape(), file.template read_finite<T>(take(name), t.var.shape()));
     }
     for (const io::TensorInfo& info : file.tensors())
       if (!claimed.count(info.name))
@@ -574,22 +576,16 @@ inline bool norms_have_bias(const ModelConfig& model) { return model.model_type 
 /// dir/adapter_model.safetensors in the sparse-diff layout above.
 template <class Model>
 void save_selective_adapter(const std::filesystem::path& dir, Model& model) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw FileError(dir.string() + ": cannot create folder: " + ec.message());
   io::SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   model.adapter().write_tensors(writer);
-  writer.write(dir / "adapter_model.safetensors");
-  const std::filesystem::path config_path = dir / "adapter_config.json";
-  const std::filesystem::path tmp = config_path.string() + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << model.adapter().config().to_json(model.config()).dump(2) << '\n';
-    if (!out) throw FileError(tmp.string() + ": write failed");
-  }
-  std::filesystem::rename(tmp, config_path, ec);
-  if (ec) throw FileError(config_path.string() + ": rename failed: " + ec.message());
+  const std::vector<std::uint8_t> tensors = writer.to_bytes();
+  const std::string config_text = model.adapter().config().to_json(model.config()).dump(2) + "\n";
+  // Config and tensors replace the folder as one unit (io/atomic_file.hpp).
+  io::replace_directory_atomically(dir, [&](const std::filesystem::path& fresh) {
+    io::write_file_atomically(fresh / "adapter_model.safetensors", tensors);
+    io::write_file_atomically(fresh / "adapter_config.json", config_text);
+  });
 }
 
 /// Loads the diff of dir/adapter_model.safetensors into a model built with the method's config

@@ -39,7 +39,7 @@ struct FishMask {
     return {detail::selected_budget<FishMask>(config, linears), 0};
   }
   static bool accepts(const nlohmann::json& j) {
-    return is_peft_type(j, Config::peft_type) && j.value("selection", std::string()) == "fisher";
+    return is_peft_type(j, Config::peft_type) && detail::string_or(j, "selection", "") == "fisher";
   }
 
   template <class T>

@@ -45,7 +45,7 @@ struct UnstructuredMask {
   }
   static bool accepts(const nlohmann::json& j) {
     return is_peft_type(j, Config::peft_type) &&
-           j.value("selection", std::string("random")) != "fisher";
+           detail::string_or(j, "selection", "random") != "fisher";
   }
 
   template <class T>

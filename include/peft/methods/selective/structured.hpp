@@ -44,7 +44,8 @@ struct StructuredMaskConfig : TabledConfigIo<StructuredMaskConfig> {
         choice("rule", &C::rule, std::pair("first", Rule::First), std::pair("last", Rule::Last),
                std::pair("listed", Rule::Listed), std::pair("random", Rule::Random),
                std::pair("score", Rule::Score)),
-        field("count", &C::count), field("indices", &C::indices), field("seed", &C::seed),
+        field("count", &C::count, check::dimension_or_zero),
+        field("indices", &C::indices, check::all_non_negative), field("seed", &C::seed),
         default_targets_field(&C::targets));
   }
   void validate(const std::string& source) const {
