@@ -102,7 +102,9 @@ struct ModelConfig {
     if (model_type == "gpt2" && num_heads * head_dim != hidden_size)
       fail("n_embd must be n_head * head_dim");
     if (model_type == "llama" && head_dim % 2 != 0) fail("head_dim must be even for rotary");
-    if (norm_eps <= 0 || rope_theta <= 0) fail("eps and rope theta must be positive");
+    if (!(norm_eps > 0) || !(rope_theta > 0) || !std::isfinite(norm_eps) ||
+        !std::isfinite(rope_theta))
+      fail("eps and rope theta must be positive and finite");
   }
 
   /// The config.json transformers would write for this config (LLaMA: LlamaConfig's fields;
@@ -149,42 +151,78 @@ struct ModelConfig {
     return j;
   }
 
-  /// Reads a transformers `config.json` (GPT2LMHeadModel or LlamaForCausalLM).
+  /// Upper bounds on a config.json's sizes, checked before anything is computed from them: far
+  /// above any released decoder (vocabularies reach ~256k, widths ~16k, depths ~128), low enough
+  /// that every product of two sizes (a weight's element count) fits in 64 bits with room to
+  /// spare. A value above a bound is a typo or a hostile file, not a model.
+  struct Limits {
+    static constexpr std::int64_t vocab_size = std::int64_t(1) << 24;     // 16.8M tokens
+    static constexpr std::int64_t width = std::int64_t(1) << 20;          // hidden, inner
+    static constexpr std::int64_t num_layers = std::int64_t(1) << 16;     // 65,536
+    static constexpr std::int64_t heads = std::int64_t(1) << 16;          // heads, head_dim
+    static constexpr std::int64_t max_positions = std::int64_t(1) << 24;  // 16.8M
+  };
+
+  /// Reads a transformers `config.json` (GPT2LMHeadModel or LlamaForCausalLM). Every field is
+  /// checked for its type and range before it is used; an error names `source` and the field:
+  /// "<source>: field 'n_embd': expected an integer in [1, 1048576], found 1e+300".
   static ModelConfig from_json(const nlohmann::json& j, const std::string& source) {
     auto fail = [&](const std::string& what) { throw ConfigError(source + ": " + what); };
-    if (!j.is_object()) fail("expected a JSON object");
-    auto get_int = [&](const char* key) -> std::int64_t {
-      if (!j.contains(key) || !j[key].is_number_integer())
-        fail(std::string("field '") + key + "' expected an integer");
-      return j[key].get<std::int64_t>();
+    auto fail_field = [&](const std::string& key, const std::string& expected,
+                          const nlohmann::json& found) {
+      std::string shown = found.dump();
+      if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
+      fail("field '" + key + "': expected " + expected + ", found " + shown);
     };
-    auto get_num = [&](const char* key, double fallback) -> double {
-      if (!j.contains(key) || j[key].is_null()) return fallback;
-      if (!j[key].is_number()) fail(std::string("field '") + key + "' expected a number");
-      return j[key].get<double>();
+    if (!j.is_object()) fail("expected a JSON object");
+    auto get_int = [&](const char* key, std::int64_t max) -> std::int64_t {
+      const std::string range = "an integer in [1, " + std::to_string(max) + "]";
+      if (!j.contains(key)) fail(std::string("field '") + key + "' missing (" + range + ")");
+      const nlohmann::json& v = j[key];
+      if (!v.is_number_integer()) fail_field(key, range, v);
+      if (v.is_number_unsigned() ? v.get<std::uint64_t>() > std::uint64_t(max)
+                                 : (v.get<std::int64_t>() < 1 || v.get<std::int64_t>() > max))
+        fail_field(key, range, v);
+      return v.get<std::int64_t>();
+    };
+    auto get_optional_int = [&](const char* key, std::int64_t max, std::int64_t fallback) {
+      return j.contains(key) && !j[key].is_null() ? get_int(key, max) : fallback;
+    };
+    // `prefix` names the enclosing object in messages ("rope_scaling.").
+    auto get_num = [&](const nlohmann::json& o, const std::string& key, double fallback,
+                       const std::string& prefix = "") -> double {
+      if (!o.contains(key) || o[key].is_null()) return fallback;
+      if (!o[key].is_number() || !std::isfinite(o[key].get<double>()))
+        fail_field(prefix + key, "a finite number", o[key]);
+      return o[key].get<double>();
     };
     auto get_bool = [&](const char* key, bool fallback) -> bool {
       if (!j.contains(key) || j[key].is_null()) return fallback;
-      if (!j[key].is_boolean()) fail(std::string("field '") + key + "' expected true or false");
+      if (!j[key].is_boolean()) fail_field(key, "true or false", j[key]);
       return j[key].get<bool>();
     };
+    auto get_string = [&](const nlohmann::json& o, const std::string& key,
+                          const std::string& fallback,
+                          const std::string& prefix = "") -> std::string {
+      if (!o.contains(key) || o[key].is_null()) return fallback;
+      if (!o[key].is_string()) fail_field(prefix + key, "a string", o[key]);
+      return o[key].get<std::string>();
+    };
     ModelConfig c;
-    if (!j.contains("model_type") || !j["model_type"].is_string())
-      fail("field 'model_type' missing");
-    c.model_type = j["model_type"].get<std::string>();
+    if (!j.contains("model_type")) fail("field 'model_type' missing (\"gpt2\" or \"llama\")");
+    c.model_type = get_string(j, "model_type", "");
     if (c.model_type == "gpt2") {
-      c.vocab_size = get_int("vocab_size");
-      c.hidden_size = get_int("n_embd");
-      c.num_layers = get_int("n_layer");
-      c.num_heads = get_int("n_head");
+      c.vocab_size = get_int("vocab_size", Limits::vocab_size);
+      c.hidden_size = get_int("n_embd", Limits::width);
+      c.num_layers = get_int("n_layer", Limits::num_layers);
+      c.num_heads = get_int("n_head", Limits::heads);
       c.num_kv_heads = c.num_heads;
-      c.head_dim = c.num_heads > 0 ? c.hidden_size / c.num_heads : 0;
-      c.intermediate_size =
-          j.contains("n_inner") && !j["n_inner"].is_null() ? get_int("n_inner") : 4 * c.hidden_size;
-      c.max_positions = get_int("n_positions");
-      c.norm_eps = get_num("layer_norm_epsilon", 1e-5);
+      c.head_dim = c.hidden_size / c.num_heads;
+      c.intermediate_size = get_optional_int("n_inner", Limits::width, 4 * c.hidden_size);
+      c.max_positions = get_int("n_positions", Limits::max_positions);
+      c.norm_eps = get_num(j, "layer_norm_epsilon", 1e-5);
       c.tie_word_embeddings = get_bool("tie_word_embeddings", true);
-      const std::string act = j.value("activation_function", std::string("gelu_new"));
+      const std::string act = get_string(j, "activation_function", "gelu_new");
       if (act != "gelu_new" && act != "gelu_pytorch_tanh")
         fail("activation_function '" + act + "' unsupported (gelu_new / gelu_pytorch_tanh)");
       if (!get_bool("scale_attn_weights", true) ||
@@ -192,40 +230,34 @@ struct ModelConfig {
         fail("only the standard 1/sqrt(head_dim) attention scaling is supported");
       c.attention_bias = c.mlp_bias = true;
     } else if (c.model_type == "llama") {
-      c.vocab_size = get_int("vocab_size");
-      c.hidden_size = get_int("hidden_size");
-      c.num_layers = get_int("num_hidden_layers");
-      c.num_heads = get_int("num_attention_heads");
-      c.num_kv_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
-                           ? get_int("num_key_value_heads")
-                           : c.num_heads;
-      c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
-                       ? get_int("head_dim")
-                       : (c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
-      c.intermediate_size = get_int("intermediate_size");
-      c.max_positions =
-          j.contains("max_position_embeddings") ? get_int("max_position_embeddings") : 2048;
-      c.norm_eps = get_num("rms_norm_eps", 1e-6);
+      c.vocab_size = get_int("vocab_size", Limits::vocab_size);
+      c.hidden_size = get_int("hidden_size", Limits::width);
+      c.num_layers = get_int("num_hidden_layers", Limits::num_layers);
+      c.num_heads = get_int("num_attention_heads", Limits::heads);
+      c.num_kv_heads = get_optional_int("num_key_value_heads", Limits::heads, c.num_heads);
+      c.head_dim = get_optional_int("head_dim", Limits::heads, c.hidden_size / c.num_heads);
+      c.intermediate_size = get_int("intermediate_size", Limits::width);
+      c.max_positions = get_optional_int("max_position_embeddings", Limits::max_positions, 2048);
+      c.norm_eps = get_num(j, "rms_norm_eps", 1e-6);
       c.tie_word_embeddings = get_bool("tie_word_embeddings", false);
       c.attention_bias = get_bool("attention_bias", false);
       c.mlp_bias = get_bool("mlp_bias", false);
-      const std::string act = j.value("hidden_act", std::string("silu"));
+      const std::string act = get_string(j, "hidden_act", "silu");
       if (act != "silu") fail("hidden_act '" + act + "' unsupported (silu)");
-      c.rope_theta = get_num("rope_theta", 10000.0);
+      c.rope_theta = get_num(j, "rope_theta", 10000.0);
       // transformers 5 writes rope_parameters (theta and scaling together); older files write
       // rope_theta and rope_scaling.
       for (const char* key : {"rope_scaling", "rope_parameters"}) {
         if (!j.contains(key) || j[key].is_null()) continue;
         const auto& rp = j[key];
-        if (!rp.is_object()) fail(std::string("field '") + key + "' expected an object");
+        if (!rp.is_object()) fail_field(key, "an object", rp);
         auto number = [&](const char* field, double fallback) {
-          if (!rp.contains(field) || rp[field].is_null()) return fallback;
-          if (!rp[field].is_number()) fail(std::string(key) + "." + field + " expected a number");
-          return rp[field].get<double>();
+          return get_num(rp, field, fallback, std::string(key) + ".");
         };
         c.rope_theta = number("rope_theta", c.rope_theta);
         RopeScaling& rs = c.rope_scaling;
-        rs.type = rp.value("rope_type", rp.value("type", std::string("default")));
+        const std::string prefix = std::string(key) + ".";
+        rs.type = get_string(rp, "rope_type", get_string(rp, "type", "default", prefix), prefix);
         if (rs.type != "default" && rs.type != "linear" && rs.type != "llama3")
           fail("rope_type '" + rs.type + "' unsupported (default, linear, llama3)");
         rs.factor = number("factor", 1.0);
