@@ -161,6 +161,7 @@ TEST_CASE("case.json training fields are bounded and typed, the file and field n
   CHECK(t.weight_decay == 0.0);
   CHECK(t.steps == 3);
   CHECK(read_training(nlohmann::json::object(), "c/case.json").steps == 4);  // the defaults
+  CHECK(read_training(nlohmann::json::parse(R"({"train": null})"), "c/case.json").steps == 4);
   CHECK(message(nlohmann::json::parse(R"({"train": {"steps": 1000000000}})")) ==
         "c/case.json: train.steps: expected an integer in [0, 1000], found 1000000000");
   CHECK(message(nlohmann::json::parse(R"({"train": {"steps": 2.5}})"))

@@ -544,11 +544,7 @@ inline std::vector<MethodEntry> all_entries(const Settings& s,
           "--list), found '" +
           name + "'");
   }
-  for (MethodEntry& e : table) {
-    if (!s.only.empty() && std::find(s.only.begin(), s.only.end(), e.method) == s.only.end())
-      continue;
-    out.push_back(std::move(e));
-  }
+  // Checked before the entries are moved out of the table.
   for (const auto& [name, rate] : s.lr_overrides) {
     const bool known = std::any_of(table.begin(), table.end(),
                                    [&](const MethodEntry& e) { return e.method == name; }) ||
@@ -558,6 +554,11 @@ inline std::vector<MethodEntry> all_entries(const Settings& s,
           "--lr: expected method=rate with a method of the study (peft study "
           "--list) that trains, found '" +
           name + "'");
+  }
+  for (MethodEntry& e : table) {
+    if (!s.only.empty() && std::find(s.only.begin(), s.only.end(), e.method) == s.only.end())
+      continue;
+    out.push_back(std::move(e));
   }
   for (MethodEntry& e : out)
     if (const auto it = s.lr_overrides.find(e.method); it != s.lr_overrides.end())
@@ -782,13 +783,13 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
             io::parse_number(item.substr(eq + 1), "--lr " + item.substr(0, eq),
                              {.min = 0, .max = 10, .min_exclusive = true});
       }
-    } else if (a == "--task")
+    } else if (a == "--task") {
       try {
         s.downstream = data::task_from_name(value());
       } catch (const ConfigError& e) {
         throw io::ArgumentError(a + ": " + e.what());
       }
-    else if (a == "--steps")
+    } else if (a == "--steps")
       steps = integer(1, kMaxSteps);
     else if (a == "--pretrain-steps")
       pretrain_steps = integer(1, kMaxSteps);

@@ -111,12 +111,13 @@ inline double case_number(const nlohmann::json& j, const std::string& field, dou
 }
 }  // namespace detail
 
-/// Reads and checks case_json["train"] (absent: the reference's defaults).
+/// Reads and checks case_json["train"] (absent or null: the reference's defaults).
 inline GoldenTraining read_training(const nlohmann::json& case_json, const std::string& source) {
   GoldenTraining t;
   if (!case_json.is_object())
     throw ConfigError(source + ": expected a JSON object, found " + case_json.type_name());
-  if (!case_json.contains("train")) return t;
+  // null: a case without a training trajectory (the reference writes that for AdaLoRA).
+  if (!case_json.contains("train") || case_json["train"].is_null()) return t;
   const nlohmann::json& train = case_json["train"];
   if (!train.is_object())
     throw ConfigError(source + ": train: expected an object, found " + train.type_name());
