@@ -19,8 +19,11 @@
 #include "cuda_commands.hpp"
 #endif
 
+#include <peft/io/parse_text.hpp>
+
 #include "bench_step.hpp"
 #include "commands.hpp"
+#include "model_budget.hpp"
 
 namespace peft::cli {
 
@@ -44,6 +47,29 @@ inline int apply_threads(int threads) {
   (void)threads;
   return 1;
 #endif
+}
+
+/// Throws when the step's weights and activations would not fit in this machine's memory: the
+/// frozen weights (float32), the logits of the whole batch with their softmax and gradient, and
+/// each layer's saved activations and attention scores. An estimate, a few times generous.
+inline void require_step_fits(const StepOptions& o) {
+  const ModelConfig c = gpt2_config(o);
+  const long double tokens = static_cast<long double>(o.batch) * static_cast<long double>(o.seq);
+  const long double activations =
+      tokens *
+      (3.0L * o.vocab + static_cast<long double>(o.layers) *
+                            (20.0L * o.d + 2.0L * o.heads * static_cast<long double>(o.seq)));
+  const long double bytes = 4.0L * (estimated_parameters(c) + activations);
+  const long double memory = physical_memory_bytes();
+  if (memory > 0 && bytes > memory) {
+    char what[128];
+    std::snprintf(what, sizeof what, "about %.3Lg GB, more than this machine's %.3Lg GB of memory",
+                  bytes / 1e9L, memory / 1e9L);
+    throw io::ArgumentError("--layers " + std::to_string(o.layers) + " --d " + std::to_string(o.d) +
+                            " --vocab " + std::to_string(o.vocab) + " --seq " +
+                            std::to_string(o.seq) + " --batch " + std::to_string(o.batch) +
+                            ": the step needs " + what);
+  }
 }
 
 inline void print_bench_step_usage(std::ostream& out) {
@@ -115,51 +141,56 @@ int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std:
       return 2;
     }
     const std::string& value = args[++i];
-    try {
-      if (flag == "--layers")
-        o.layers = std::stoll(value);
-      else if (flag == "--d")
-        o.d = std::stoll(value);
-      else if (flag == "--heads")
-        o.heads = std::stoll(value);
-      else if (flag == "--vocab")
-        o.vocab = std::stoll(value);
-      else if (flag == "--seq")
-        o.seq = std::stoll(value);
-      else if (flag == "--batch")
-        o.batch = std::stoll(value);
-      else if (flag == "--rank")
-        o.rank = std::stoi(value);
-      else if (flag == "--alpha")
-        o.alpha = std::stod(value);
-      else if (flag == "--targets")
-        o.targets = value;
-      else if (flag == "--steps")
-        o.steps = std::stoi(value);
-      else if (flag == "--warmup")
-        o.warmup = std::stoi(value);
-      else if (flag == "--threads")
-        o.threads = std::stoi(value);
-      else if (flag == "--seed")
-        o.seed = std::stoull(value);
-      else if (flag == "--device")
-        o.device = value;
-      else if (flag == "--dtype")
-        o.dtype = value;
-      else {
-        err << "bench-step: unknown flag " << flag << '\n';
-        print_bench_step_usage(err);
-        return 2;
-      }
-    } catch (const std::logic_error&) {
-      err << "bench-step: " << flag << " expects a number, got '" << value << "'\n";
+    // Bounds (docs/cli.md, "Bounds"): generous for a CPU or one GPU, and refused before anything
+    // is allocated; the memory the whole step needs is checked below.
+    const auto integer = [&](std::int64_t lo, std::int64_t hi) {
+      return io::parse_integer(value, flag, {.min = lo, .max = hi});
+    };
+    if (flag == "--layers")
+      o.layers = integer(1, 10000);
+    else if (flag == "--d")
+      o.d = integer(1, 65536);
+    else if (flag == "--heads")
+      o.heads = integer(1, 65536);
+    else if (flag == "--vocab")
+      o.vocab = integer(1, 10000000);
+    else if (flag == "--seq")
+      o.seq = integer(1, 65536);
+    else if (flag == "--batch")
+      o.batch = integer(1, 65536);
+    else if (flag == "--rank")
+      o.rank = static_cast<int>(integer(1, 65536));
+    else if (flag == "--alpha")
+      o.alpha = io::parse_number(value, flag, {.min = 0, .max = 1e6, .min_exclusive = true});
+    else if (flag == "--targets")
+      o.targets = value;
+    else if (flag == "--steps")
+      o.steps = static_cast<int>(integer(1, 100000));
+    else if (flag == "--warmup")
+      o.warmup = static_cast<int>(integer(0, 100000));
+    else if (flag == "--threads")
+      o.threads = static_cast<int>(integer(0, 1024));
+    else if (flag == "--seed")
+      o.seed = io::parse_unsigned(value, flag);
+    else if (flag == "--device")
+      o.device = value;
+    else if (flag == "--dtype")
+      o.dtype = value;
+    else {
+      err << "bench-step: error: unknown option '" << flag << "'\n";
+      print_bench_step_usage(err);
       return 2;
     }
   }
-  if (o.steps < 1 || o.warmup < 0 || o.layers < 1 || o.batch < 1 || o.seq < 1 || o.rank < 1) {
-    err << "bench-step: steps, layers, batch, seq and rank must be positive\n";
-    return 2;
+  if (o.d % o.heads != 0)
+    throw io::ArgumentError("--heads: expected a divisor of --d " + std::to_string(o.d) +
+                            ", found " + std::to_string(o.heads));
+  try {
+    gpt2_target_modules(o.targets);  // a bad --targets fails before the model is built
+  } catch (const ConfigError& e) {
+    throw io::ArgumentError(std::string("--targets: ") + e.what());
   }
+  require_step_fits(o);
   if (o.device != "cpu" && o.device != "cuda") {
     err << "bench-step: --device " << o.device << ": cpu or cuda\n";
     return 2;

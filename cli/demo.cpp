@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <peft/io/parse_text.hpp>
 #include <peft/peft.hpp>
 #include <string>
 #include <vector>
@@ -13,7 +14,14 @@
 namespace peft::cli {
 
 int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  if (args.size() > 1 || (!args.empty() && args[0].starts_with("--"))) {
+    err << "usage: peft demo [GOLDEN_DIR]\n";
+    return 2;
+  }
   const std::filesystem::path golden = args.empty() ? "../shared/golden" : args[0];
+  // The adapter is saved into the working folder: checked before any training.
+  const std::filesystem::path saved = "demo-adapter";
+  io::require_writable_dir(".", "the working folder (demo saves demo-adapter/ there)");
   const std::filesystem::path case_dir = golden / "gpt2_lora";
   if (!std::filesystem::exists(case_dir / "case.json")) {
     err << "peft demo: error: no golden case at " << case_dir.string()
@@ -51,7 +59,6 @@ int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostre
     tape.backward(result.loss);
     optimizer.step();
   }
-  const std::filesystem::path saved = "demo-adapter";
   io::save_adapter(saved, config.to_json(model.config()), model.adapter().parameters());
   out << "saved the trained adapter to " << saved.string() << "/\n";
   return 0;

@@ -2,6 +2,8 @@
 // command is its own translation unit (cli/<command>.cpp, declared in commands.hpp).
 #include <exception>
 #include <iostream>
+#include <new>
+#include <peft/io/parse_text.hpp>
 #include <string>
 #include <vector>
 
@@ -22,8 +24,8 @@ void print_usage(std::ostream& out) {
          "  generate MODEL_DIR ...   continue a prompt (greedy, temperature, top-k; --adapter "
          "DIR)\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
-         "  parity [--device cpu|cuda] CASE_DIR...  check golden cases (logits, loss,\n"
-         "                           gradients, merge, AdamW); cuda: the LoRA cases, fp32\n"
+         "  parity [--device cpu|cuda] [--timeout S] CASE_DIR...  check golden cases (logits,\n"
+         "                           loss, gradients, merge, AdamW); cuda: the LoRA cases, fp32\n"
          "  search [--quick] [...]   search PEFT configurations under a parameter budget\n"
          "  study [--quick] [...]    pretrain a small decoder, adapt it with every method, "
          "compare\n"
@@ -57,8 +59,23 @@ int main(int argc, char** argv) {
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);
     return 2;
+  } catch (const peft::io::ArgumentError& e) {
+    // A flag's value that is not what the flag expects: a usage error.
+    std::cerr << "peft " << command << ": error: " << e.what() << '\n';
+    return 2;
+  } catch (const std::bad_alloc&) {
+    // Commands check sizes before they allocate (docs/cli.md, "Bounds"); what still gets here is
+    // a size the checks let through but the machine cannot hold.
+    std::cerr << "peft " << command
+              << ": error: out of memory (std::bad_alloc): a size in the command's arguments or "
+                 "in a config it read (vocab_size, hidden_size, num_layers, ...) is too large "
+                 "for this machine\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "peft " << command << ": error: " << e.what() << '\n';
+    return 1;
+  } catch (...) {
+    std::cerr << "peft " << command << ": error: an exception that is not a std::exception\n";
     return 1;
   }
 }

@@ -7,12 +7,28 @@
 // gradient, the AdamW trajectory and the trained tensors, each against the golden README's
 // tolerance. Merged logits are not compared on CUDA (merging is a host operation). Cases of
 // other methods print `SKIP <case> (method X not on CUDA yet)` and count as skipped.
+//
+// On the CPU each case runs in a child process (parity_detail::run_isolated): a case that
+// throws, crashes or runs past --timeout is a FAIL line naming why, and the batch always ends
+// with its summary line (exit 1 when any case failed).
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <limits>
+#include <peft/io/parse_text.hpp>
 #include <peft/peft.hpp>
 #include <peft/testing/golden.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -64,17 +80,16 @@ void run_cuda_case(const std::filesystem::path& case_dir, const nlohmann::json& 
   batch.attention_mask = expected.read<std::int64_t>("attention_mask", ids_info.shape);
   batch.labels = expected.read<std::int64_t>("labels", ids_info.shape);
 
-  const nlohmann::json train = case_json.value("train", nlohmann::json::object());
+  const testing::GoldenTraining train =
+      testing::read_training(case_json, (case_dir / "case.json").string());
   cuda::DeviceAdamW adamw;
-  adamw.lr = train.value("lr", 1e-2);
-  if (train.contains("betas") && train["betas"].size() == 2) {
-    adamw.beta1 = train["betas"][0].get<double>();
-    adamw.beta2 = train["betas"][1].get<double>();
-  }
-  adamw.eps = train.value("eps", 1e-8);
-  adamw.weight_decay = train.value("weight_decay", 0.01);
+  adamw.lr = train.lr;
+  adamw.beta1 = train.beta1;
+  adamw.beta2 = train.beta2;
+  adamw.eps = train.eps;
+  adamw.weight_decay = train.weight_decay;
   const bool trajectory = expected.contains("train_losses");
-  const int steps = trajectory ? train.value("steps", 4) : 0;
+  const int steps = trajectory ? train.steps : 0;
 
   const cuda_commands::LoraCaseResult r = cuda_commands::run_lora_case(spec, batch, adamw, steps);
   auto check = [&](const std::string& name, double error, double tolerance) {
@@ -124,7 +139,7 @@ inline testing::GoldenReport run_golden_case_cuda(const std::filesystem::path& c
   try {
     const nlohmann::json case_json = io::load_json(case_dir / "case.json");
     const std::filesystem::path model_dir =
-        case_dir / case_json.value("model_dir", std::string("../models/unknown"));
+        testing::case_model_dir(case_dir, case_json, (case_dir / "case.json").string());
     const nlohmann::json adapter_json = io::load_json(case_dir / "adapter" / "adapter_config.json");
     if (!LoRA::accepts(adapter_json)) {
       skipped = true;
@@ -148,27 +163,139 @@ inline testing::GoldenReport run_golden_case_cuda(const std::filesystem::path& c
 }  // namespace detail
 #endif
 
+namespace parity_detail {
+
+// One case's outcome as the batch reports it.
+struct CaseOutcome {
+  std::string line;
+  bool passed = false;
+  bool skipped = false;
+};
+
+inline std::string case_name_of(const std::filesystem::path& dir) {
+  std::string name = dir.filename().string();
+  return name.empty() ? dir.parent_path().filename().string() : name;
+}
+
+// Runs `run` in a child process and reads its outcome through a pipe, so that a case that
+// crashes (a signal), aborts, or runs past `timeout_s` (0: no limit) is that case's FAIL line and
+// the batch goes on to its summary. The parent never computes, so no OpenMP or CUDA state is
+// live when it forks.
+inline CaseOutcome run_isolated(const std::string& dir, double timeout_s,
+                                const std::function<CaseOutcome()>& run, std::ostream& out) {
+  const std::string name = case_name_of(dir);
+  out << std::flush;
+  std::cerr << std::flush;
+  int fds[2];
+  if (::pipe(fds) != 0)
+    return {"FAIL " + name + "  error: cannot create a pipe (" + std::strerror(errno) + ")"};
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    return {"FAIL " + name + "  error: cannot fork (" + std::strerror(errno) + ")"};
+  }
+  if (pid == 0) {
+    ::close(fds[0]);
+    CaseOutcome o;
+    try {
+      o = run();
+    } catch (const std::exception& e) {
+      o = {"FAIL " + name + "  error: " + e.what()};
+    } catch (...) {
+      o = {"FAIL " + name + "  error: an exception that is not a std::exception"};
+    }
+    const std::string msg = std::string(o.skipped ? "S" : (o.passed ? "P" : "F")) + o.line;
+    std::size_t done = 0;
+    while (done < msg.size()) {
+      const ssize_t n = ::write(fds[1], msg.data() + done, msg.size() - done);
+      if (n <= 0) break;
+      done += static_cast<std::size_t>(n);
+    }
+    ::_exit(done == msg.size() ? 0 : 3);  // no atexit handlers, no flush of the parent's buffers
+  }
+  ::close(fds[1]);
+  std::string msg;
+  bool timed_out = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  char buf[4096];
+  while (true) {
+    int wait_ms = -1;
+    if (timeout_s > 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            deadline - std::chrono::steady_clock::now())
+                            .count();
+      if (left <= 0) {
+        timed_out = true;
+        break;
+      }
+      wait_ms = static_cast<int>(std::min<long long>(left, 1000));
+    }
+    pollfd p{fds[0], POLLIN, 0};
+    const int r = ::poll(&p, 1, wait_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0) continue;
+    const ssize_t n = ::read(fds[0], buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    msg.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  if (timed_out) ::kill(pid, SIGKILL);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (timed_out) {
+    std::ostringstream line;
+    line << "FAIL " << name << "  error: timed out after " << timeout_s
+         << " s (--timeout); the case was killed";
+    return {line.str()};
+  }
+  if (WIFSIGNALED(status))
+    return {"FAIL " + name + "  crashed: signal " + std::to_string(WTERMSIG(status)) + " (" +
+            strsignal(WTERMSIG(status)) + ")"};
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || msg.empty())
+    return {"FAIL " + name + "  error: the case's process exited with status " +
+            std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + " without a result"};
+  CaseOutcome o;
+  o.skipped = msg[0] == 'S';
+  o.passed = msg[0] == 'P';
+  o.line = msg.substr(1);
+  return o;
+}
+
+}  // namespace parity_detail
+
 int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   std::vector<std::string> cases;
   std::string device = "cpu";
+  double timeout_s = 0;
   for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--device") {
+    if (args[i] == "--device" || args[i] == "--timeout") {
       if (i + 1 >= args.size()) {
-        err << "peft parity: error: --device needs a value (cpu or cuda)\n";
+        err << "peft parity: error: " << args[i] << " needs a value ("
+            << (args[i] == "--device" ? "cpu or cuda" : "seconds") << ")\n";
         return 2;
       }
-      device = args[++i];
+      if (args[i] == "--device")
+        device = args[++i];
+      else
+        timeout_s = io::parse_number(args[++i], "--timeout", {.min = 0, .max = 86400 * 7});
       continue;
+    }
+    if (args[i].starts_with("--")) {
+      err << "peft parity: error: unknown option '" << args[i] << "' (--device, --timeout)\n";
+      return 2;
     }
     cases.push_back(args[i]);
   }
   if (device != "cpu" && device != "cuda") {
-    err << "peft parity: error: device '" << device << "' is not known (cpu, cuda)\n";
+    err << "peft parity: error: --device: expected cpu or cuda, found '" << device << "'\n";
     return 2;
   }
   if (cases.empty()) {
-    err << "usage: peft parity [--device cpu|cuda] CASE_DIR...   (a folder of cases runs them "
-           "all)\n";
+    err << "usage: peft parity [--device cpu|cuda] [--timeout SECONDS] CASE_DIR...   (a folder "
+           "of cases runs them all)\n";
     return 2;
   }
   if (device == "cuda") {
@@ -187,10 +314,11 @@ int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ost
   std::vector<std::string> expanded;
   for (const std::string& dir : cases) {
     namespace fs = std::filesystem;
-    if (fs::is_directory(dir) && !fs::exists(fs::path(dir) / "case.json")) {
+    std::error_code ec;
+    if (fs::is_directory(dir, ec) && !fs::exists(fs::path(dir) / "case.json", ec)) {
       std::vector<std::string> found;
-      for (const fs::directory_entry& e : fs::directory_iterator(dir))
-        if (fs::exists(e.path() / "case.json")) found.push_back(e.path().string());
+      for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+        if (fs::exists(it->path() / "case.json", ec)) found.push_back(it->path().string());
       std::sort(found.begin(), found.end());
       if (!found.empty()) {
         expanded.insert(expanded.end(), found.begin(), found.end());
@@ -202,25 +330,32 @@ int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ost
   cases = std::move(expanded);
   int passed = 0, failed = 0, skipped = 0;
   for (const std::string& dir : cases) {
-    testing::GoldenReport report;
+    parity_detail::CaseOutcome outcome;
 #if defined(PEFT_WITH_CUDA)
     if (device == "cuda") {
+      // In-process: the CUDA context is live in this process since device_count(), and a
+      // forked child cannot use it.
       bool skip = false;
       std::string reason;
-      report = detail::run_golden_case_cuda(dir, skip, reason);
+      const testing::GoldenReport report = detail::run_golden_case_cuda(dir, skip, reason);
       if (skip) {
         out << "SKIP " << report.case_name << " (" << reason << ")\n" << std::flush;
         ++skipped;
         continue;
       }
-    } else {
-      report = testing::run_golden_case<double>(dir);
+      outcome = {report.line() + "  [cuda fp32]", report.passed};
     }
-#else
-    report = testing::run_golden_case<double>(dir);
 #endif
-    out << report.line() << (device == "cuda" ? "  [cuda fp32]" : "") << '\n' << std::flush;
-    (report.passed ? passed : failed)++;
+    if (device == "cpu")
+      outcome = parity_detail::run_isolated(
+          dir, timeout_s,
+          [&] {
+            const testing::GoldenReport report = testing::run_golden_case<double>(dir);
+            return parity_detail::CaseOutcome{report.line(), report.passed};
+          },
+          out);
+    out << outcome.line << '\n' << std::flush;
+    (outcome.passed ? passed : failed)++;
   }
   out << passed << " passed, " << failed << " failed";
   if (device == "cuda") out << ", " << skipped << " skipped";

@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include <peft/io/parse_text.hpp>
 #include <peft/methods/hybrid/search.hpp>
 
 #include "commands.hpp"
@@ -35,19 +36,18 @@ inline void print_usage(std::ostream& out) {
          "  --quick         a run well under a minute on 2 cores\n";
 }
 
-inline std::int64_t parse_integer(const std::string& option, const std::string& v,
-                                  std::int64_t lo) {
-  std::size_t used = 0;
-  long long n = 0;
+// Bounds of the flags (docs/cli.md, "Bounds"): far above any useful run of this tiny model on a
+// CPU (a million proxy steps per candidate is days), low enough that a typo fails at once.
+inline constexpr std::int64_t kMaxSteps = 1000000;
+inline constexpr std::int64_t kMaxCandidates = 10000;
+inline constexpr std::int64_t kMaxThreads = 1024;
+
+inline data::TaskKind task_argument(const std::string& flag, const std::string& name) {
   try {
-    n = std::stoll(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
+    return data::task_from_name(name);
+  } catch (const ConfigError& e) {
+    throw io::ArgumentError(flag + ": " + e.what());
   }
-  if (used != v.size() || n < lo)
-    throw ConfigError("option " + option + " expects an integer ≥ " + std::to_string(lo) +
-                      ", got '" + v + "'");
-  return static_cast<std::int64_t>(n);
 }
 
 }  // namespace search_cli
@@ -60,7 +60,7 @@ int run_search(const std::vector<std::string>& args, std::ostream& out, std::ost
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
-      if (i + 1 >= args.size()) throw ConfigError("option " + a + " needs a value");
+      if (i + 1 >= args.size()) throw io::ArgumentError(a + ": expected a value, found none");
       return args[++i];
     };
     if (a == "--quick")
@@ -68,19 +68,20 @@ int run_search(const std::vector<std::string>& args, std::ostream& out, std::ost
     else if (a == "--out")
       dir = value();
     else if (a == "--task")
-      o.task = data::task_from_name(value());
+      o.task = search_cli::task_argument(a, value());
     else if (a == "--budget")
-      o.parameter_budget = search_cli::parse_integer(a, value(), 1);
+      o.parameter_budget = io::parse_integer(value(), a, {.min = 1, .max = 1LL << 53});
     else if (a == "--steps")
-      steps = search_cli::parse_integer(a, value(), 1);
+      steps = io::parse_integer(value(), a, {.min = 1, .max = search_cli::kMaxSteps});
     else if (a == "--candidates")
-      candidates = search_cli::parse_integer(a, value(), 1);
+      candidates = io::parse_integer(value(), a, {.min = 1, .max = search_cli::kMaxCandidates});
     else if (a == "--pretrain-steps")
-      pretrain_steps = search_cli::parse_integer(a, value(), 0);
+      pretrain_steps = io::parse_integer(value(), a, {.min = 0, .max = search_cli::kMaxSteps});
     else if (a == "--threads")
-      o.threads = static_cast<int>(search_cli::parse_integer(a, value(), 1));
+      o.threads = static_cast<int>(
+          io::parse_integer(value(), a, {.min = 1, .max = search_cli::kMaxThreads}));
     else if (a == "--seed")
-      o.seed = static_cast<std::uint64_t>(search_cli::parse_integer(a, value(), 0));
+      o.seed = io::parse_unsigned(value(), a);
     else if (a == "--help" || a == "-h") {
       search_cli::print_usage(out);
       return 0;
@@ -96,6 +97,8 @@ int run_search(const std::vector<std::string>& args, std::ostream& out, std::ost
   o.pretrain_steps = pretrain_steps >= 0 ? pretrain_steps : (quick ? 1500 : 3000);
   o.eval_examples = quick ? 128 : 256;
 
+  // Created and proven writable before any training: a bad --out fails now, not at the end.
+  io::require_writable_dir(dir, "--out");
 #ifdef _OPENMP
   omp_set_num_threads(o.threads);
 #endif

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "peft/core/error.hpp"
@@ -17,7 +18,12 @@
 namespace peft {
 
 struct GenerateOptions {
-  std::int64_t max_new_tokens = 32;
+  /// The most tokens one call generates. Each token recomputes the whole context (no key/value
+  /// cache), so 65,536 tokens are already hours of CPU for a model with a long window; a larger
+  /// request is a typo or an attack, and is refused before any forward pass.
+  static constexpr std::int64_t kMaxNewTokens = 65536;
+
+  std::int64_t max_new_tokens = 32;  ///< in [0, kMaxNewTokens]
   double temperature = 0.0;  ///< 0: greedy (argmax); otherwise sample softmax(logits / temperature)
   int top_k = 0;             ///< sample among the k most likely tokens only; 0: all
   std::uint64_t seed = 0;    ///< the sampler's generator
@@ -25,6 +31,18 @@ struct GenerateOptions {
 };
 
 namespace detail {
+/// Throws when a row of logits holds a NaN or an infinity: a token picked from such a row is
+/// noise (greedy decoding of an all-NaN row returns token 0 every time), never a result.
+template <class T>
+void require_finite_logits(const T* logits, std::int64_t vocab, std::int64_t step) {
+  for (std::int64_t v = 0; v < vocab; ++v)
+    if (!std::isfinite(double(logits[v])))
+      throw Error("generate: the logits of new token " + std::to_string(step + 1) +
+                  " are not finite (logit of token id " + std::to_string(v) + " is " +
+                  (std::isnan(double(logits[v])) ? "NaN" : (logits[v] > 0 ? "+Inf" : "-Inf")) +
+                  "): the model's weights or the adapter's scaling (e.g. lora_alpha) overflow");
+}
+
 /// A uniform double in [0, 1) from 53 random bits: the same on every standard library.
 inline double uniform01(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }
 
@@ -70,7 +88,16 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
     if (t < 0 || t >= vocab)
       throw ConfigError("generate: prompt token " + std::to_string(t) +
                         " outside the vocabulary [0, " + std::to_string(vocab) + ")");
-  if (options.top_k < 0) throw ConfigError("generate: top_k must be ≥ 0");
+  if (options.top_k < 0)
+    throw ConfigError("generate: top_k: expected an integer ≥ 0, found " +
+                      std::to_string(options.top_k));
+  if (options.max_new_tokens < 0 || options.max_new_tokens > GenerateOptions::kMaxNewTokens)
+    throw ConfigError("generate: max_new_tokens: expected an integer in [0, " +
+                      std::to_string(GenerateOptions::kMaxNewTokens) + "], found " +
+                      std::to_string(options.max_new_tokens));
+  if (!std::isfinite(options.temperature) || options.temperature < 0)
+    throw ConfigError("generate: temperature: expected a finite number ≥ 0 (0: greedy), found " +
+                      std::to_string(options.temperature));
   std::mt19937_64 rng(options.seed);
   std::vector<std::int64_t> context = std::move(prompt), generated;
   // Room left for the policy's virtual / prefix tokens is the policy's business: the decoder
@@ -86,8 +113,9 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
     Tape<T> tape(false);
     const ForwardResult<T> out = model.forward(tape, batch, false);
     const std::int64_t last = out.logits.shape()[1] - 1;
-    const std::int64_t token =
-        detail::pick_token(out.logits.value().data() + last * vocab, vocab, options, rng);
+    const T* row = out.logits.value().data() + last * vocab;
+    detail::require_finite_logits(row, vocab, n);
+    const std::int64_t token = detail::pick_token(row, vocab, options, rng);
     generated.push_back(token);
     context.push_back(token);
     if (options.stop_token && token == *options.stop_token) break;

@@ -16,6 +16,7 @@
 //   peft/testing/golden.hpp          golden-case runner (`peft parity`)
 //   peft/methods/hybrid/search.hpp   the configuration search (`peft search`; ~35 s to compile)
 //   peft/experiment/study.hpp        the study (`peft study`, and its API for outside methods)
+//   peft/io/parse_text.hpp           strict parsing of command-line values (the commands, the study)
 // A new header joins this list, not the umbrella, unless every user of the library needs it.
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"

@@ -38,6 +38,7 @@
 
 #include <peft/data/tasks.hpp>
 #include <peft/data/text.hpp>
+#include <peft/io/parse_text.hpp>
 #include <peft/peft.hpp>
 #include <peft/train/trainer.hpp>
 
@@ -538,7 +539,21 @@ inline std::vector<MethodEntry> all_entries(const Settings& s,
     const bool known = std::any_of(table.begin(), table.end(),
                                    [&](const MethodEntry& e) { return e.method == name; });
     if (!known && name != "none" && name != "full")
-      throw ConfigError("--methods: no method '" + name + "' in the study (peft study --list)");
+      throw io::ArgumentError(
+          "--methods: expected method names of the study (peft study "
+          "--list), found '" +
+          name + "'");
+  }
+  // Checked before the entries are moved out of the table.
+  for (const auto& [name, rate] : s.lr_overrides) {
+    const bool known = std::any_of(table.begin(), table.end(),
+                                   [&](const MethodEntry& e) { return e.method == name; }) ||
+                       name == "full";
+    if (!known)
+      throw io::ArgumentError(
+          "--lr: expected method=rate with a method of the study (peft study "
+          "--list) that trains, found '" +
+          name + "'");
   }
   for (MethodEntry& e : table) {
     if (!s.only.empty() && std::find(s.only.begin(), s.only.end(), e.method) == s.only.end())
@@ -728,38 +743,24 @@ inline void print_usage(std::ostream& out) {
          "docs/study.md explains the setup and every option.\n";
 }
 
-inline std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
+/// Bounds of the step flags (docs/cli.md, "Bounds"): a million steps of the study's model are
+/// days of CPU; a larger value is a typo, refused before anything runs.
+inline constexpr std::int64_t kMaxSteps = 1000000;
+inline constexpr std::int64_t kMaxThreads = 1024;
 
-/// Parses the arguments; returns false (after a message) when they are wrong.
+/// Parses the arguments; returns false (after a message) when they are wrong. A value that is not
+/// what its flag expects throws io::ArgumentError (run_study: exit status 2).
 inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bool& list,
                            std::ostream& err) {
   std::int64_t steps = 0, pretrain_steps = 0;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
-      if (i + 1 >= args.size()) throw ConfigError("option " + a + " needs a value");
+      if (i + 1 >= args.size()) throw io::ArgumentError(a + ": expected a value, found none");
       return args[++i];
     };
-    const auto integer = [&](std::int64_t lo) {
-      const std::string& v = value();
-      std::size_t used = 0;
-      long long n = 0;
-      try {
-        n = std::stoll(v, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != v.size() || n < lo)
-        throw ConfigError("option " + a + " expects an integer ≥ " + std::to_string(lo) +
-                          ", got '" + v + "'");
-      return static_cast<std::int64_t>(n);
+    const auto integer = [&](std::int64_t lo, std::int64_t hi) {
+      return io::parse_integer(value(), a, {.min = lo, .max = hi});
     };
     if (a == "--quick")
       s.quick = true;
@@ -768,30 +769,30 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
     else if (a == "--cache")
       s.cache = value();
     else if (a == "--seed")
-      s.seed = static_cast<std::uint64_t>(integer(0));
+      s.seed = io::parse_unsigned(value(), a);
     else if (a == "--threads")
-      s.threads = static_cast<int>(integer(1));
+      s.threads = static_cast<int>(integer(1, kMaxThreads));
     else if (a == "--methods")
-      s.only = split_commas(value());
+      s.only = io::parse_list(value(), a);
     else if (a == "--lr") {
-      for (const std::string& item : split_commas(value())) {
+      for (const std::string& item : io::parse_list(value(), a)) {
         const std::size_t eq = item.find('=');
-        double rate = 0;
-        try {
-          rate = eq == std::string::npos ? 0 : std::stod(item.substr(eq + 1));
-        } catch (const std::exception&) {
-          rate = 0;
-        }
-        if (!(rate > 0))
-          throw ConfigError("--lr expects method=rate[,method=rate], got '" + item + "'");
-        s.lr_overrides[item.substr(0, eq)] = rate;
+        if (eq == std::string::npos || eq == 0)
+          throw io::ArgumentError("--lr: expected method=rate[,method=rate], found '" + item + "'");
+        s.lr_overrides[item.substr(0, eq)] =
+            io::parse_number(item.substr(eq + 1), "--lr " + item.substr(0, eq),
+                             {.min = 0, .max = 10, .min_exclusive = true});
       }
-    } else if (a == "--task")
-      s.downstream = data::task_from_name(value());
-    else if (a == "--steps")
-      steps = integer(1);
+    } else if (a == "--task") {
+      try {
+        s.downstream = data::task_from_name(value());
+      } catch (const ConfigError& e) {
+        throw io::ArgumentError(a + ": " + e.what());
+      }
+    } else if (a == "--steps")
+      steps = integer(1, kMaxSteps);
     else if (a == "--pretrain-steps")
-      pretrain_steps = integer(1);
+      pretrain_steps = integer(1, kMaxSteps);
     else if (a == "--pretrain-text")
       s.pretrain_text = value();
     else if (a == "--text")
@@ -837,7 +838,13 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
   namespace fs = std::filesystem;
   Settings s;
   bool list = false;
-  if (!parse_settings(args, s, list, err)) return 2;
+  try {
+    if (!parse_settings(args, s, list, err)) return 2;
+    all_entries(s, extra);  // --methods and --lr name methods of the study: checked now
+  } catch (const io::ArgumentError& e) {
+    err << "peft study: error: " << e.what() << '\n';
+    return 2;
+  }
   if (list) {
     for (const MethodEntry& e : all_entries(s, extra))
       out << std::left << std::setw(18) << e.family << std::setw(18) << e.method << " lr " << e.lr
@@ -848,7 +855,9 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
   omp_set_num_threads(s.threads);
 #endif
   const auto started = steady_clock::now();
-  fs::create_directories(s.out);
+  // Created and proven writable before any training: a bad --out fails now, not at the end.
+  io::require_writable_dir(s.out, "--out");
+  io::require_writable_dir(s.cache_dir(), s.cache.empty() ? "--out (its cache/)" : "--cache");
   Progress progress(out, s.progress);
 
   // The workload: data for pretraining and for adaptation.

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,112 @@ struct GoldenTolerances {
   double logits = 1e-5, loss = 1e-5, grad = 1e-4, train_losses = 1e-4, trained = 1e-3;
 };
 
+/// The AdamW recipe of a case.json's "train" object, every field checked: a hostile case (10^9
+/// steps, a negative learning rate, a string where a number belongs) is an error naming the file
+/// and the field, never an unbounded or meaningless run.
+struct GoldenTraining {
+  /// The reference writes 4 steps; a case is a check, not a training run, and 1,000 steps of
+  /// the golden models already take about a minute. More is refused.
+  static constexpr int kMaxSteps = 1000;
+
+  double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
+  int steps = 4;
+
+  AdamWOptions adamw() const {
+    AdamWOptions o;
+    o.lr = lr;
+    o.beta1 = beta1;
+    o.beta2 = beta2;
+    o.eps = eps;
+    o.weight_decay = weight_decay;
+    return o;
+  }
+};
+
+namespace detail {
+inline double case_number(const nlohmann::json& j, const std::string& field, double fallback,
+                          double lo, double hi, bool lo_open, bool hi_open,
+                          const std::string& source) {
+  if (!j.contains(field)) return fallback;
+  const nlohmann::json& v = j[field];
+  const bool number = v.is_number() && !v.is_boolean();
+  const double x = number ? v.get<double>() : 0;
+  const bool ok =
+      number && std::isfinite(x) && (lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi);
+  if (!ok) {
+    char range[96];
+    std::snprintf(range, sizeof range, "%s%g, %g%s", lo_open ? "(" : "[", lo, hi,
+                  hi_open ? ")" : "]");
+    throw ConfigError(source + ": train." + field + ": expected a finite number in " + range +
+                      ", found " + v.dump().substr(0, 64));
+  }
+  return x;
+}
+}  // namespace detail
+
+/// Reads and checks case_json["train"] (absent or null: the reference's defaults).
+inline GoldenTraining read_training(const nlohmann::json& case_json, const std::string& source) {
+  GoldenTraining t;
+  if (!case_json.is_object())
+    throw ConfigError(source + ": expected a JSON object, found " + case_json.type_name());
+  // null: a case without a training trajectory (the reference writes that for AdaLoRA).
+  if (!case_json.contains("train") || case_json["train"].is_null()) return t;
+  const nlohmann::json& train = case_json["train"];
+  if (!train.is_object())
+    throw ConfigError(source + ": train: expected an object, found " + train.type_name());
+  constexpr double kBig = 1e6;
+  t.lr = detail::case_number(train, "lr", t.lr, 0, kBig, true, false, source);
+  if (train.contains("betas")) {
+    const nlohmann::json& b = train["betas"];
+    if (!b.is_array() || b.size() != 2)
+      throw ConfigError(source + ": train.betas: expected [beta1, beta2], found " +
+                        b.dump().substr(0, 64));
+    const nlohmann::json pair = {{"betas[0]", b[0]}, {"betas[1]", b[1]}};
+    t.beta1 = detail::case_number(pair, "betas[0]", t.beta1, 0, 1, false, true, source);
+    t.beta2 = detail::case_number(pair, "betas[1]", t.beta2, 0, 1, false, true, source);
+  }
+  t.eps = detail::case_number(train, "eps", t.eps, 0, 1, true, false, source);
+  t.weight_decay =
+      detail::case_number(train, "weight_decay", t.weight_decay, 0, kBig, false, false, source);
+  if (train.contains("steps")) {
+    const nlohmann::json& v = train["steps"];
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0 ||
+        v.get<std::int64_t>() > GoldenTraining::kMaxSteps)
+      throw ConfigError(source + ": train.steps: expected an integer in [0, " +
+                        std::to_string(GoldenTraining::kMaxSteps) + "], found " +
+                        v.dump().substr(0, 64));
+    t.steps = static_cast<int>(v.get<std::int64_t>());
+  }
+  return t;
+}
+
+/// The case's model folder: case_json["model_dir"], a relative path string.
+inline std::filesystem::path case_model_dir(const std::filesystem::path& case_dir,
+                                            const nlohmann::json& case_json,
+                                            const std::string& source) {
+  if (!case_json.is_object())
+    throw ConfigError(source + ": expected a JSON object, found " + case_json.type_name());
+  if (!case_json.contains("model_dir")) return case_dir / "../models/unknown";
+  const nlohmann::json& v = case_json["model_dir"];
+  if (!v.is_string() || v.get<std::string>().empty())
+    throw ConfigError(source + ": model_dir: expected a folder name (a string), found " +
+                      v.dump().substr(0, 64));
+  return case_dir / v.get<std::string>();
+}
+
+/// Throws when a forward pass produced a non-finite value: a NaN compared with a tolerance
+/// fails anyway, but the case's line should say why ("logits are not finite"), not print an
+/// error of inf.
+template <class T>
+void require_finite(const Tensor<T>& t, const std::string& what) {
+  const auto& v = t.values();
+  for (std::size_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(double(v[i])))
+      throw Error(what + " are not finite (element " + std::to_string(i) + " of " +
+                  std::to_string(v.size()) + " is " + (std::isnan(double(v[i])) ? "NaN" : "Inf") +
+                  "): check the model's weights and the adapter's values and scaling");
+}
+
 namespace detail {
 // max |a − b| / max |b|: the README's relative measure.
 inline double relative_error(const std::vector<double>& actual,
@@ -125,6 +232,8 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   {
     Tape<T> tape;
     ForwardResult<T> out = model.forward(tape, batch);
+    require_finite(out.logits.value(), "logits");
+    require_finite(out.loss.value(), "loss");
     const auto& logits_shape = expected.info("logits").shape;
     if (out.logits.shape() != Shape(logits_shape.begin(), logits_shape.end()))
       throw ShapeError("logits shape " + shape_string(out.logits.shape()) + ", reference " +
@@ -156,6 +265,10 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   }
 
   // Merged logits.
+  if (case_json.contains("has_merged_logits") && !case_json["has_merged_logits"].is_boolean())
+    throw ConfigError((case_dir / "case.json").string() +
+                      ": has_merged_logits: expected true or false, found " +
+                      case_json["has_merged_logits"].dump().substr(0, 64));
   if (case_json.value("has_merged_logits", false) && expected.contains("merged_logits")) {
     if constexpr (Mergeable<typename Policy::template State<T>, T>) {
       model.merge();
@@ -173,16 +286,9 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   if (expected.contains("train_losses")) {
     load_adapter();
     for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
-    const nlohmann::json train = case_json.value("train", nlohmann::json::object());
-    AdamWOptions options;
-    options.lr = train.value("lr", 1e-2);
-    if (train.contains("betas") && train["betas"].size() == 2) {
-      options.beta1 = train["betas"][0].get<double>();
-      options.beta2 = train["betas"][1].get<double>();
-    }
-    options.eps = train.value("eps", 1e-8);
-    options.weight_decay = train.value("weight_decay", 0.01);
-    const int steps = train.value("steps", 4);
+    const GoldenTraining training = read_training(case_json, (case_dir / "case.json").string());
+    const AdamWOptions options = training.adamw();
+    const int steps = training.steps;
     AdamW<T> optimizer(model.trainable_parameters(), options);
     std::vector<double> losses;
     for (int step = 0; step <= steps; ++step) {
@@ -216,12 +322,16 @@ GoldenReport run_golden_case(const std::filesystem::path& case_dir,
   if (report.case_name.empty()) report.case_name = case_dir.parent_path().filename().string();
   try {
     const nlohmann::json case_json = io::load_json(case_dir / "case.json");
-    const std::filesystem::path model_dir =
-        case_dir / case_json.value("model_dir", std::string("../models/unknown"));
+    const std::string case_source = (case_dir / "case.json").string();
+    const std::filesystem::path model_dir = case_model_dir(case_dir, case_json, case_source);
+    read_training(case_json, case_source);  // checked before any model is built
     const std::filesystem::path adapter_config = case_dir / "adapter" / "adapter_config.json";
     const nlohmann::json adapter_json = io::load_json(adapter_config);
     const nlohmann::json model_json = io::load_json(model_dir / "config.json");
-    const std::string model_type = model_json.value("model_type", std::string());
+    const std::string model_type = model_json.is_object() && model_json.contains("model_type") &&
+                                           model_json["model_type"].is_string()
+                                       ? model_json["model_type"].get<std::string>()
+                                       : std::string();
     const bool supported = visit_policy_for(adapter_json, [&]<class Policy>() {
       visit_arch_for(model_type, [&]<class Arch>() {
         detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report,
@@ -229,15 +339,28 @@ GoldenReport run_golden_case(const std::filesystem::path& case_dir,
       });
     });
     if (!supported) {
-      report.failure = "method " + adapter_json.value("peft_type", std::string("?")) + " (" +
-                       case_json.value("method", std::string("?")) + ") is not supported yet";
+      const auto text = [](const nlohmann::json& j, const char* key) {
+        return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>()
+                                                                      : std::string("?");
+      };
+      report.failure = "method " + text(adapter_json, "peft_type") + " (" +
+                       text(case_json, "method") + ") is not supported yet";
       return report;
     }
     report.passed =
         !report.checks.empty() && std::all_of(report.checks.begin(), report.checks.end(),
                                               [](const QuantityCheck& c) { return c.ok(); });
+  } catch (const std::bad_alloc&) {
+    report.passed = false;
+    report.checks.clear();
+    report.failure =
+        "error: out of memory (std::bad_alloc) building the case's model or tensors: a size in " +
+        (case_dir / "case.json").string() +
+        ", its model's config.json or its adapter config is "
+        "too large for this machine";
   } catch (const std::exception& e) {
     report.passed = false;
+    report.checks.clear();
     report.failure = std::string("error: ") + e.what();
   }
   return report;
