@@ -23,7 +23,6 @@
 
 #include "bench_step.hpp"
 #include "commands.hpp"
-#include "model_budget.hpp"
 
 namespace peft::cli {
 
@@ -59,8 +58,9 @@ inline void require_step_fits(const StepOptions& o) {
       tokens *
       (3.0L * o.vocab + static_cast<long double>(o.layers) *
                             (20.0L * o.d + 2.0L * o.heads * static_cast<long double>(o.seq)));
-  const long double bytes = 4.0L * (estimated_parameters(c) + activations);
-  const long double memory = physical_memory_bytes();
+  const long double bytes =
+      static_cast<long double>(base_weight_bytes<arch::Gpt2>(c, 4)) + 4.0L * activations;
+  const long double memory = static_cast<long double>(plausible_model_bytes());
   if (memory > 0 && bytes > memory) {
     char what[128];
     std::snprintf(what, sizeof what, "about %.3Lg GB, more than this machine's %.3Lg GB of memory",

@@ -1,9 +1,7 @@
 // The peft command-line front end: build/bin/peft COMMAND [ARGS...]. Dispatches only: each
 // command is its own translation unit (cli/<command>.cpp, declared in commands.hpp).
-#include <exception>
 #include <iostream>
-#include <new>
-#include <peft/io/parse_text.hpp>
+#include <peft/commands/report_errors.hpp>
 #include <string>
 #include <vector>
 
@@ -43,11 +41,11 @@ int main(int argc, char** argv) {
   }
   const std::string command = argv[1];
   const std::vector<std::string> args(argv + 2, argv + argc);
-  try {
-    if (command == "help" || command == "--help" || command == "-h") {
-      print_usage(std::cout);
-      return 0;
-    }
+  if (command == "help" || command == "--help" || command == "-h") {
+    print_usage(std::cout);
+    return 0;
+  }
+  return peft::commands::report_errors(command, std::cerr, [&] {
     if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
     if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
     if (command == "count") return peft::cli::run_count(args, std::cout, std::cerr);
@@ -59,23 +57,5 @@ int main(int argc, char** argv) {
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);
     return 2;
-  } catch (const peft::io::ArgumentError& e) {
-    // A flag's value that is not what the flag expects: a usage error.
-    std::cerr << "peft " << command << ": error: " << e.what() << '\n';
-    return 2;
-  } catch (const std::bad_alloc&) {
-    // Commands check sizes before they allocate (docs/cli.md, "Bounds"); what still gets here is
-    // a size the checks let through but the machine cannot hold.
-    std::cerr << "peft " << command
-              << ": error: out of memory (std::bad_alloc): a size in the command's arguments or "
-                 "in a config it read (vocab_size, hidden_size, num_layers, ...) is too large "
-                 "for this machine\n";
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "peft " << command << ": error: " << e.what() << '\n';
-    return 1;
-  } catch (...) {
-    std::cerr << "peft " << command << ": error: an exception that is not a std::exception\n";
-    return 1;
-  }
+  });
 }

@@ -1,6 +1,6 @@
-// `peft study`: the study of include/peft/experiment/study.hpp (the experiment module, which an
-// outside project also calls with its own methods), with the library's methods.
-#include <peft/experiment/study.hpp>
+// `peft study`: the study of the library's methods (include/peft/experiment/study_methods.hpp;
+// the engine, which an outside project also calls with its own methods, is experiment/study.hpp).
+#include <peft/experiment/study_methods.hpp>
 
 #include "commands.hpp"
 

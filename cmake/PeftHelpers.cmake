@@ -20,8 +20,28 @@ extern "C" const char* __ubsan_default_options() {
 ]])
 endif()
 
-# Flags every project executable gets: warnings (-Werror with PEFT_WARNINGS_AS_ERRORS) and the
-# sanitizers with PEFT_SANITIZE. CUDA sources get the host-compiler warnings through -Xcompiler.
+# The ops' float and double instantiations, compiled once (src/precompiled_ops_float.cpp,
+# src/precompiled_ops_double.cpp: two TUs, built side by side) and linked into every project
+# executable, which is compiled with PEFT_PRECOMPILED_OPS so that none of its
+# translation units instantiates them again (include/peft/core/ops/instantiations.hpp). This is
+# a build-time saving for the project's own many TUs; a user's program is unaffected (it
+# instantiates what it uses, header-only). At least -O1 in a Debug build: the tests' floor.
+add_library(peft_precompiled_ops OBJECT "${PROJECT_SOURCE_DIR}/src/precompiled_ops_float.cpp"
+  "${PROJECT_SOURCE_DIR}/src/precompiled_ops_double.cpp")
+target_link_libraries(peft_precompiled_ops PRIVATE peft::peft)
+target_compile_options(peft_precompiled_ops PRIVATE -Wall -Wextra "$<$<CONFIG:Debug>:-O1>")
+if(PEFT_SANITIZE)
+  target_compile_options(peft_precompiled_ops PRIVATE
+    -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+    "$<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>")
+endif()
+if(PEFT_NATIVE_ARCH)
+  target_link_libraries(peft_precompiled_ops PRIVATE peft::native)
+endif()
+
+# Flags every project executable gets: the precompiled ops (above), warnings (-Werror with
+# PEFT_WARNINGS_AS_ERRORS) and the sanitizers with PEFT_SANITIZE. CUDA sources get the
+# host-compiler warnings through -Xcompiler.
 # The output folder comes from CMAKE_RUNTIME_OUTPUT_DIRECTORY (${CMAKE_BINARY_DIR}/bin).
 function(peft_configure_executable target)
   target_compile_options(${target} PRIVATE
@@ -47,6 +67,8 @@ function(peft_configure_executable target)
     # peft::native (CMakeLists.txt), which consumers link as they choose.
     target_link_libraries(${target} PRIVATE peft::native)
   endif()
+  target_compile_definitions(${target} PRIVATE PEFT_PRECOMPILED_OPS)
+  target_link_libraries(${target} PRIVATE peft_precompiled_ops)
   set_target_properties(${target} PROPERTIES UNITY_BUILD OFF)
 endfunction()
 

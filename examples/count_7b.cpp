@@ -1,9 +1,8 @@
 // What fine-tuning a 7B model costs under several methods, from its shapes alone (no weights
 // are allocated): the reference's print_trainable_parameters line for each.
 #include <cstdio>
+#include <peft/commands/count.hpp>
 #include <peft/peft.hpp>
-
-#include "../cli/count.hpp"
 
 template <class Policy>
 void report(const char* label, const peft::ModelConfig& model,
@@ -12,7 +11,7 @@ void report(const char* label, const peft::ModelConfig& model,
   const peft::ParameterCount c = peft::count_parameters<Policy>(model, shapes, config);
   const std::int64_t all =
       peft::base_parameter_count<peft::arch::Llama>(model) + c.trainable + c.frozen;
-  std::printf("%-26s %s\n", label, peft::cli::trainable_line(c.trainable, all).c_str());
+  std::printf("%-26s %s\n", label, peft::trainable_parameters_line(c.trainable, all).c_str());
 }
 
 int main() {
@@ -23,9 +22,8 @@ int main() {
   llama7b.intermediate_size = 11008, llama7b.max_positions = 4096,
   llama7b.tie_word_embeddings = false;
   llama7b.attention_bias = llama7b.mlp_bias = false;
-  std::printf(
-      "full fine-tuning           %s\n",
-      peft::cli::with_thousands(peft::base_parameter_count<peft::arch::Llama>(llama7b)).c_str());
+  std::printf("full fine-tuning           %s\n",
+              peft::with_thousands(peft::base_parameter_count<peft::arch::Llama>(llama7b)).c_str());
 
   peft::LoraConfig lora;  // the classic: r = 8 on q and v
   lora.r = 8;

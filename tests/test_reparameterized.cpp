@@ -9,13 +9,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <peft/commands/count.hpp>
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
 #include <random>
 #include <set>
 #include <string>
 
-#include "../cli/count.hpp"
 #include "tiny_models.hpp"
 
 namespace {
@@ -593,7 +593,7 @@ TEST_CASE("reparameterized: counts agree with the golden cases") {
     INFO(name);
     const auto case_json = peft::io::load_json(dir / name / "case.json");
     const auto model_dir = dir / name / case_json["model_dir"].get<std::string>();
-    const auto [trainable, all] = peft::cli::count_parameters(
+    const auto [trainable, all] = peft::commands::count_from_configs(
         peft::io::load_json(model_dir / "config.json"), "config.json",
         peft::io::load_json(dir / name / "adapter" / "adapter_config.json"), "adapter_config.json");
     CHECK(trainable == case_json["trainable_params"].get<std::int64_t>());
@@ -630,8 +630,8 @@ nlohmann::json adapter(const std::string& type, int r, std::vector<std::string> 
   return j;
 }
 std::string count_line(const nlohmann::json& model, const nlohmann::json& adapter_json) {
-  const auto [t, a] = peft::cli::count_parameters(model, "model", adapter_json, "adapter");
-  return peft::cli::trainable_line(t, a);
+  const auto [t, a] = peft::commands::count_from_configs(model, "model", adapter_json, "adapter");
+  return peft::trainable_parameters_line(t, a);
 }
 }  // namespace
 

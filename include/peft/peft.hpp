@@ -15,8 +15,12 @@
 //   peft/testing/gradcheck.hpp       finite-difference gradient checker (tests)
 //   peft/testing/golden.hpp          golden-case runner (`peft parity`)
 //   peft/methods/hybrid/search.hpp   the configuration search (`peft search`; ~35 s to compile)
-//   peft/experiment/study.hpp        the study (`peft study`, and its API for outside methods)
-//   peft/io/parse_text.hpp           strict parsing of command-line values (the commands, the study)
+//   peft/experiment/study.hpp        the study's engine (run_study_table: a program's own rows)
+//   peft/experiment/study_methods.hpp  the library's rows of the study (`peft study`, run_study)
+//   peft/commands/                   count, generate and main<Registry>: the registry-dependent
+//                                    commands as library functions (docs/cli.md)
+//   peft/io/parse_text.hpp           strict parsing of command-line values (the commands, the
+//   study) peft/quant/nf4.hpp               NF4 storage (QLoRA's format; docs/quantization.md)
 // A new header joins this list, not the umbrella, unless every user of the library needs it.
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"

@@ -13,6 +13,8 @@
 #include <sstream>
 #include <string>
 #ifndef PEFT_CONSUMER_SMOKE
+#include <peft/commands/count.hpp>
+#include <peft/commands/generate.hpp>
 #include <peft/experiment/study.hpp>
 #include <peft/testing/gradcheck.hpp>
 #endif
@@ -195,10 +197,48 @@ int main() {
     expect(found, "the registry dispatches its adapter_config.json to it");
     fs::remove_all(dir);
 
-    // 5. The study, with the method in its table (the smallest settings: a smoke run).
+    // 4b. The registry-dependent commands, as library functions over a registry that holds it
+    // (a small one: each method is a model type to compile): `count` and `generate --adapter`.
+    using CommandMethods = peft::MethodRegistry<peft::LoRA, OutputShift>;
+    const auto [trainable, all] = peft::commands::count_from_configs<CommandMethods>(
+        mc.to_json(), "config.json", peft::config_to_json(shift, mc), "adapter_config.json");
+    expect(trainable == counted.trainable &&
+               all == peft::base_parameter_count<Arch>(mc) + counted.trainable,
+           "commands::count_from_configs<Registry> counts it: " +
+               peft::trainable_parameters_line(trainable, all));
+    {
+      const fs::path model_dir = dir.string() + "-model", adapter_dir = dir.string() + "-shift";
+      peft::Decoder<Arch, OutputShift, float> shifted(mc, shift, 3);
+      float value = 0.25f;
+      for (auto& p : shifted.trainable_parameters())
+        for (std::int64_t i = 0; i < p.var.value().numel(); ++i) p.var.value()[i] = value *= -1.1f;
+      peft::io::save_model(shifted, model_dir);  // the base weights: config.json + safetensors
+      peft::io::save_adapter(adapter_dir, peft::config_to_json(shift, mc),
+                             shifted.adapter().parameters());
+      peft::GenerateOptions options;
+      options.max_new_tokens = 4;
+      const std::vector<std::int64_t> prompt = {1, 2, 3};
+      std::string expected;
+      for (std::int64_t t : peft::generate(shifted, prompt, options))
+        expected += (expected.empty() ? "" : " ") + std::to_string(t);
+      std::ostringstream gen_out, gen_err;
+      const int gen_rc = peft::commands::run_generate<CommandMethods>(
+          {model_dir.string(), "--adapter", adapter_dir.string(), "--ids", "1,2,3", "--max-new",
+           "4"},
+          gen_out, gen_err);
+      expect(gen_rc == 0 && gen_out.str() == expected + "\n",
+             "commands::run_generate<Registry> loads its adapter folder: " + gen_out.str() +
+                 gen_err.str());
+      fs::remove_all(model_dir);
+      fs::remove_all(adapter_dir);
+    }
+
+    // 5. The study, with the method as its one row beside `none` and `full` (the smallest
+    // settings: a smoke run). run_study_table compiles only the rows it is given; run_study
+    // (experiment/study_methods.hpp) would add the library's 27.
     std::ostringstream out, err;
     const fs::path study_dir = dir.string() + "-study";
-    const int rc = peft::experiment::run_study(
+    const int rc = peft::experiment::run_study_table(
         {"--quick", "--methods", "output_shift", "--out", study_dir.string(), "--pretrain-steps",
          "5", "--steps", "5", "--no-progress"},
         out, err,

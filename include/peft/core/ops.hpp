@@ -11,3 +11,4 @@
 #include "peft/core/ops/shape.hpp"
 #include "peft/core/ops/slice.hpp"
 #include "peft/core/ops/sparse.hpp"
+#include "peft/core/ops/instantiations.hpp"

@@ -5,15 +5,16 @@
 //      with --pretrain-text), or load it from the cache: the cache key is a hash of everything
 //      that decides the pretrained weights, so a second run skips this phase.
 //   2. Adapt that base to a different downstream task (or text, --text) with full fine-tuning
-//      and with every method in study_methods(), each with the same step budget, data stream,
+//      and with every method of the table, each with the same step budget, data stream,
 //      schedule and seed; only the learning rate differs, per method.
 //   3. Print the table, write results.csv, results.json and curves.svg (eval loss against step
 //      for every method) into --out.
 //
-// Adding a method to the study is one entry in study_methods(): the policy type, its learning
-// rate, and a lambda that builds its config for the study's model (docs/study.md). A method
-// from outside the library joins without editing it: run_study(args, out, err,
-// {entry<MyMethod>(lr, make_config)}) from the user's own program (tests/consumer does).
+// This header is the engine: run_study_table(args, out, err, table) over a table of rows, each
+// `entry<P>(lr, make_config)`: the policy type, its learning rate, and a lambda that builds its
+// config for the study's model (docs/study.md). The library's own table, study_methods(), and
+// run_study(args, out, err, extra_rows) are in experiment/study_methods.hpp, apart, so that a
+// program studying only its own methods compiles none of the library's (tests/consumer).
 // The experiment module (include/peft/experiment/) is opt-in: not in <peft/peft.hpp>.
 #include <unistd.h>
 
@@ -384,139 +385,8 @@ inline TargetRules all_linear() {
   return t;
 }
 
-/// Every method the study compares, after the base (`none`) and full fine-tuning (`full`).
-/// Learning rates are per method, tuned once on the default tasks study (docs/study.md): the
-/// fewer and the more constrained a method's parameters, the higher its rate.
-inline std::vector<MethodEntry> study_methods() {
-  using Steps = std::int64_t;
-  using Model = const ModelConfig&;
-  const TargetRules attention = modules({"q_proj", "k_proj", "v_proj", "o_proj"});
-  std::vector<MethodEntry> m;
-  // --- reparameterized: rank 2 on the four attention projections (under 2% of the base),
-  // α = 2r. (Rank 2 on q, k, v, o beat rank 4 on q, v at the same count on the tasks study.)
-  m.push_back(entry<LoRA>(1e-2, [=](Model, Steps) {
-    LoraConfig c;
-    c.r = 2;
-    c.lora_alpha = 4;
-    c.targets = attention;
-    return c;
-  }));
-  m.push_back(entry<DoRA>(1e-2, [=](Model, Steps) {
-    DoraConfig c;
-    c.r = 2;
-    c.lora_alpha = 4;
-    c.targets = attention;
-    return c;
-  }));
-  m.push_back(entry<AdaLoRA>(3e-2, [=](Model, Steps steps) {
-    AdaLoraConfig c;
-    c.init_r = 3;  // starts above LoRA's rank, prunes to it
-    c.target_r = 2;
-    c.r = 2;
-    c.lora_alpha = 4;
-    c.targets = attention;
-    c.total_step = static_cast<int>(steps);
-    c.tinit = static_cast<int>(steps / 10);
-    c.tfinal = static_cast<int>(steps / 5);
-    c.deltaT = 5;
-    return c;
-  }));
-  m.push_back(entry<DyLoRA>(1e-2, [=](Model, Steps) {
-    DyLoraConfig c;
-    c.r = 2;
-    c.lora_alpha = 4;
-    c.targets = attention;
-    return c;
-  }));
-  m.push_back(entry<VeRA>(5e-2, [=](Model, Steps) {
-    VeraConfig c;
-    c.r = 64;  // shared frozen projections: rank is cheap, only λ_d [r] and λ_b [out] train
-    c.targets = attention;
-    return c;
-  }));
-  m.push_back(entry<LoHa>(3e-2, [=](Model, Steps) {
-    LohaConfig c;
-    c.options.r = 1;  // two rank-1 factors: as many parameters as LoRA r = 2
-    c.options.alpha = 2;
-    c.options.targets = attention;
-    return c;
-  }));
-  m.push_back(entry<LoKr>(3e-2, [=](Model, Steps) {
-    LokrConfig c;
-    c.options.r = 2;
-    c.options.alpha = 4;
-    c.options.targets = attention;
-    return c;
-  }));
-  // --- additive
-  m.push_back(entry<IA3>(5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
-  m.push_back(entry<PrefixTuning>(3e-2, [](Model, Steps) {
-    PrefixTuningConfig c;
-    c.num_virtual_tokens = 8;
-    return c;
-  }));
-  m.push_back(entry<PromptTuning>(5e-2, [](Model, Steps) {
-    PromptTuningConfig c;
-    c.num_virtual_tokens = 8;
-    return c;
-  }));
-  m.push_back(entry<PTuning>(1e-2, [](Model, Steps) {
-    PTuningConfig c;
-    c.num_virtual_tokens = 8;
-    return c;
-  }));
-  m.push_back(entry<SerialAdapter>(1e-2, [](Model, Steps) {
-    SerialAdapter::Config c;
-    c.bottleneck_size = 8;
-    return c;
-  }));
-  m.push_back(entry<PfeifferAdapter>(1e-2, [](Model, Steps) {
-    PfeifferAdapter::Config c;
-    c.bottleneck_size = 8;
-    return c;
-  }));
-  m.push_back(entry<ParallelAdapter>(1e-2, [](Model, Steps) {
-    ParallelAdapter::Config c;
-    c.bottleneck_size = 8;
-    return c;
-  }));
-  m.push_back(entry<SSF>(3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
-  // --- selective: about 2% of the projection weights where a budget applies
-  m.push_back(entry<BitFit>(3e-2, [](Model, Steps) { return BitFitConfig{}; }));
-  m.push_back(entry<LNTuning>(3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
-  m.push_back(entry<FishMask>(1e-2, [](Model, Steps) {
-    FishMaskConfig c;
-    c.budget.density = 0.02;
-    return c;
-  }));
-  m.push_back(entry<UnstructuredMask>(1e-2, [](Model, Steps) {
-    UnstructuredMaskConfig c;
-    c.budget.density = 0.02;
-    return c;
-  }));
-  m.push_back(entry<StructuredMask>(1e-2, [](Model, Steps) {
-    StructuredMaskConfig c;  // the highest-scoring row of each projection
-    return c;
-  }));
-  m.push_back(entry<DiffPruning>(1e-2, [](Model, Steps) {
-    DiffPruningConfig c;
-    c.budget.density = 0.02;
-    return c;
-  }));
-  // --- hybrid: the compositions with names, at the study's sizes
-  m.push_back(entry<UniPELT>(1e-2, [](Model model, Steps) {
-    return unipelt_config(model,
-                          {.lora_r = 2, .lora_alpha = 4, .prefix_tokens = 8, .adapter_width = 8});
-  }));
-  m.push_back(entry<MAMAdapter>(1e-2, [](Model, Steps) {
-    return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
-  }));
-  return m;
-}
-
-/// Rows `none` and `full`, then study_methods() (filtered by --methods).
-inline std::vector<MethodEntry> all_entries(const Settings& s,
-                                            std::vector<MethodEntry> extra = {}) {
+/// Rows `none` and `full`, then the rows of `table` (filtered by --methods).
+inline std::vector<MethodEntry> all_entries(const Settings& s, std::vector<MethodEntry> table) {
   std::vector<MethodEntry> out;
   out.push_back({"none", "none", 0, [](const Workload& w, const Settings& st, Progress& p, double) {
                    MethodResult r = adapt<NoPeft>(w, st, {}, 0, false, 0, p, "none");
@@ -533,8 +403,6 @@ inline std::vector<MethodEntry> all_entries(const Settings& s,
                  [](const Workload& w, const Settings& st, Progress& p, double rate) {
                    return adapt<NoPeft>(w, st, {}, rate, true, st.adapt_steps, p, "full");
                  }});
-  std::vector<MethodEntry> table = study_methods();
-  for (MethodEntry& e : extra) table.push_back(std::move(e));
   for (const std::string& name : s.only) {
     const bool known = std::any_of(table.begin(), table.end(),
                                    [&](const MethodEntry& e) { return e.method == name; });
@@ -829,24 +697,26 @@ inline bool parse_settings(const std::vector<std::string>& args, Settings& s, bo
   return true;
 }
 
-/// `peft study [OPTIONS]`; see print_usage and docs/study.md.
-/// `peft study ARGS`, with `extra` rows after the library's own (an outside project's methods:
-/// `entry<MyMethod>(lr, make_config)`). Returns the exit status (2: bad arguments).
-inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
-                     std::vector<MethodEntry> extra = {}) {
+/// `peft study ARGS` over the rows of `table` (after `none` and `full`): the study's engine.
+/// `run_study` (experiment/study_methods.hpp) calls it with the library's methods and any extra
+/// rows; a program that studies only its own methods calls it with those alone, and compiles
+/// none of the library's (tests/consumer does). See print_usage and docs/study.md. Returns the
+/// exit status (2: bad arguments).
+inline int run_study_table(const std::vector<std::string>& args, std::ostream& out,
+                           std::ostream& err, std::vector<MethodEntry> table) {
   using namespace std::chrono;
   namespace fs = std::filesystem;
   Settings s;
   bool list = false;
   try {
     if (!parse_settings(args, s, list, err)) return 2;
-    all_entries(s, extra);  // --methods and --lr name methods of the study: checked now
+    all_entries(s, table);  // --methods and --lr name methods of the study: checked now
   } catch (const io::ArgumentError& e) {
     err << "peft study: error: " << e.what() << '\n';
     return 2;
   }
   if (list) {
-    for (const MethodEntry& e : all_entries(s, extra))
+    for (const MethodEntry& e : all_entries(s, table))
       out << std::left << std::setw(18) << e.family << std::setw(18) << e.method << " lr " << e.lr
           << '\n';
     return 0;
@@ -918,7 +788,7 @@ inline int run_study(const std::vector<std::string>& args, std::ostream& out, st
   out << "adapting: " << s.adapt_steps << " steps of batch " << batch
       << " per method, cosine schedule, AdamW, clip 1.0\n";
   std::vector<MethodResult> rows;
-  for (const MethodEntry& e : all_entries(s, extra)) {
+  for (const MethodEntry& e : all_entries(s, table)) {
     MethodResult r;
     try {
       r = e.run(w, s, progress, e.lr);

@@ -11,8 +11,9 @@
 // compiled later reaches the library's runners through the user's program (the study:
 // experiment::run_study with extra rows), not through plugins (a shared-object plugin would need
 // a stable ABI for templates instantiated on the user's types, which a header-only template
-// library does not have). Not built yet: the `count` and `generate` commands as installed
-// library entry points templated on a registry (today they use BuiltinMethods).
+// library does not have). The registry-dependent commands are installed library functions
+// templated on a registry (include/peft/commands/: run_count, run_generate, and main<Registry>,
+// a whole `peft`-style front end in one line of the user's main).
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -92,6 +93,14 @@ using BuiltinMethods =
     MethodRegistry<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning,
                    PTuning, SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
                    UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
+
+/// An adapter config's peft_type as an error message shows it: the string, "?" where there is
+/// none, or the first 64 characters of whatever JSON stands there instead.
+inline std::string peft_type_text(const nlohmann::json& adapter_json) {
+  if (!adapter_json.is_object() || !adapter_json.contains("peft_type")) return "?";
+  const nlohmann::json& type = adapter_json["peft_type"];
+  return type.is_string() ? type.get<std::string>() : type.dump().substr(0, 64);
+}
 
 /// BuiltinMethods::visit_for, or the visit of another registry.
 template <class Registry = BuiltinMethods, class Visitor>

@@ -30,3 +30,20 @@ void pissa_initialise(nn::Linear<T>& lin, Tensor<T>& a, Tensor<T>& b, T scale) {
 }
 
 }  // namespace peft::detail
+
+// Compiled once for the project's executables (include/peft/core/ops/instantiations.hpp).
+#if defined(PEFT_INSTANTIATE_OPS_FOR)
+namespace peft::detail {
+template void pissa_initialise<PEFT_INSTANTIATE_OPS_FOR>(nn::Linear<PEFT_INSTANTIATE_OPS_FOR>&,
+                                                         Tensor<PEFT_INSTANTIATE_OPS_FOR>&,
+                                                         Tensor<PEFT_INSTANTIATE_OPS_FOR>&,
+                                                         PEFT_INSTANTIATE_OPS_FOR);
+}  // namespace peft::detail
+#elif defined(PEFT_PRECOMPILED_OPS)
+namespace peft::detail {
+extern template void pissa_initialise<float>(nn::Linear<float>&, Tensor<float>&, Tensor<float>&,
+                                             float);
+extern template void pissa_initialise<double>(nn::Linear<double>&, Tensor<double>&, Tensor<double>&,
+                                              double);
+}  // namespace peft::detail
+#endif

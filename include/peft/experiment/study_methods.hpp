@@ -1,0 +1,154 @@
+#pragma once
+// The library's methods in the study: study_methods(), the table `peft study` runs, and
+// run_study(args, out, err, extra_rows), the study of those methods and any more rows (an
+// outside project's methods: `entry<MyMethod>(lr, make_config)`, without editing the library).
+// The engine is experiment/study.hpp; a program that studies only its own methods calls its
+// run_study_table with them and does not include this header (every row here is a model type
+// to compile).
+#include <string>
+#include <vector>
+
+#include "peft/experiment/study.hpp"
+
+namespace peft::experiment {
+
+/// Every method the study compares, after the base (`none`) and full fine-tuning (`full`).
+/// Learning rates are per method, tuned once on the default tasks study (docs/study.md): the
+/// fewer and the more constrained a method's parameters, the higher its rate.
+inline std::vector<MethodEntry> study_methods() {
+  using Steps = std::int64_t;
+  using Model = const ModelConfig&;
+  const TargetRules attention = modules({"q_proj", "k_proj", "v_proj", "o_proj"});
+  std::vector<MethodEntry> m;
+  // --- reparameterized: rank 2 on the four attention projections (under 2% of the base),
+  // α = 2r. (Rank 2 on q, k, v, o beat rank 4 on q, v at the same count on the tasks study.)
+  m.push_back(entry<LoRA>(1e-2, [=](Model, Steps) {
+    LoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<DoRA>(1e-2, [=](Model, Steps) {
+    DoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<AdaLoRA>(3e-2, [=](Model, Steps steps) {
+    AdaLoraConfig c;
+    c.init_r = 3;  // starts above LoRA's rank, prunes to it
+    c.target_r = 2;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    c.total_step = static_cast<int>(steps);
+    c.tinit = static_cast<int>(steps / 10);
+    c.tfinal = static_cast<int>(steps / 5);
+    c.deltaT = 5;
+    return c;
+  }));
+  m.push_back(entry<DyLoRA>(1e-2, [=](Model, Steps) {
+    DyLoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<VeRA>(5e-2, [=](Model, Steps) {
+    VeraConfig c;
+    c.r = 64;  // shared frozen projections: rank is cheap, only λ_d [r] and λ_b [out] train
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<LoHa>(3e-2, [=](Model, Steps) {
+    LohaConfig c;
+    c.options.r = 1;  // two rank-1 factors: as many parameters as LoRA r = 2
+    c.options.alpha = 2;
+    c.options.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<LoKr>(3e-2, [=](Model, Steps) {
+    LokrConfig c;
+    c.options.r = 2;
+    c.options.alpha = 4;
+    c.options.targets = attention;
+    return c;
+  }));
+  // --- additive
+  m.push_back(entry<IA3>(5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
+  m.push_back(entry<PrefixTuning>(3e-2, [](Model, Steps) {
+    PrefixTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<PromptTuning>(5e-2, [](Model, Steps) {
+    PromptTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<PTuning>(1e-2, [](Model, Steps) {
+    PTuningConfig c;
+    c.num_virtual_tokens = 8;
+    return c;
+  }));
+  m.push_back(entry<SerialAdapter>(1e-2, [](Model, Steps) {
+    SerialAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<PfeifferAdapter>(1e-2, [](Model, Steps) {
+    PfeifferAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<ParallelAdapter>(1e-2, [](Model, Steps) {
+    ParallelAdapter::Config c;
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<SSF>(3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
+  // --- selective: about 2% of the projection weights where a budget applies
+  m.push_back(entry<BitFit>(3e-2, [](Model, Steps) { return BitFitConfig{}; }));
+  m.push_back(entry<LNTuning>(3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
+  m.push_back(entry<FishMask>(1e-2, [](Model, Steps) {
+    FishMaskConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  m.push_back(entry<UnstructuredMask>(1e-2, [](Model, Steps) {
+    UnstructuredMaskConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  m.push_back(entry<StructuredMask>(1e-2, [](Model, Steps) {
+    StructuredMaskConfig c;  // the highest-scoring row of each projection
+    return c;
+  }));
+  m.push_back(entry<DiffPruning>(1e-2, [](Model, Steps) {
+    DiffPruningConfig c;
+    c.budget.density = 0.02;
+    return c;
+  }));
+  // --- hybrid: the compositions with names, at the study's sizes
+  m.push_back(entry<UniPELT>(1e-2, [](Model model, Steps) {
+    return unipelt_config(model,
+                          {.lora_r = 2, .lora_alpha = 4, .prefix_tokens = 8, .adapter_width = 8});
+  }));
+  m.push_back(entry<MAMAdapter>(1e-2, [](Model, Steps) {
+    return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
+  }));
+  return m;
+}
+
+/// `peft study ARGS`: the library's methods, then `extra` rows. Returns the exit status (2: bad
+/// arguments).
+inline int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+                     std::vector<MethodEntry> extra = {}) {
+  std::vector<MethodEntry> table = study_methods();
+  for (MethodEntry& e : extra) table.push_back(std::move(e));
+  return run_study_table(args, out, err, std::move(table));
+}
+
+}  // namespace peft::experiment
