@@ -8,7 +8,7 @@
 // for W in bf16 (uint16 bit patterns, as a BF16 checkpoint stores them) and W in NF4 with double
 // quantization (quant::Nf4Tensor). No full-size fp32 or bf16 copy of W is ever made: the packed
 // kernels widen or dequantize W panel by panel (kKc x kNr values) into the buffer the
-// micro-kernel reads, the portable path block by block (kPortableCols columns).
+// micro-kernel reads, the portable path block by block (portable_cols(k) columns, at most 4 MiB).
 //
 // Numerics (docs/performance.md, "Frozen-weight kernels"):
 //   - bf16 W: the other operand (x, dy) is rounded to bf16 first, round-to-nearest-even with
@@ -29,7 +29,7 @@
 //     code never runs unless CPUID and XCR0 allow it.
 //   - amx: no AMX tile kernel is written yet (it could not be run on the machines used here);
 //     the amx path runs the avx512bf16 kernels, which every AMX CPU also has.
-//   - portable: W widened/dequantized kPortableCols columns at a time, then the library's fp32
+//   - portable: W widened/dequantized portable_cols(k) columns at a time, then the library's fp32
 //     product (detail::gemm_serial: Eigen, or the packed AVX-512 kernel in -mavx512f builds).
 #include <algorithm>
 #include <array>
@@ -89,8 +89,15 @@ inline constexpr std::int64_t kMr = 12;   // rows of the register tile
 inline constexpr std::int64_t kNr = 32;   // columns of the register tile: two zmm of fp32
 inline constexpr std::int64_t kKc = 256;  // depth of one packed block (bf16: 128 pairs)
 inline constexpr std::int64_t kMc = 144;  // rows of the other operand per block (a multiple of kMr)
-inline constexpr std::int64_t kNc = 1024;          // columns of W's panel block
-inline constexpr std::int64_t kPortableCols = 64;  // columns widened at once on the portable path
+inline constexpr std::int64_t kNc = 1024;  // columns of W's panel block
+// The portable path widens W kPortableFloats values at a time (4 MiB of fp32), in blocks of 64
+// to 512 columns: wide enough that the other operand is not repacked once per 64 columns, small
+// enough that the head's [50257, cols] block stays a bounded buffer.
+inline constexpr std::int64_t kPortableFloats = std::int64_t(1) << 20;
+inline std::int64_t portable_cols(std::int64_t k) {
+  return std::clamp<std::int64_t>(kPortableFloats / std::max<std::int64_t>(k, 1) / 32 * 32, 64,
+                                  512);
+}
 
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -455,14 +462,15 @@ PEFT_TARGET_AVX512 inline void nf4_columns(const float* a, std::int64_t lda, std
 #endif  // __x86_64__
 
 /// The portable bf16 product on output columns [jb, je): W's columns widened to fp32
-/// kPortableCols at a time, then detail::gemm_serial with the rounded operand `ar` [m, k].
+/// portable_cols(k) at a time, then detail::gemm_serial with the rounded operand `ar` [m, k].
 inline void bf16_columns_portable(const float* ar, std::int64_t m, std::int64_t k,
                                   const Bf16Matrix& w, bool forward, float* c, std::int64_t ldc,
                                   std::int64_t jb, std::int64_t je, bool accumulate) {
   AlignedVector<float>& block = Scratch::local().block;
-  block.resize(static_cast<std::size_t>(kPortableCols * k));
-  for (std::int64_t j0 = jb; j0 < je; j0 += kPortableCols) {
-    const std::int64_t nc = std::min(kPortableCols, je - j0);
+  const std::int64_t width = portable_cols(k);
+  block.resize(static_cast<std::size_t>(width * k));
+  for (std::int64_t j0 = jb; j0 < je; j0 += width) {
+    const std::int64_t nc = std::min(width, je - j0);
     if (forward) {  // block [nc, k]: rows j0.. of W
       for (std::int64_t j = 0; j < nc; ++j)
         for (std::int64_t p = 0; p < k; ++p)
@@ -479,17 +487,18 @@ inline void bf16_columns_portable(const float* ar, std::int64_t m, std::int64_t 
   }
 }
 
-/// The portable NF4 product on output columns [jb, je): W dequantized kPortableCols columns at
-/// a time, then detail::gemm_serial.
+/// The portable NF4 product on output columns [jb, je): W dequantized portable_cols(k) columns
+/// at a time, then detail::gemm_serial.
 inline void nf4_columns_portable(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
                                  const quant::Nf4Tensor& w, bool forward, float* c,
                                  std::int64_t ldc, std::int64_t jb, std::int64_t je,
                                  bool accumulate) {
   AlignedVector<float>& block = Scratch::local().block;
-  block.resize(static_cast<std::size_t>(kPortableCols * k));
+  const std::int64_t width = portable_cols(k);
+  block.resize(static_cast<std::size_t>(width * k));
   const std::int64_t in = w.cols();
-  for (std::int64_t j0 = jb; j0 < je; j0 += kPortableCols) {
-    const std::int64_t nc = std::min(kPortableCols, je - j0);
+  for (std::int64_t j0 = jb; j0 < je; j0 += width) {
+    const std::int64_t nc = std::min(width, je - j0);
     if (forward) {  // rows j0.. of W, contiguous in the flattening
       nf4_dequantize_scalar(w, j0 * in, (j0 + nc) * in, block.data());
       detail::gemm_serial(a, lda, false, block.data(), k, true, c + j0, ldc, m, nc, k, 1.0f,
