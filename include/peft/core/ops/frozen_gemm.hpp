@@ -18,9 +18,9 @@
 //     flushes subnormal sums; the portable path keeps them: the two differ by < 2^-126 per term.)
 //   - NF4 W: x and dy stay fp32; W is dequantized exactly as Nf4Tensor::dequantize does
 //     (bit-identical values) and the product is an fp32 product of those values.
-//   - Each element of the result is computed the same way whatever thread computes it:
-//     threads split the output's columns on multiples of kNr, so results do not depend on the
-//     thread count.
+//   - Threads split the output's columns on multiples of kNr. On the packed kernels each element
+//     is then computed the same way whatever thread computes it, so results do not depend on the
+//     thread count (the portable path inherits detail::gemm_serial's behaviour).
 //
 // Paths (cpu::KernelPath, chosen at run time by cpu::kernel_path() or passed explicitly):
 //   - avx512bf16: bf16 W on vdpbf16ps (a 12 x 32 register tile of fp32 accumulators, pairs of k
