@@ -29,6 +29,7 @@ endfunction()
 _peft_hostile_model(vocab_1e12 vocab_size 1000000000000)
 _peft_hostile_model(layers_1e6 n_layer 1000000)
 _peft_hostile_model(layers_1e9 n_layer 1000000000)
+_peft_hostile_model(layers_2e4 n_layer 20000)
 
 # An adapter with lora_alpha 1e308: every weight finite, the scaled update is not.
 string(REPLACE "\"lora_alpha\": 8" "\"lora_alpha\": 1e308" _text "${_lora_config}")
@@ -96,7 +97,7 @@ _peft_hostile_test(generate_unknown_option 2 "unknown option '--bogus'" 30
   generate "${_gpt2}" --ids 1 --bogus 1)
 _peft_hostile_test(generate_prompt_and_ids 2 "--prompt and --ids: expected one of them, found both" 30
   generate "${_gpt2}" --ids 1 --prompt a)
-_peft_hostile_test(generate_nan_adapter 1 "NaN|not finite" 60
+_peft_hostile_test(generate_nan_adapter 1 "NaN|not finite|non-finite" 60
   generate "${_gpt2}" --adapter "${_hsrc}/nan_adapter" --ids 1,2,3 --max-new 3)
 _peft_hostile_test(generate_alpha_1e308 1 "not finite|lora_alpha" 60
   generate "${_gpt2}" --adapter "${_h}/alpha_1e308" --ids 1,2,3 --max-new 3)
@@ -106,9 +107,11 @@ _peft_hostile_test(generate_vocab_1e12 1 "config.json: .*vocab_size" 30
 # count: shapes only, bounded in the number of layers
 _peft_hostile_test(count_valid 0 "trainable params: 8,192 \\|\\| all params: 136,960" 30
   count "${_gpt2}/config.json" "${_lora}/adapter/adapter_config.json")
-_peft_hostile_test(count_layers_1e6 1 "config.json: num_layers: expected at most 10000.*found 1000000" 30
+_peft_hostile_test(count_layers_2e4 1 "config.json: num_layers: expected at most 10000.*found 20000" 30
+  count "${_h}/layers_2e4/config.json" "${_lora}/adapter/adapter_config.json")
+_peft_hostile_test(count_layers_1e6 1 "config.json: field 'n_layer': expected an integer in .1, 65536., found 1000000" 30
   count "${_h}/layers_1e6/config.json" "${_lora}/adapter/adapter_config.json")
-_peft_hostile_test(count_layers_1e9 1 "config.json: num_layers: expected at most 10000.*found 1000000000" 30
+_peft_hostile_test(count_layers_1e9 1 "config.json: field 'n_layer': expected an integer in .1, 65536., found 1000000000" 30
   count "${_h}/layers_1e9/config.json" "${_lora}/adapter/adapter_config.json")
 _peft_hostile_test(count_usage 2 "usage: peft count" 30 count "${_gpt2}/config.json")
 
@@ -118,7 +121,7 @@ _peft_hostile_test(parity_steps_bound 1
   60 parity "${_h}/cases/steps_1e9")
 _peft_hostile_test(parity_field_type 1 "FAIL lr_string  error: .*case.json: train.lr: expected a finite number" 60
   parity "${_h}/cases/lr_string")
-_peft_hostile_test(parity_nan_adapter 1 "FAIL nan_adapter  error: .*(NaN|not finite)" 60
+_peft_hostile_test(parity_nan_adapter 1 "FAIL nan_adapter  error: .*(NaN|not finite|non-finite)" 60
   parity "${_h}/cases/nan_adapter")
 _peft_hostile_test(parity_batch_continues 1
   "FAIL nested_parens .*FAIL steps_1e9 .*PASS gpt2_lora .*1 passed, 2 failed" 300

@@ -176,13 +176,26 @@ TEST_CASE("hostile files: the checkpoint header is checked against config.json b
                        doctest::Contains("model.safetensors: tensor 'transformer.wte.weight' has "
                                          "shape [384, 64], expected [5000000, 64] for this config"),
                        FileError);
-  // A config that cannot fit in memory at all is refused before anything else, naming its sizes.
-  edited_gpt2(dir / "huge", keep, [](nlohmann::json& c) { c["vocab_size"] = 1000000000000; });
-  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "huge"),
-                       doctest::Contains("config.json: a model of vocab_size 1000000000000"),
+  // A size beyond any model is refused as a field of config.json (ModelConfig::Limits)...
+  edited_gpt2(dir / "absurd", keep, [](nlohmann::json& c) { c["vocab_size"] = 1000000000000; });
+  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "absurd"),
+                       doctest::Contains("config.json: field 'vocab_size': expected an integer in "
+                                         "[1, 16777216], found 1000000000000"),
                        ConfigError);
-  edited_gpt2(dir / "layers", keep, [](nlohmann::json& c) { c["n_layer"] = 1000000000; });
-  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "layers"), doctest::Contains("1000000000 layers"),
+  // ... and sizes each plausible but together beyond this machine's memory before anything else,
+  // naming them.
+  edited_gpt2(dir / "huge", keep, [](nlohmann::json& c) {
+    c["vocab_size"] = 16777216;
+    c["n_embd"] = 1048576;
+  });
+  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "huge"),
+                       doctest::Contains("config.json: a model of vocab_size 16777216"),
+                       ConfigError);
+  edited_gpt2(dir / "layers", keep, [](nlohmann::json& c) {
+    c["n_layer"] = 65536;
+    c["n_embd"] = 4096;
+  });
+  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "layers"), doctest::Contains("65536 layers"),
                        ConfigError);
   // The same bound guards a model built in code.
   peft::ModelConfig c = peft::ModelConfig::gpt2();
