@@ -79,6 +79,24 @@ TEST_CASE("config.json: sizes out of range name the field, expected and found") 
   }
 }
 
+TEST_CASE("config.json: a zero read from the file (an unsigned JSON integer) is out of range") {
+  // nlohmann stores a parsed non-negative integer as unsigned; 0 heads once reached a division.
+  for (const char* field : {"num_attention_heads", "hidden_size", "num_key_value_heads"}) {
+    nlohmann::json j = llama_json();
+    j[field] = nlohmann::json::parse("0");
+    CHECK(j[field].is_number_unsigned());
+    const std::string error = error_of(j);
+    CAPTURE(error);
+    CHECK(error.find(std::string("field '") + field + "': expected an integer in [1, ") !=
+          std::string::npos);
+  }
+  CHECK(error_of(nlohmann::json::parse(
+                     R"({"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+                "num_hidden_layers": 2, "num_attention_heads": 0, "head_dim": 4,
+                "intermediate_size": 32})"))
+            .find("field 'num_attention_heads'") != std::string::npos);
+}
+
 TEST_CASE("config.json: nested rope fields and non-finite numbers are named with their object") {
   nlohmann::json j = llama_json();
   j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", "x"}};

@@ -180,8 +180,10 @@ struct ModelConfig {
       if (!j.contains(key)) fail(std::string("field '") + key + "' missing (" + range + ")");
       const nlohmann::json& v = j[key];
       if (!v.is_number_integer()) fail_field(key, range, v);
-      if (v.is_number_unsigned() ? v.get<std::uint64_t>() > std::uint64_t(max)
-                                 : (v.get<std::int64_t>() < 1 || v.get<std::int64_t>() > max))
+      // A parsed non-negative integer is stored unsigned: both bounds apply to either kind.
+      if (v.is_number_unsigned()
+              ? (v.get<std::uint64_t>() < 1 || v.get<std::uint64_t>() > std::uint64_t(max))
+              : (v.get<std::int64_t>() < 1 || v.get<std::int64_t>() > max))
         fail_field(key, range, v);
       return v.get<std::int64_t>();
     };
