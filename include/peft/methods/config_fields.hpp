@@ -53,10 +53,7 @@ namespace config_detail {
 
 [[noreturn]] inline void fail(const std::string& source, std::string_view key,
                               const std::string& expected, const nlohmann::json& found) {
-  std::string shown = found.dump();
-  if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
-  throw ConfigError(source + ": field '" + std::string(key) + "': expected " + expected +
-                    ", found " + shown);
+  throw_field_error(source, key, expected, found);
 }
 
 template <class M>

@@ -4,11 +4,24 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "peft/core/error.hpp"
 
 namespace peft {
+
+/// Throws the ConfigError every config reader gives for a bad field: "<source>: field '<key>':
+/// expected <what>, found <json>" (the found value cut at 80 characters). config.json's reader
+/// below and the adapter configs' field tables (methods/config_fields.hpp) share it.
+[[noreturn]] inline void throw_field_error(const std::string& source, std::string_view key,
+                                           const std::string& expected,
+                                           const nlohmann::json& found) {
+  std::string shown = found.dump();
+  if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
+  throw ConfigError(source + ": field '" + std::string(key) + "': expected " + expected +
+                    ", found " + shown);
+}
 
 /// Rotary frequency scaling, as transformers' rope_parameters / rope_scaling give it.
 struct RopeScaling {
@@ -170,9 +183,7 @@ struct ModelConfig {
     auto fail = [&](const std::string& what) { throw ConfigError(source + ": " + what); };
     auto fail_field = [&](const std::string& key, const std::string& expected,
                           const nlohmann::json& found) {
-      std::string shown = found.dump();
-      if (shown.size() > 80) shown = shown.substr(0, 77) + "...";
-      fail("field '" + key + "': expected " + expected + ", found " + shown);
+      throw_field_error(source, key, expected, found);
     };
     if (!j.is_object()) fail("expected a JSON object");
     auto get_int = [&](const char* key, std::int64_t max) -> std::int64_t {

@@ -554,15 +554,21 @@ inline void check_path(std::string_view op, cpu::KernelPath path) {
   if (path != cpu::KernelPath::portable) cpu::check_kernel_path(path, cpu::cpu_features(), op);
 }
 
+// True (and c overwritten with zeros unless accumulating) when the product has nothing to
+// multiply: no rows, no columns, or k = 0.
+inline bool empty_product(float* c, std::int64_t ldc, std::int64_t m, std::int64_t k,
+                          std::int64_t cols, bool accumulate) {
+  if (m == 0 || cols == 0) return true;
+  if (k != 0) return false;
+  if (!accumulate) zero_rows(c, ldc, m, cols);
+  return true;
+}
+
 // c [m, cols] (+)= a [m, k] · op(W) for a bf16 W on `path`.
 inline void bf16_product(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
                          const Bf16Matrix& w, bool forward, float* c, std::int64_t ldc,
                          std::int64_t cols, bool accumulate, cpu::KernelPath path) {
-  if (m == 0 || cols == 0) return;
-  if (k == 0) {
-    if (!accumulate) zero_rows(c, ldc, m, cols);
-    return;
-  }
+  if (empty_product(c, ldc, m, k, cols, accumulate)) return;
   const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
   if (path != cpu::KernelPath::portable) {
@@ -588,11 +594,7 @@ inline void bf16_product(const float* a, std::int64_t lda, std::int64_t m, std::
 inline void nf4_product(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
                         const quant::Nf4Tensor& w, bool forward, float* c, std::int64_t ldc,
                         std::int64_t cols, bool accumulate, cpu::KernelPath path) {
-  if (m == 0 || cols == 0) return;
-  if (k == 0) {
-    if (!accumulate) zero_rows(c, ldc, m, cols);
-    return;
-  }
+  if (empty_product(c, ldc, m, k, cols, accumulate)) return;
   const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
   if (path != cpu::KernelPath::portable) {
