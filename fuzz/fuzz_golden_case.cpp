@@ -11,9 +11,9 @@
 // The golden folder comes from $PEFT_GOLDEN_DIR, else from the build's PEFT_GOLDEN_DIR.
 // Each process writes its case under a private temporary folder (removed at exit).
 //
-// What run_golden_case does is repeated here without its catch-all (it turns every exception
-// into a FAIL line, which would hide a std::bad_alloc or a raw nlohmann error); the case itself
-// runs through the library's own testing::detail::run_case. Only LoRA is instantiated: every
+// The case runs through testing::run_golden_case_throwing, the library's run_golden_case without
+// its catch-all (which turns every exception into a FAIL line and would hide a std::bad_alloc
+// or a raw nlohmann error). Only LoRA is instantiated: every
 // Decoder<Arch, Method> type costs minutes of compile time, and the fuzzed files (case.json and
 // expected.safetensors) are read the same way for every method.
 #include <cstdint>
@@ -78,22 +78,11 @@ void write_file(const fs::path& path, std::string_view bytes) {
   if (!out) peft::fuzz::finding("setup", "write", path.c_str());
 }
 
-// testing::run_golden_case, less its catch-all, with the LoRA-only registry.
+// testing::run_golden_case less its catch-all, with the LoRA-only registry.
 void run_case(const fs::path& case_dir) {
-  using namespace peft;
-  testing::GoldenReport report;
-  const nlohmann::json case_json = io::load_json(case_dir / "case.json");
-  const fs::path model_dir =
-      case_dir / case_json.value("model_dir", std::string("../models/unknown"));
-  const nlohmann::json adapter_json = io::load_json(case_dir / "adapter" / "adapter_config.json");
-  const nlohmann::json model_json = io::load_json(model_dir / "config.json");
-  const std::string model_type = model_json.value("model_type", std::string());
-  visit_policy_for<MethodRegistry<LoRA>>(adapter_json, [&]<class Policy>() {
-    visit_arch_for(model_type, [&]<class Arch>() {
-      testing::detail::run_case<Arch, Policy, double>(case_dir, case_json, adapter_json, model_dir,
-                                                      report, testing::GoldenTolerances{});
-    });
-  });
+  peft::testing::GoldenReport report;
+  peft::testing::run_golden_case_throwing<peft::MethodRegistry<peft::LoRA>, double>(case_dir,
+                                                                                    report);
   (void)report.line();  // formats every check, NaN errors included
 }
 
