@@ -51,15 +51,16 @@ inline int apply_threads(int threads) {
 /// Throws when the step's weights and activations would not fit in this machine's memory: the
 /// frozen weights (float32), the logits of the whole batch with their softmax and gradient, and
 /// each layer's saved activations and attention scores. An estimate, a few times generous.
-inline void require_step_fits(const StepOptions& o) {
-  const ModelConfig c = gpt2_config(o);
+template <class Arch>
+void require_step_fits(const StepOptions& o, const ModelConfig& c) {
+  const std::size_t element_bytes = o.base_dtype == "fp32" ? 4 : o.base_dtype == "bf16" ? 2 : 1;
   const long double tokens = static_cast<long double>(o.batch) * static_cast<long double>(o.seq);
   const long double activations =
       tokens *
       (3.0L * o.vocab + static_cast<long double>(o.layers) *
                             (20.0L * o.d + 2.0L * o.heads * static_cast<long double>(o.seq)));
   const long double bytes =
-      static_cast<long double>(base_weight_bytes<arch::Gpt2>(c, 4)) + 4.0L * activations;
+      static_cast<long double>(base_weight_bytes<Arch>(c, element_bytes)) + 4.0L * activations;
   const long double memory = static_cast<long double>(plausible_model_bytes());
   if (memory > 0 && bytes > memory) {
     char what[128];
@@ -76,10 +77,16 @@ inline void print_bench_step_usage(std::ostream& out) {
   out << "usage: peft bench-step [--layers N] [--d N] [--heads N] [--vocab N] [--seq N]\n"
          "                       [--batch N] [--rank N] [--alpha X] [--targets qkv,proj,fc,fc2]\n"
          "                       [--steps N] [--warmup N] [--threads N] [--checkpoint] [--seed N]\n"
-         "                       [--device cpu|cuda] [--dtype fp32|bf16]\n"
+         "                       [--device cpu|cuda] [--dtype fp32|bf16] [--base-dtype "
+         "fp32|bf16|nf4]\n"
+         "                       [--config config.json] [--targets all-linear]\n"
          "defaults: the PyTorch peer's (GPT-2 124M, batch 4, seq 256, LoRA r 8 alpha 16 on\n"
          "qkv, proj, fc, fc2, 5 timed steps after 2 warm-up steps, threads from OMP_NUM_THREADS);\n"
-         "--device cpu; --dtype: fp32 on the CPU (the only one there), bf16 on CUDA\n";
+         "--device cpu; --dtype: fp32 on the CPU (the only one there), bf16 on CUDA;\n"
+         "--base-dtype (CPU): the frozen weights' storage, fp32 (default), bf16 or nf4;\n"
+         "--config: build a model of that config.json (gpt2 or llama) with random weights in\n"
+         "--base-dtype instead of the peer's GPT-2 (--layers, --d, --heads, --vocab are then\n"
+         "the config's); --targets: all-linear, the peer's names for GPT-2, or module names\n";
 }
 
 /// `bench-step --device cuda`: the same model (built on the CPU, with the CPU's initialisation)
@@ -176,27 +183,56 @@ int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std:
       o.device = value;
     else if (flag == "--dtype")
       o.dtype = value;
+    else if (flag == "--base-dtype")
+      o.base_dtype = value;
+    else if (flag == "--config")
+      o.config = value;
     else {
       err << "bench-step: error: unknown option '" << flag << "'\n";
       print_bench_step_usage(err);
       return 2;
     }
   }
+  try {
+    parse_base_format(o.base_dtype, "--base-dtype");
+  } catch (const ConfigError& e) {
+    throw io::ArgumentError(e.what());
+  }
+  ModelConfig config;
+  if (!o.config.empty()) {
+    config = step_config(o);  // a bad file is a ConfigError/FileError naming it
+    o.model_type = config.model_type;
+    o.layers = config.num_layers;
+    o.d = config.hidden_size;
+    o.heads = config.num_heads;
+    o.vocab = config.vocab_size;
+    if (config.model_type == "gpt2" && config.max_positions < o.seq)
+      throw io::ArgumentError("--seq " + std::to_string(o.seq) + ": more than " + o.config +
+                              "'s n_positions " + std::to_string(config.max_positions));
+  }
   if (o.d % o.heads != 0)
     throw io::ArgumentError("--heads: expected a divisor of --d " + std::to_string(o.d) +
                             ", found " + std::to_string(o.heads));
   try {
-    gpt2_target_modules(o.targets);  // a bad --targets fails before the model is built
+    step_target_modules(o);  // a bad --targets fails before the model is built
   } catch (const ConfigError& e) {
     throw io::ArgumentError(std::string("--targets: ") + e.what());
   }
-  require_step_fits(o);
+  if (o.config.empty()) config = gpt2_config(o);
+  if (o.model_type == "gpt2")
+    require_step_fits<arch::Gpt2>(o, config);
+  else
+    require_step_fits<arch::Llama>(o, config);
   if (o.device != "cpu" && o.device != "cuda") {
     err << "bench-step: --device " << o.device << ": cpu or cuda\n";
     return 2;
   }
   if (!o.dtype.empty() && o.dtype != "fp32" && o.dtype != "bf16") {
     err << "bench-step: --dtype " << o.dtype << ": fp32 or bf16\n";
+    return 2;
+  }
+  if (o.device == "cuda" && (o.base_dtype != "fp32" || !o.config.empty())) {
+    err << "bench-step: --base-dtype and --config are CPU options (on CUDA: --dtype)\n";
     return 2;
   }
   if (o.device == "cuda") return run_bench_step_cuda(o, out, err);
@@ -206,28 +242,38 @@ int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std:
   }
   const int threads = apply_threads(o.threads);
 
-  StepWorkload<LoRA> work(o);
-  out << "peft bench-step: gpt2 layers " << o.layers << " d " << o.d << " heads " << o.heads
-      << " vocab " << o.vocab << ", batch " << o.batch << " x seq " << o.seq << ", LoRA r "
-      << o.rank << " alpha " << o.alpha << " on " << o.targets << ", threads " << threads
-      << (o.checkpoint ? ", activation checkpointing" : "") << '\n';
-  out << "trainable " << work.trainable_count() << " total " << work.total_count() << '\n';
+  const auto run = [&]<class Arch>() {
+    StepWorkload<LoRA, float, Arch> work(o);
+    out << "peft bench-step: " << o.model_type << " layers " << o.layers << " d " << o.d
+        << " heads " << o.heads << " vocab " << o.vocab << ", batch " << o.batch << " x seq "
+        << o.seq << ", LoRA r " << o.rank << " alpha " << o.alpha << " on " << o.targets
+        << ", threads " << threads << (o.checkpoint ? ", activation checkpointing" : "")
+        << ", base " << o.base_dtype << '\n';
+    out << "trainable " << work.trainable_count() << " total " << work.total_count() << '\n';
 
-  std::vector<double> times;
-  float loss = 0;
-  for (int i = 0; i < o.warmup + o.steps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    loss = work.step();
-    const double ms =
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    if (i >= o.warmup) times.push_back(ms);
-    out << (i < o.warmup ? "warm-up" : "step") << ' ' << i << ": " << std::fixed
-        << std::setprecision(1) << ms << " ms, loss " << std::setprecision(4) << loss << '\n';
-  }
-  std::sort(times.begin(), times.end());
-  out << std::fixed << std::setprecision(1) << "median_ms " << times[times.size() / 2] << " min_ms "
-      << times.front() << " peak_rss_mb " << std::setprecision(0) << peak_rss_mb() << '\n';
-  return 0;
+    std::vector<double> times;
+    float loss = 0;
+    for (int i = 0; i < o.warmup + o.steps; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      loss = work.step();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
+      if (i >= o.warmup) times.push_back(ms);
+      out << (i < o.warmup ? "warm-up" : "step") << ' ' << i << ": " << std::fixed
+          << std::setprecision(1) << ms << " ms, loss " << std::setprecision(4) << loss << '\n';
+    }
+    std::sort(times.begin(), times.end());
+    out << "base_weight_bytes " << work.model().base_weight_bytes() << " (" << o.base_dtype
+        << ")\n";
+    out << std::fixed << std::setprecision(1) << "median_ms " << times[times.size() / 2]
+        << " min_ms " << times.front() << " peak_rss_mb " << std::setprecision(0) << peak_rss_mb()
+        << '\n';
+    return 0;
+  };
+  if (o.model_type == "gpt2") return run.template operator()<arch::Gpt2>();
+  if (o.model_type == "llama") return run.template operator()<arch::Llama>();
+  throw io::ArgumentError("--config: model_type '" + o.model_type + "' (supported: gpt2, llama)");
 }
 
 }  // namespace peft::cli

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <peft/io/json.hpp>
 #include <peft/methods/reparameterized/lora.hpp>
 #include <peft/nn/decoder.hpp>
 #include <peft/train/optimizer.hpp>
@@ -47,6 +48,9 @@ struct StepOptions {
   std::uint64_t seed = 0;
   std::string device = "cpu";  ///< cpu or cuda
   std::string dtype;           ///< fp32 or bf16 (CUDA only); empty: fp32 on the CPU, bf16 on CUDA
+  std::string base_dtype = "fp32";  ///< the frozen weights' storage on the CPU: fp32, bf16, nf4
+  std::string config;               ///< a config.json to build instead of the peer's GPT-2
+  std::string model_type = "gpt2";  ///< the config's architecture (set from --config)
 };
 
 /// The GPT-2-style config of the peer: learned positions for exactly `seq` tokens, tied head.
@@ -66,6 +70,12 @@ inline ModelConfig gpt2_config(const StepOptions& o) {
   c.attention_bias = c.mlp_bias = true;
   c.validate("bench-step");
   return c;
+}
+
+/// The step's model config: --config's file, else the peer's GPT-2 (gpt2_config).
+inline ModelConfig step_config(const StepOptions& o) {
+  if (o.config.empty()) return gpt2_config(o);
+  return ModelConfig::from_json(io::load_json(o.config), o.config);
 }
 
 /// The peer's projection names → our GPT-2 module names (suffix rules of target_modules).
@@ -89,6 +99,24 @@ inline std::vector<std::string> gpt2_target_modules(const std::string& peer_targ
   return out;
 }
 
+/// --targets as a target_modules rule: "all-linear"; for GPT-2 the peer's names (qkv, proj,
+/// fc, fc2); for other architectures a comma list of module names (q_proj,v_proj,...).
+inline ModuleSelector step_target_modules(const StepOptions& o) {
+  ModuleSelector rule;
+  if (o.targets == "all-linear") {
+    rule.all_linear = true;
+  } else if (o.model_type == "gpt2") {
+    rule.names = gpt2_target_modules(o.targets);
+  } else {
+    std::stringstream list(o.targets);
+    std::string name;
+    while (std::getline(list, name, ','))
+      if (!name.empty()) rule.names.push_back(name);
+    if (rule.names.empty()) throw ConfigError("bench-step: --targets names no module");
+  }
+  return rule;
+}
+
 /// The policy's config for the step. LoRA: rank, alpha and targets from the options. Other
 /// policies get their default config unless they specialise this.
 template <class Policy>
@@ -101,7 +129,7 @@ typename Policy::Config step_policy_config(const StepOptions& o) {
                 }) {
     c.r = o.rank;
     c.lora_alpha = o.alpha;
-    c.targets.target_modules.names = gpt2_target_modules(o.targets);
+    c.targets.target_modules = step_target_modules(o);
   }
   return c;
 }
@@ -119,13 +147,15 @@ inline Batch random_step_batch(const StepOptions& o) {
   return batch;
 }
 
-/// A frozen random GPT-2 decoder with `Policy` attached, one random batch, and AdamW over the
+/// A frozen random decoder (the peer's GPT-2, or --config's model of architecture Arch) with
+/// `Policy` attached and its base in --base-dtype, one random batch, and AdamW over the
 /// trainable tensors: `step()` runs one training step.
-template <class Policy, class T = float>
+template <class Policy, class T = float, class Arch = arch::Gpt2>
 class StepWorkload {
  public:
   explicit StepWorkload(const StepOptions& o)
-      : model_(gpt2_config(o), step_policy_config<Policy>(o), o.seed),
+      : model_(step_config(o), step_policy_config<Policy>(o), o.seed,
+               parse_base_format(o.base_dtype, "--base-dtype")),
         optimizer_(model_.trainable_parameters(), AdamWOptions{.lr = 1e-3}),
         batch_(random_step_batch(o)) {
     model_.set_activation_checkpointing(o.checkpoint);
@@ -143,7 +173,7 @@ class StepWorkload {
     return loss;
   }
 
-  Decoder<arch::Gpt2, Policy, T>& model() { return model_; }
+  Decoder<Arch, Policy, T>& model() { return model_; }
   std::int64_t trainable_count() {
     std::int64_t n = 0;
     for (const NamedParameter<T>& p : model_.trainable_parameters()) n += p.var.value().numel();
@@ -153,11 +183,11 @@ class StepWorkload {
     std::int64_t n = trainable_count();
     for (const NamedParameter<T>& p : model_.base_parameters())
       if (!p.var.requires_grad()) n += p.var.value().numel();
-    return n;
+    return n + model_.frozen_base_elements();
   }
 
  private:
-  Decoder<arch::Gpt2, Policy, T> model_;
+  Decoder<Arch, Policy, T> model_;
   AdamW<T> optimizer_;
   Batch batch_;
 };

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "peft/core/autograd.hpp"
+#include "peft/core/base_format.hpp"
 #include "peft/core/error.hpp"
 #include "peft/io/atomic_file.hpp"
 #include "peft/io/json.hpp"
@@ -43,6 +44,11 @@ void save_model_files(const std::filesystem::path& dir, const ModelConfig& confi
 /// saved (an attached, unmerged adapter leaves the base weights as they were loaded).
 template <class Model>
 void save_model(Model& model, const std::filesystem::path& dir, Dtype stored = Dtype::F32) {
+  if constexpr (requires { model.base_format(); })
+    if (model.base_format() != BaseFormat::fp32)
+      throw ConfigError(printable(dir.string()) + ": saving a base held in " +
+                        std::string(base_format_name(model.base_format())) +
+                        " is not supported; save the fp32 model it was built or loaded from");
   save_model_files(dir, model.config(), model.base_parameters(), stored);
 }
 

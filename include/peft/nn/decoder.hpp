@@ -7,9 +7,12 @@
 // rotary (LLaMA) → [policy: prefix keys/values] → attention → output projection [linear] →
 // [policy: after_attention] → residual → norm → MLP [linear at each projection] →
 // [policy: after_mlp] → residual → final norm → head → logits → cross-entropy.
+#include <cstring>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -75,35 +78,34 @@ class Decoder {
   };
 
   /// A model with random base weights (normal(0, 0.02), biases 0, norms 1) and the policy
-  /// attached with the given config. `seed` fixes both.
+  /// attached with the given config. `seed` fixes both. `base` is the frozen weights' storage
+  /// (core/frozen_weight.hpp): in bf16 or NF4 each weight is drawn in fp32 one module at a
+  /// time and stored in the format, so the model never exists in fp32 (the values are those of
+  /// the fp32 model of the same seed, rounded or quantized).
   explicit Decoder(ModelConfig config, typename Policy::Config peft_config = {},
-                   std::uint64_t seed = 0)
-      : config_(std::move(config)), adapter_(peft_config), rng_(seed) {
-    if (config_.model_type != Arch::model_type)
-      throw ConfigError("config is for '" + config_.model_type + "', the decoder is " +
-                        std::string(Arch::model_type));
-    config_.validate("model config");
-    check_plausible_size<Arch>(config_, "model config", sizeof(T));
-    build_modules();
-    initialise_base_weights();
-    attach_adapter();
-  }
+                   std::uint64_t seed = 0, BaseFormat base = BaseFormat::fp32)
+      : Decoder(std::move(config), std::move(peft_config), seed, base, "model config", true) {}
 
   /// A model whose base weights come from `model_dir/model.safetensors` (config from
   /// `model_dir/config.json` must match Arch), with the policy attached. Validates before it
   /// allocates: the config's sizes are bounded (check_plausible_size) and the checkpoint's
   /// header is checked against the config (check_base_tensors) before any weight exists.
+  /// `base`: the frozen weights' storage, as for the constructor; a weight is converted as it
+  /// is read (a BF16 tensor kept as its bytes for bf16), so peak memory is the model in its
+  /// format plus one tensor in fp32.
   static Decoder load(const std::filesystem::path& model_dir,
-                      typename Policy::Config peft_config = {}, std::uint64_t seed = 0) {
+                      typename Policy::Config peft_config = {}, std::uint64_t seed = 0,
+                      BaseFormat base = BaseFormat::fp32) {
     const std::filesystem::path config_path = model_dir / "config.json";
     ModelConfig config = ModelConfig::from_json(io::load_json(config_path), config_path.string());
     if (config.model_type != Arch::model_type)
       throw ConfigError(config_path.string() + ": config is for '" + config.model_type +
                         "', the decoder is " + std::string(Arch::model_type));
-    check_plausible_size<Arch>(config, config_path.string(), sizeof(T));
+    check_plausible_size<Arch>(config, config_path.string(), storage_bytes(base));
     const io::SafetensorsFile file = io::SafetensorsFile::open(model_dir / "model.safetensors");
     check_base_tensors(file, base_tensor_shapes<Arch>(config));
-    Decoder model(std::move(config), std::move(peft_config), seed);
+    Decoder model(std::move(config), std::move(peft_config), seed, base, config_path.string(),
+                  false);
     model.load_base_weights(file);
     return model;
   }
@@ -143,6 +145,17 @@ class Decoder {
   Decoder& operator=(const Decoder&) = delete;
 
   const ModelConfig& config() const { return config_; }
+  /// How the frozen base weights are stored (core/frozen_weight.hpp).
+  BaseFormat base_format() const { return base_format_; }
+  /// Bytes held by the base model's tensors (frozen weights in their format, the rest in T).
+  std::size_t base_weight_bytes() {
+    std::size_t bytes = frozen_embedding_ ? frozen_embedding_->bytes() : 0;
+    for (const NamedParameter<T>& p : base_parameters())
+      bytes += static_cast<std::size_t>(p.var.value().numel()) * sizeof(T);
+    for (nn::Linear<T>* lin : linear_modules())
+      if (lin->frozen) bytes += lin->frozen->bytes();
+    return bytes;
+  }
   Adapter& adapter() { return adapter_; }
   const Adapter& adapter() const { return adapter_; }
   std::vector<Block>& blocks() { return blocks_; }
@@ -153,11 +166,22 @@ class Decoder {
   void set_activation_checkpointing(bool on) { checkpoint_blocks_ = on; }
   bool activation_checkpointing() const { return checkpoint_blocks_; }
 
-  /// Every base-model tensor, named as in the reference model.safetensors (the tied head is
-  /// not listed: it is the token embedding).
+  /// Elements of the base weights held in bf16 or NF4 (not in base_parameters()).
+  std::int64_t frozen_base_elements() {
+    std::int64_t n = frozen_embedding_ ? frozen_embedding_->rows() * frozen_embedding_->cols() : 0;
+    for (nn::Linear<T>* lin : linear_modules())
+      if (lin->frozen) n += lin->frozen->rows() * lin->frozen->cols();
+    return n;
+  }
+
+  /// Every base-model tensor held as a Tensor<T>, named as in the reference model.safetensors
+  /// (the tied head is not listed: it is the token embedding). Weights held in bf16 or NF4
+  /// (base_format() other than fp32) are not Vars and are not listed.
   std::vector<NamedParameter<T>> base_parameters() {
     std::vector<NamedParameter<T>> out;
-    auto visit = [&](const std::string& name, Var<T>& var) { out.push_back({name, var}); };
+    auto visit = [&](const std::string& name, Var<T>& var) {
+      if (var) out.push_back({name, var});
+    };
     visit(Arch::token_embedding() + ".weight", token_embedding_);
     if constexpr (Arch::learned_positions)
       visit(Arch::position_embedding() + ".weight", position_embedding_);
@@ -202,7 +226,12 @@ class Decoder {
   }
 
   /// Full fine-tuning: every base tensor trainable (off by default: the base is frozen).
+  /// ConfigError for a base held in bf16 or NF4 (those weights are frozen by construction).
   void set_base_trainable(bool trainable) {
+    if (trainable && base_format_ != BaseFormat::fp32)
+      throw ConfigError(
+          "full fine-tuning needs base format fp32; this model holds its weights in " +
+          std::string(base_format_name(base_format_)));
     for (NamedParameter<T>& p : base_parameters()) p.var.set_requires_grad(trainable);
   }
 
@@ -212,14 +241,19 @@ class Decoder {
   /// file to T. A table that does not fit changes nothing; a non-finite tensor is found only as
   /// it is read (one tensor at a time, so loading never holds two copies of the model), and
   /// leaves the tensors before it replaced: discard the model then (load() does).
+  /// Weights in bf16 or NF4 are converted as they are read (frozen_from_file).
   void load_base_weights(const io::SafetensorsFile& file) {
-    std::vector<NamedParameter<T>> params = base_parameters();
-    std::vector<BaseTensorShape> expected;
-    expected.reserve(params.size());
-    for (const NamedParameter<T>& p : params) expected.push_back({p.name, p.var.shape()});
-    check_base_tensors(file, expected);
-    for (NamedParameter<T>& p : params)
+    check_base_tensors(file, base_tensor_shapes<Arch>(config_));
+    for (NamedParameter<T>& p : base_parameters())
       p.var.value() = Tensor<T>(p.var.shape(), file.template read_finite<T>(p.name, p.var.shape()));
+    if (base_format_ != BaseFormat::fp32) {
+      const std::string embedding = Arch::token_embedding() + ".weight";
+      frozen_embedding_ = frozen_from_file(file, embedding, BaseFormat::bf16, config_.vocab_size,
+                                           config_.hidden_size, ops::WeightLayout::OutIn);
+      for (nn::Linear<T>* lin : linear_modules())
+        lin->store_frozen(frozen_from_file(file, lin->name + ".weight", storage_format(*lin),
+                                           lin->out_features, lin->in_features, lin->layout));
+    }
     base_weights_changed();
   }
 
@@ -238,7 +272,8 @@ class Decoder {
   ForwardResult<T> forward(Tape<T>& tape, const Batch& batch, bool with_loss = true) {
     batch.validate();
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
-    Var<T> h = ops::embedding(tape, token_embedding_, batch.input_ids);
+    Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
+                                 : ops::embedding(tape, token_embedding_, batch.input_ids);
     h = ops::reshape(tape, h, Shape{B, T0, d});
     std::int64_t virtual_tokens = 0;
     if constexpr (HasVirtualTokens<Adapter, T>) {
@@ -277,7 +312,12 @@ class Decoder {
     h = final_norm_.forward(tape, h);
     ForwardResult<T> result;
     result.virtual_tokens = virtual_tokens;
-    if (config_.tie_word_embeddings && with_loss) {
+    if (config_.tie_word_embeddings && with_loss && frozen_embedding_) {
+      auto [logits, loss] = ops::frozen_linear_cross_entropy(
+          tape, h, frozen_embedding_, shifted_targets(batch, virtual_tokens));
+      result.logits = std::move(logits);
+      result.loss = std::move(loss);
+    } else if (config_.tie_word_embeddings && with_loss) {
       // Head and loss fused: the logits are the only vocabulary-sized buffer, and backward
       // turns them into their gradient in place once the caller has let go of them.
       auto [logits, loss] =
@@ -286,7 +326,9 @@ class Decoder {
       result.logits = std::move(logits);
       result.loss = std::move(loss);
     } else {
-      if (config_.tie_word_embeddings)
+      if (config_.tie_word_embeddings && frozen_embedding_)
+        result.logits = ops::frozen_linear(tape, h, frozen_embedding_, Var<T>{});
+      else if (config_.tie_word_embeddings)
         result.logits = ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
       else
         result.logits = project(tape, lm_head_, h);
@@ -316,6 +358,72 @@ class Decoder {
   }
 
  private:
+  Decoder(ModelConfig config, typename Policy::Config peft_config, std::uint64_t seed,
+          BaseFormat base, const std::string& source, bool initialise)
+      : config_(std::move(config)), adapter_(peft_config), rng_(seed), base_format_(base) {
+    if (config_.model_type != Arch::model_type)
+      throw ConfigError(source + ": config is for '" + config_.model_type + "', the decoder is " +
+                        std::string(Arch::model_type));
+    config_.validate(source);
+    check_plausible_size<Arch>(config_, source, storage_bytes(base));
+    build_modules();
+    if (initialise) initialise_base_weights();
+    attach_adapter();
+  }
+
+  // Bytes per base element for the size bound: NF4 about half a byte (1 is an upper bound).
+  static std::size_t storage_bytes(BaseFormat base) {
+    return base == BaseFormat::fp32 ? sizeof(T) : base == BaseFormat::bf16 ? 2 : 1;
+  }
+
+  // A module's storage: the model's format, except that an NF4 model keeps its untied head in
+  // bf16 (as QLoRA does).
+  BaseFormat storage_format(const nn::Linear<T>& lin) const {
+    if (base_format_ == BaseFormat::nf4 && &lin == &lm_head_) return BaseFormat::bf16;
+    return base_format_;
+  }
+
+  // One checkpoint tensor as a FrozenWeight [rows, cols] = [out, in]: a BF16 tensor's bits used
+  // as they are (no fp32 copy), any other float dtype read as finite fp32; a tensor stored
+  // [in, out] (GPT-2's Conv1D) transposed first.
+  static std::shared_ptr<const FrozenWeight> frozen_from_file(const io::SafetensorsFile& file,
+                                                              const std::string& name,
+                                                              BaseFormat format, std::int64_t rows,
+                                                              std::int64_t cols,
+                                                              ops::WeightLayout layout) {
+    const bool transpose = layout == ops::WeightLayout::InOut;
+    const std::vector<std::int64_t> stored =
+        transpose ? std::vector<std::int64_t>{cols, rows} : std::vector<std::int64_t>{rows, cols};
+    const std::string what = io::printable(file.name()) + ": " + name;
+    if (file.info(name).dtype == io::Dtype::BF16) {
+      const std::span<const std::uint8_t> bytes = file.raw_bytes(name);
+      std::vector<std::uint16_t> bits(static_cast<std::size_t>(rows * cols));
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < cols; ++c) {
+          const std::int64_t from = transpose ? c * rows + r : r * cols + c;
+          std::uint16_t b;
+          std::memcpy(&b, bytes.data() + 2 * from, 2);
+          bits[static_cast<std::size_t>(r * cols + c)] = b;
+        }
+      return std::make_shared<const FrozenWeight>(
+          FrozenWeight::from_bf16(format, std::move(bits), rows, cols, what));
+    }
+    std::vector<float> values = file.template read_finite<float>(name, stored);
+    if (transpose) values = transposed(values, cols, rows);
+    return std::make_shared<const FrozenWeight>(
+        FrozenWeight::from_values(format, values, rows, cols, what));
+  }
+
+  // [rows, cols] row-major → [cols, rows].
+  static std::vector<float> transposed(const std::vector<float>& v, std::int64_t rows,
+                                       std::int64_t cols) {
+    std::vector<float> out(v.size());
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < cols; ++c)
+        out[static_cast<std::size_t>(c * rows + r)] = v[static_cast<std::size_t>(r * cols + c)];
+    return out;
+  }
+
   static std::vector<nn::Linear<T>*> block_linears(Block& b) {
     if constexpr (Arch::fused_qkv && !Arch::gated_mlp)
       return {&b.qkv, &b.attention_out, &b.mlp_in, &b.mlp_out};
@@ -328,7 +436,8 @@ class Decoder {
     const std::int64_t kv = config_.kv_dim(), ff = config_.intermediate_size;
     const bool ab = config_.attention_bias, mb = config_.mlp_bias;
     constexpr ops::WeightLayout L = Arch::layout;
-    token_embedding_ = Var<T>(Tensor<T>(Shape{V, d}));
+    const bool dense = base_format_ == BaseFormat::fp32;  // else weights come in their format
+    if (dense) token_embedding_ = Var<T>(Tensor<T>(Shape{V, d}));
     if constexpr (Arch::learned_positions)
       position_embedding_ = Var<T>(Tensor<T>(Shape{config_.max_positions, d}));
     blocks_.resize(static_cast<std::size_t>(config_.num_layers));
@@ -337,26 +446,26 @@ class Decoder {
       b.attention_norm = Norm(d, config_.norm_eps);
       b.mlp_norm = Norm(d, config_.norm_eps);
       if constexpr (Arch::fused_qkv) {
-        b.qkv = nn::Linear<T>(Arch::qkv(i), d, d + 2 * kv, L, ab);
+        b.qkv = nn::Linear<T>(Arch::qkv(i), d, d + 2 * kv, L, ab, dense);
       } else {
-        b.q = nn::Linear<T>(Arch::q(i), d, config_.num_heads * config_.head_dim, L, ab);
-        b.k = nn::Linear<T>(Arch::k(i), d, kv, L, ab);
-        b.v = nn::Linear<T>(Arch::v(i), d, kv, L, ab);
+        b.q = nn::Linear<T>(Arch::q(i), d, config_.num_heads * config_.head_dim, L, ab, dense);
+        b.k = nn::Linear<T>(Arch::k(i), d, kv, L, ab, dense);
+        b.v = nn::Linear<T>(Arch::v(i), d, kv, L, ab, dense);
       }
-      b.attention_out =
-          nn::Linear<T>(Arch::attention_out(i), config_.num_heads * config_.head_dim, d, L, ab);
+      b.attention_out = nn::Linear<T>(Arch::attention_out(i), config_.num_heads * config_.head_dim,
+                                      d, L, ab, dense);
       if constexpr (Arch::gated_mlp) {
-        b.gate = nn::Linear<T>(Arch::gate(i), d, ff, L, mb);
-        b.up = nn::Linear<T>(Arch::up(i), d, ff, L, mb);
-        b.down = nn::Linear<T>(Arch::down(i), ff, d, L, mb);
+        b.gate = nn::Linear<T>(Arch::gate(i), d, ff, L, mb, dense);
+        b.up = nn::Linear<T>(Arch::up(i), d, ff, L, mb, dense);
+        b.down = nn::Linear<T>(Arch::down(i), ff, d, L, mb, dense);
       } else {
-        b.mlp_in = nn::Linear<T>(Arch::mlp_in(i), d, ff, L, mb);
-        b.mlp_out = nn::Linear<T>(Arch::mlp_out(i), ff, d, L, mb);
+        b.mlp_in = nn::Linear<T>(Arch::mlp_in(i), d, ff, L, mb, dense);
+        b.mlp_out = nn::Linear<T>(Arch::mlp_out(i), ff, d, L, mb, dense);
       }
     }
     final_norm_ = Norm(d, config_.norm_eps);
     if (!config_.tie_word_embeddings)
-      lm_head_ = nn::Linear<T>(Arch::lm_head(), d, V, ops::WeightLayout::OutIn, false);
+      lm_head_ = nn::Linear<T>(Arch::lm_head(), d, V, ops::WeightLayout::OutIn, false, dense);
     int site = 0;
     for (Block& b : blocks_)
       for (nn::Linear<T>* lin : block_linears(b)) {
@@ -374,9 +483,29 @@ class Decoder {
       for (std::int64_t i = 0; i < var.value().numel(); ++i)
         var.value()[i] = static_cast<T>(normal(rng_));
     };
-    fill(token_embedding_);
+    if (base_format_ == BaseFormat::fp32) {
+      fill(token_embedding_);
+      if constexpr (Arch::learned_positions) fill(position_embedding_);
+      for (nn::Linear<T>* lin : linear_modules()) fill(lin->weight);
+      return;
+    }
+    // The same draws in the same order, in fp32 one tensor at a time, then stored in the format
+    // (a weight stored [in, out] is drawn in that order and transposed).
+    auto draw = [&](std::int64_t rows, std::int64_t cols, bool transpose) {
+      std::vector<float> v(static_cast<std::size_t>(rows * cols));
+      for (float& x : v) x = static_cast<float>(static_cast<T>(normal(rng_)));
+      return transpose ? transposed(v, cols, rows) : v;
+    };
+    const std::int64_t V = config_.vocab_size, d = config_.hidden_size;
+    frozen_embedding_ = std::make_shared<const FrozenWeight>(FrozenWeight::from_values(
+        BaseFormat::bf16, draw(V, d, false), V, d, Arch::token_embedding() + ".weight"));
     if constexpr (Arch::learned_positions) fill(position_embedding_);
-    for (nn::Linear<T>* lin : linear_modules()) fill(lin->weight);
+    for (nn::Linear<T>* lin : linear_modules()) {
+      const bool transpose = lin->layout == ops::WeightLayout::InOut;
+      lin->store_frozen(std::make_shared<const FrozenWeight>(FrozenWeight::from_values(
+          storage_format(*lin), draw(lin->out_features, lin->in_features, transpose),
+          lin->out_features, lin->in_features, lin->name + ".weight")));
+    }
   }
 
   void attach_adapter() {
@@ -503,7 +632,9 @@ class Decoder {
   std::vector<float> rope_frequencies_ = rope_inverse_frequencies(config_);  // LLaMA
   Adapter adapter_;
   std::mt19937_64 rng_;
-  Var<T> token_embedding_, position_embedding_;
+  BaseFormat base_format_ = BaseFormat::fp32;
+  Var<T> token_embedding_, position_embedding_;  // token_embedding_ undefined: frozen_embedding_
+  std::shared_ptr<const FrozenWeight> frozen_embedding_;  // bf16, for a base format not fp32
   std::vector<Block> blocks_;
   Norm final_norm_;
   nn::Linear<T> lm_head_;

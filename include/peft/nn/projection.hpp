@@ -25,9 +25,10 @@
 // each, gated, into the outer Projection — without knowing which method made them.
 //
 // HOW LATER FORMATS AND DEVICES PLUG IN (designed in, not built yet)
-//   - Frozen weights in another storage format (bf16, NF4): compute() reads the module's
-//     weight through its storage (one product path per format and device); the contributions
-//     above do not change. Methods that read W (DoRA norms, PiSSA) read a dequantized view.
+//   - Frozen weights in another storage format (bf16, NF4; built): forward_base() runs the
+//     module's product on its storage (core/frozen_weight.hpp); the contributions above do not
+//     change. Methods that read W read the dequantized view (weight_out_in()); a replacement
+//     that needs the dense tensor asks for dense_weight(), a clear error for bf16/NF4.
 //   - Devices: compute() is the only place that runs the product; a CUDA specialisation fuses
 //     the low-rank terms into its GEMM as the CPU one does.
 //   - Dropout (train mode): a low-rank term's input dropout is a field of the term, applied
@@ -100,7 +101,9 @@ class Projection {
       if (c.kind == Kind::Replace) replace = &c;
       if (c.kind == Kind::LowRank && !fused) fused = &c;
     }
-    if (replace) fused = nullptr;
+    // A low-rank term rides in the dense product only; a bf16/NF4 base runs its own kernels and
+    // the term is added after.
+    if (replace || !m.dense()) fused = nullptr;
     Var<T> y;
     if (replace)
       y = replace->product(tape, m, x);

@@ -58,6 +58,7 @@ ParameterSummary parameter_summary(Model& model) {
   using T = typename Model::Scalar;
   ParameterSummary s;
   for (const NamedParameter<T>& p : model.base_parameters()) s.base += p.var.value().numel();
+  if constexpr (requires { model.frozen_base_elements(); }) s.base += model.frozen_base_elements();
   for (const NamedParameter<T>& p : model.adapter().parameters())
     (p.var.requires_grad() ? s.adapter_trainable : s.adapter_frozen) += p.var.value().numel();
   for (const NamedParameter<T>& p : model.trainable_parameters())

@@ -104,6 +104,43 @@ struct LogitsAndLoss {
   Var<T> loss;    ///< [1]
 };
 
+namespace detail {
+/// The fused head + loss of linear_cross_entropy for any head product: `logits` holds the
+/// head's values [N, V] (no closure recorded for them), `grad` whether the head's inputs need a
+/// gradient, and `head_backward(g)` adds the head's input adjoints for logits adjoint g [N, V].
+template <class T, class HeadBackward>
+LogitsAndLoss<T> head_cross_entropy(Tape<T>& tape, Tensor<T> logits, bool grad,
+                                    const std::vector<std::int64_t>& targets, const char* op,
+                                    HeadBackward head_backward) {
+  LogitsAndLoss<T> out;
+  const std::int64_t n = logits.rows(), vocab = logits.cols();
+  check(static_cast<std::int64_t>(targets.size()) == n, op,
+        "targets size " + std::to_string(targets.size()) + " != logits rows " + std::to_string(n));
+  AlignedVector<T> lse;
+  std::int64_t counted = 0;
+  const T mean = cross_entropy_rows(logits.data(), n, vocab, targets, lse, counted);
+  out.logits = Var<T>(std::move(logits), grad);
+  out.loss = Var<T>(Tensor<T>({1}, mean), grad);
+  if (grad) {
+    tape.record([head_backward = std::move(head_backward), logits = out.logits, loss = out.loss,
+                 targets, lse = std::move(lse), n, vocab, counted]() mutable {
+      const bool from_loss = loss.has_grad() && counted > 0;
+      if (!from_loss && !logits.has_grad()) return;
+      Tensor<T> g = logits.sole_handle() ? std::move(logits.value()) : logits.value();
+      if (from_loss)
+        cross_entropy_grad(g.data(), n, vocab, targets, lse, loss.grad()[0] / T(counted), g.data(),
+                           false);
+      else
+        g.set_zero();
+      if (logits.has_grad()) g.vector() += std::as_const(logits).grad().vector();
+      logits = Var<T>{};  // the logits' own gradient buffer, if any, is not needed any more
+      head_backward(std::as_const(g));
+    });
+  }
+  return out;
+}
+}  // namespace detail
+
 /// The output head and its loss as one op: logits = linear(x, W, b, layout) and
 /// loss = cross_entropy(logits, targets), with the values and gradients of those two ops.
 /// The logits are the only vocabulary-sized buffer: when the caller has dropped its handle to
@@ -113,40 +150,17 @@ template <class T>
 LogitsAndLoss<T> linear_cross_entropy(Tape<T>& tape, const Var<T>& x, const Var<T>& weight,
                                       const Var<T>& bias, WeightLayout layout,
                                       const std::vector<std::int64_t>& targets) {
-  LogitsAndLoss<T> out;
+  Tensor<T> logits;
   {
     Tape<T> no_record(false);  // the head's values only: this op records its own closure
-    out.logits = linear(no_record, x, weight, bias, layout);
+    logits = std::move(linear(no_record, x, weight, bias, layout).value());
   }
-  const std::int64_t n = out.logits.value().rows(), vocab = out.logits.value().cols();
-  detail::check(
-      static_cast<std::int64_t>(targets.size()) == n, "linear_cross_entropy",
-      "targets size " + std::to_string(targets.size()) + " != logits rows " + std::to_string(n));
-  AlignedVector<T> lse;
-  std::int64_t counted = 0;
-  const T mean =
-      detail::cross_entropy_rows(out.logits.value().data(), n, vocab, targets, lse, counted);
   const bool grad = bias ? tape.needs_grad(x, weight, bias) : tape.needs_grad(x, weight);
-  out.logits = Var<T>(std::move(out.logits.value()), grad);
-  out.loss = Var<T>(Tensor<T>({1}, mean), grad);
-  if (grad) {
-    tape.record([x, weight, bias, logits = out.logits, loss = out.loss, targets,
-                 lse = std::move(lse), n, vocab, counted,
-                 out_in = layout == WeightLayout::OutIn]() mutable {
-      const bool from_loss = loss.has_grad() && counted > 0;
-      if (!from_loss && !logits.has_grad()) return;
-      Tensor<T> g = logits.sole_handle() ? std::move(logits.value()) : logits.value();
-      if (from_loss)
-        detail::cross_entropy_grad(g.data(), n, vocab, targets, lse, loss.grad()[0] / T(counted),
-                                   g.data(), false);
-      else
-        g.set_zero();
-      if (logits.has_grad()) g.vector() += std::as_const(logits).grad().vector();
-      logits = Var<T>{};  // the logits' own gradient buffer, if any, is not needed any more
-      detail::linear_backward(std::as_const(g), x, weight, bias, out_in);
-    });
-  }
-  return out;
+  return detail::head_cross_entropy(
+      tape, std::move(logits), grad, targets, "linear_cross_entropy",
+      [x, weight, bias, out_in = layout == WeightLayout::OutIn](const Tensor<T>& g) {
+        detail::linear_backward(g, x, weight, bias, out_in);
+      });
 }
 
 }  // namespace peft::ops

@@ -21,7 +21,7 @@ namespace detail {
 /// ‖w_o‖² + 2s Σ_k B_ok (W Aᵀ)_ok + s² Σ_k (B (A Aᵀ))_ok B_ok.
 template <class T>
 Tensor<T> dora_weight_norm(const nn::Linear<T>& lin, const Tensor<T>& a, const Tensor<T>& b, T s) {
-  ConstMatrixMap<T> w = lin.weight.value().matrix();
+  ConstMatrixMap<T> w = lin.dense_weight("DoRA").value().matrix();
   ConstMatrixMap<T> am = a.matrix();
   ConstMatrixMap<T> bm = b.matrix();
   const bool out_in = lin.layout == ops::WeightLayout::OutIn;
@@ -41,6 +41,7 @@ Tensor<T> dora_weight_norm(const nn::Linear<T>& lin, const Tensor<T>& a, const T
 /// Sets W from an [out, in] matrix, whatever the storage layout.
 template <class T>
 void set_weight_out_in(nn::Linear<T>& lin, const RowMatrix<T>& w) {
+  (void)lin.dense_weight("DoRA");  // merging: a clear error for a bf16/NF4 base
   if (lin.layout == ops::WeightLayout::OutIn)
     lin.weight.value().matrix() = w;
   else
@@ -122,8 +123,8 @@ struct DoRA {
         const Slot& slot = *s;
         const T scale = slot.extra.scale;
         const Tensor<T> norm = detail::dora_weight_norm(m, slot[0].value(), slot[1].value(), scale);
-        return ops::dora_linear(tape, x, m.weight, m.bias, m.layout, slot[0], slot[1], slot[2],
-                                norm, scale);
+        return ops::dora_linear(tape, x, m.dense_weight("DoRA"), m.bias, m.layout, slot[0], slot[1],
+                                slot[2], norm, scale);
       });
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }

@@ -140,7 +140,8 @@ struct LoKr {
       if (!s) return;
       p.replace_product([s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
         const Var<T> w1 = factor(tape, *s, 1), w2 = factor(tape, *s, 2);
-        return ops::kronecker_linear(tape, x, m.weight, m.bias, m.layout, w1, w2, s->extra.scale);
+        return ops::kronecker_linear(tape, x, m.dense_weight("LoKr"), m.bias, m.layout, w1, w2,
+                                     s->extra.scale);
       });
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }

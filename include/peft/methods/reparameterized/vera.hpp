@@ -114,8 +114,8 @@ struct VeRA {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
       p.replace_product([this, s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
-        return ops::vera_linear(tape, x, m.weight, m.bias, m.layout, shared_a_, shared_b_, (*s)[1],
-                                (*s)[0]);
+        return ops::vera_linear(tape, x, m.dense_weight("VeRA"), m.bias, m.layout, shared_a_,
+                                shared_b_, (*s)[1], (*s)[0]);
       });
     }
     bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }

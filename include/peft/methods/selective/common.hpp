@@ -158,12 +158,13 @@ std::vector<nn::Linear<T>> selected_modules(const typename P::Config& c,
 /// W[o, i] of a weight in either storage layout.
 template <class T>
 T weight_at(const nn::Linear<T>& lin, std::int64_t o, std::int64_t i) {
-  const Tensor<T>& w = lin.weight.value();
+  const Tensor<T>& w = lin.dense_weight("a selective method").value();
   return lin.layout == ops::WeightLayout::OutIn ? w[o * lin.in_features + i]
                                                 : w[i * lin.out_features + o];
 }
 template <class T>
 T& weight_ref(nn::Linear<T>& lin, std::int64_t o, std::int64_t i) {
+  (void)lin.dense_weight("a selective method");
   Tensor<T>& w = lin.weight.value();
   return lin.layout == ops::WeightLayout::OutIn ? w[o * lin.in_features + i]
                                                 : w[i * lin.out_features + o];
@@ -316,7 +317,8 @@ class SelectiveDiffs {
   static void replace_with_delta(Projection<T>& p, ops::WeightDelta<T> delta) {
     p.replace_product(
         [delta = std::move(delta)](Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
-          return ops::delta_linear(tape, x, lin.weight, lin.bias, lin.layout, delta);
+          return ops::delta_linear(tape, x, lin.dense_weight("a selective method"), lin.bias,
+                                   lin.layout, delta);
         });
   }
 

@@ -129,7 +129,8 @@ struct DiffPruning {
         ops::WeightDelta<T> delta;
         delta.entries = d->all;
         delta.entry_values = ops::mul(tape, d->delta, z);
-        return ops::delta_linear(tape, x, module.weight, module.bias, module.layout, delta);
+        return ops::delta_linear(tape, x, module.dense_weight("DiffPruning"), module.bias,
+                                 module.layout, delta);
       });
     }
 

@@ -67,6 +67,7 @@ struct FishMask {
         throw ConfigError("FishMask: calibrate needs at least one batch");
       diffs_.reset(sites_);  // the base model: the gradients are the base weights' own
       std::vector<double> fisher(static_cast<std::size_t>(total_), 0.0);
+      for (nn::Linear<T>& lin : targets_) (void)lin.dense_weight("FishMask's calibration");
       for (nn::Linear<T>& lin : targets_) lin.weight.set_requires_grad(true);
       try {
         for (const auto& batch : batches) {

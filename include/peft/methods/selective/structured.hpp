@@ -258,7 +258,11 @@ struct StructuredMask {
                 double s = 0;
                 for (const nn::Linear<T>& lin : targets_)
                   if (lin.layer == u)
-                    s += lin.weight.value().vector().template cast<double>().squaredNorm();
+                    s += lin.dense_weight("structured pruning")
+                             .value()
+                             .vector()
+                             .template cast<double>()
+                             .squaredNorm();
                 return s;
               });
           for (const nn::Linear<T>& lin : targets_) {

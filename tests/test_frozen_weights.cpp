@@ -1,0 +1,241 @@
+// Frozen base weights in bf16 and NF4 (core/frozen_weight.hpp, core/ops/frozen_linear.hpp) and
+// the Decoder built or loaded in them: the ops' gradients in double, the float kernels against
+// the exact double products, a bf16 model equal to the fp32 model with its weights rounded, a
+// QLoRA-style training step on NF4, loading with conversion, and the clear errors for what a
+// bf16/NF4 base cannot do (dense-weight methods, merging, full fine-tuning, saving).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <memory>
+#include <peft/io/model_file.hpp>
+#include <peft/methods/reparameterized/dora.hpp>
+#include <peft/methods/reparameterized/lora.hpp>
+#include <peft/nn/decoder.hpp>
+#include <peft/nn/summary.hpp>
+#include <peft/testing/gradcheck.hpp>
+#include <peft/train/optimizer.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using peft::BaseFormat;
+using peft::FrozenWeight;
+using peft::Tensor;
+using peft::Var;
+
+std::vector<float> random_floats(std::size_t n, std::uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+std::shared_ptr<const FrozenWeight> frozen(BaseFormat format, std::int64_t out, std::int64_t in,
+                                           std::uint64_t seed) {
+  return std::make_shared<const FrozenWeight>(FrozenWeight::from_values(
+      format, random_floats(static_cast<std::size_t>(out * in), seed), out, in, "w"));
+}
+
+peft::ModelConfig tiny(const std::string& type) {
+  peft::ModelConfig c = type == "gpt2" ? peft::ModelConfig::gpt2() : peft::ModelConfig::llama();
+  c.vocab_size = 96;
+  c.hidden_size = 32;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = type == "gpt2" ? 4 : 2;
+  c.head_dim = 8;
+  c.intermediate_size = 64;
+  c.max_positions = 16;
+  c.tie_word_embeddings = type == "gpt2";
+  return c;
+}
+
+peft::Batch tiny_batch(std::int64_t vocab) {
+  peft::Batch b;
+  b.batch = 2;
+  b.seq = 6;
+  std::mt19937_64 rng(7);
+  std::uniform_int_distribution<std::int64_t> token(0, vocab - 1);
+  for (int i = 0; i < 12; ++i) b.input_ids.push_back(token(rng));
+  return b;
+}
+
+peft::LoraConfig lora_all_linear() {
+  peft::LoraConfig c;
+  c.r = 4;
+  c.lora_alpha = 8;
+  c.targets.target_modules.all_linear = true;
+  return c;
+}
+
+double max_abs_diff(const Tensor<double>& a, const Tensor<double>& b) {
+  REQUIRE(a.numel() == b.numel());
+  double m = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("frozen_linear: gradients of x and the bias in double, for bf16 and NF4 weights") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+    CAPTURE(peft::base_format_name(format));
+    const auto w = frozen(format, 5, 70, 11);  // 70: more than one NF4 block, a partial one
+    const peft::testing::DoubleFunction f = [&](peft::Tape<double>& tape,
+                                                std::vector<Var<double>>& in) {
+      return peft::ops::frozen_linear(tape, in[0], w, in[1]);
+    };
+    const auto result = peft::testing::check_gradients(
+        f, {Var<double>(peft::testing::random_tensor({2, 3, 70}, 1), true),
+            Var<double>(peft::testing::random_tensor({5}, 2), true)});
+    CHECK_MESSAGE(result.ok, result.message);
+  }
+}
+
+TEST_CASE("frozen_linear_cross_entropy: the gradient of x in double, and the loss of the parts") {
+  const auto w = frozen(BaseFormat::bf16, 9, 6, 3);
+  const std::vector<std::int64_t> targets = {1, -100, 8, 0};
+  const peft::testing::DoubleFunction f = [&](peft::Tape<double>& tape,
+                                              std::vector<Var<double>>& in) {
+    return peft::ops::frozen_linear_cross_entropy(tape, in[0], w, targets).loss;
+  };
+  const Var<double> x(peft::testing::random_tensor({4, 6}, 5), true);
+  const auto result = peft::testing::check_gradients(f, {x});
+  CHECK_MESSAGE(result.ok, result.message);
+  peft::Tape<double> tape(false);
+  const Var<double> unfused =
+      peft::ops::cross_entropy(tape, peft::ops::frozen_linear(tape, x, w, Var<double>{}), targets);
+  CHECK(peft::ops::frozen_linear_cross_entropy(tape, x, w, targets).loss.value()[0] ==
+        doctest::Approx(unfused.value()[0]).epsilon(1e-14));
+}
+
+TEST_CASE("FrozenWeight: the float products match the exact double products of their operands") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+    CAPTURE(peft::base_format_name(format));
+    const std::int64_t n = 7, out = 40, in = 130;
+    const auto w = frozen(format, out, in, 21);
+    const std::vector<float> x = random_floats(static_cast<std::size_t>(n * in), 22);
+    std::vector<float> y(static_cast<std::size_t>(n * out));
+    w->forward(x.data(), in, n, y.data(), out, false);
+    // bf16: the float path rounds x to bf16 first (as autocast does); NF4 keeps x in fp32.
+    std::vector<double> xd(x.size()), yd(y.size());
+    for (std::size_t i = 0; i < x.size(); ++i)
+      xd[i] = format == BaseFormat::bf16 ? peft::ops::bf16::to_float(peft::ops::bf16::round(x[i]))
+                                         : x[i];
+    w->forward(xd.data(), in, n, yd.data(), out, false);
+    std::vector<double> wd(static_cast<std::size_t>(out * in));
+    w->rows_as(0, out, wd.data());
+    for (std::int64_t r = 0; r < n; ++r)
+      for (std::int64_t o = 0; o < out; ++o) {
+        double magnitude = 0;
+        for (std::int64_t i = 0; i < in; ++i)
+          magnitude += std::abs(xd[static_cast<std::size_t>(r * in + i)] *
+                                wd[static_cast<std::size_t>(o * in + i)]);
+        // fp32 accumulation of `in` exact (bf16) or once-rounded (NF4) products.
+        const double bound = 2.0 * double(in + 2) * std::ldexp(1.0, -24) * magnitude + 1e-30;
+        const std::size_t k = static_cast<std::size_t>(r * out + o);
+        CHECK(std::abs(double(y[k]) - yd[k]) <= bound);
+      }
+  }
+}
+
+TEST_CASE("Decoder in bf16: the fp32 model of the same seed with its weights rounded to bf16") {
+  using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, double>;
+  Model rounded(tiny("gpt2"), lora_all_linear(), 3);
+  const auto round = [](double v) {
+    return double(peft::ops::bf16::to_float(peft::ops::bf16::round(static_cast<float>(v))));
+  };
+  for (peft::NamedParameter<double>& p : rounded.base_parameters()) {
+    const bool weight =
+        p.name.find("wte") != std::string::npos ||
+        (p.name.find(".weight") != std::string::npos && p.name.find("ln_") == std::string::npos &&
+         p.name.find("wpe") == std::string::npos);
+    if (!weight) continue;
+    for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
+      p.var.value()[i] = round(p.var.value()[i]);
+  }
+  Model bf16(tiny("gpt2"), lora_all_linear(), 3, BaseFormat::bf16);
+  CHECK(bf16.base_format() == BaseFormat::bf16);
+  const peft::Batch batch = tiny_batch(96);
+  CHECK(max_abs_diff(bf16.logits(batch), rounded.logits(batch)) < 1e-12);
+  // Same trainable tensors, same parameter counts; frozen weights about half the bytes.
+  CHECK(peft::parameter_summary(bf16).all == peft::parameter_summary(rounded).all);
+  CHECK(peft::parameter_summary(bf16).trainable == peft::parameter_summary(rounded).trainable);
+  CHECK(bf16.base_weight_bytes() < rounded.base_weight_bytes() / 3);
+}
+
+TEST_CASE("Decoder in NF4 (float): a LoRA training step lowers the loss; only LoRA trains") {
+  using Model = peft::Decoder<peft::arch::Llama, peft::LoRA, float>;
+  Model model(tiny("llama"), lora_all_linear(), 5, BaseFormat::nf4);
+  for (peft::nn::Linear<float>* lin : model.linear_modules())
+    CHECK(lin->format() == (lin->name == "lm_head" ? BaseFormat::bf16 : BaseFormat::nf4));
+  for (const peft::NamedParameter<float>& p : model.trainable_parameters())
+    CHECK(p.name.find("lora_") != std::string::npos);
+  peft::AdamW<float> optimizer(model.trainable_parameters(), peft::AdamWOptions{.lr = 1e-2});
+  const peft::Batch batch = tiny_batch(96);
+  std::vector<float> losses;
+  for (int step = 0; step < 4; ++step) {
+    peft::Tape<float> tape;
+    peft::ForwardResult<float> r = model.forward(tape, batch);
+    losses.push_back(r.loss.value()[0]);
+    tape.backward(r.loss);
+    optimizer.step();
+    optimizer.zero_grad();
+  }
+  CHECK(std::isfinite(losses.back()));
+  CHECK(losses.back() < losses.front());
+}
+
+TEST_CASE("Decoder::load converts as it reads: bf16 and NF4 equal the model built in them") {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("peft_frozen_load_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  for (const std::string type : {"gpt2", "llama"}) {
+    CAPTURE(type);
+    const peft::Batch batch = tiny_batch(96);
+    const auto check_format = [&]<class Arch>(BaseFormat format) {
+      using Model = peft::Decoder<Arch, peft::LoRA, float>;
+      Model dense(tiny(type), lora_all_linear(), 9);
+      peft::io::save_model(dense, dir);
+      Model loaded = Model::load(dir, lora_all_linear(), 9, format);
+      Model built(tiny(type), lora_all_linear(), 9, format);
+      const Tensor<float> a = loaded.logits(batch), b = built.logits(batch);
+      REQUIRE(a.numel() == b.numel());
+      for (std::int64_t i = 0; i < a.numel(); ++i) REQUIRE(a[i] == b[i]);
+      std::filesystem::remove_all(dir);
+    };
+    for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+      if (type == "gpt2")
+        check_format.template operator()<peft::arch::Gpt2>(format);
+      else
+        check_format.template operator()<peft::arch::Llama>(format);
+    }
+  }
+}
+
+TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and the format") {
+  using Model = peft::Decoder<peft::arch::Llama, peft::LoRA, float>;
+  Model model(tiny("llama"), lora_all_linear(), 1, BaseFormat::nf4);
+  CHECK_THROWS_WITH_AS(model.merge(),
+                       doctest::Contains("cannot merge into a base weight held in nf4"),
+                       peft::ConfigError);
+  CHECK_THROWS_WITH_AS(model.set_base_trainable(true), doctest::Contains("needs base format fp32"),
+                       peft::ConfigError);
+  CHECK_THROWS_WITH_AS(peft::io::save_model(model, "/tmp/peft_never_written"),
+                       doctest::Contains("saving a base held in nf4"), peft::ConfigError);
+  CHECK_FALSE(std::filesystem::exists("/tmp/peft_never_written"));
+  peft::DoraConfig dora;
+  dora.targets.target_modules.names = {"q_proj"};
+  CHECK_THROWS_WITH_AS(
+      (peft::Decoder<peft::arch::Llama, peft::DoRA, float>(tiny("llama"), dora, 1,
+                                                           BaseFormat::bf16)),
+      doctest::Contains("DoRA needs a dense base weight, but this model holds it in bf16"),
+      peft::ConfigError);
+  CHECK_THROWS_WITH_AS(peft::parse_base_format("int8", "--base-dtype"),
+                       doctest::Contains("--base-dtype: expected fp32, bf16 or nf4, found 'int8'"),
+                       peft::ConfigError);
+}
