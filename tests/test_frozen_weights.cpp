@@ -96,6 +96,36 @@ TEST_CASE("frozen_linear: gradients of x and the bias in double, for bf16 and NF
   }
 }
 
+TEST_CASE("frozen_lora_linear: gradients in double, and the value of the unfused sum") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+    CAPTURE(peft::base_format_name(format));
+    const auto w = frozen(format, 6, 70, 12);
+    const double s = 1.75;
+    const peft::testing::DoubleFunction f = [&](peft::Tape<double>& tape,
+                                                std::vector<Var<double>>& in) {
+      return peft::ops::frozen_lora_linear(tape, in[0], w, in[1], in[2], in[3], s);
+    };
+    const std::vector<Var<double>> inputs = {
+        Var<double>(peft::testing::random_tensor({2, 3, 70}, 1), true),
+        Var<double>(peft::testing::random_tensor({6}, 2), true),
+        Var<double>(peft::testing::random_tensor({3, 70}, 3), true),
+        Var<double>(peft::testing::random_tensor({6, 3}, 4), true)};
+    const auto result = peft::testing::check_gradients(f, inputs);
+    CHECK_MESSAGE(result.ok, result.message);
+    peft::Tape<double> tape(false);
+    const Var<double> fused = f(tape, const_cast<std::vector<Var<double>>&>(inputs));
+    const Var<double> h = peft::ops::linear(tape, inputs[0], inputs[2], Var<double>{},
+                                            peft::ops::WeightLayout::OutIn);
+    const Var<double> unfused = peft::ops::add(
+        tape, peft::ops::frozen_linear(tape, inputs[0], w, inputs[1]),
+        peft::ops::scale(
+            tape,
+            peft::ops::linear(tape, h, inputs[3], Var<double>{}, peft::ops::WeightLayout::OutIn),
+            s));
+    CHECK(max_abs_diff(fused.value(), unfused.value()) < 1e-12);
+  }
+}
+
 TEST_CASE("frozen_linear_cross_entropy: the gradient of x in double, and the loss of the parts") {
   const auto w = frozen(BaseFormat::bf16, 9, 6, 3);
   const std::vector<std::int64_t> targets = {1, -100, 8, 0};

@@ -46,7 +46,8 @@ template <class Registry = BuiltinMethods>
 int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   const auto usage = [&] {
     err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)\n"
-           "                     [--max-new N] [--temperature T] [--top-k K] [--seed N]\n";
+           "                     [--max-new N] [--temperature T] [--top-k K] [--seed N]\n"
+           "                     [--base-dtype fp32|bf16|nf4]\n";
     return 2;
   };
   if (args.empty() || args[0].rfind("--", 0) == 0) return usage();
@@ -54,10 +55,11 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   std::filesystem::path adapter_dir;
   std::optional<std::string> prompt_text, ids_text;
   GenerateOptions options;
+  BaseFormat base = BaseFormat::fp32;
   for (std::size_t i = 1; i < args.size(); ++i) {
     const std::string& flag = args[i];
-    static const char* const kFlags[] = {"--adapter", "--prompt",      "--ids", "--max-new",
-                                         "--top-k",   "--temperature", "--seed"};
+    static const char* const kFlags[] = {"--adapter", "--prompt",      "--ids",  "--max-new",
+                                         "--top-k",   "--temperature", "--seed", "--base-dtype"};
     if (std::find(std::begin(kFlags), std::end(kFlags), flag) == std::end(kFlags)) {
       err << "peft generate: error: unknown option '" << flag << "'\n";
       return usage();
@@ -83,6 +85,13 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
           io::parse_integer(value, flag, {.min = 0, .max = std::numeric_limits<int>::max()}));
     else if (flag == "--seed")
       options.seed = io::parse_unsigned(value, flag);
+    else if (flag == "--base-dtype") {
+      try {
+        base = parse_base_format(value, flag);
+      } catch (const ConfigError& e) {
+        throw io::ArgumentError(e.what());
+      }
+    }
   }
   if (prompt_text && ids_text)
     throw io::ArgumentError("--prompt and --ids: expected one of them, found both");
@@ -114,7 +123,7 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   try {
     visit_arch_for(config.model_type, [&]<class Arch>() {
       if (adapter_dir.empty()) {
-        auto model = Decoder<Arch, NoPeft, float>::load(model_dir);
+        auto model = Decoder<Arch, NoPeft, float>::load(model_dir, {}, 0, base);
         detail::print_generation(model, prompt, options, out);
         return;
       }
@@ -123,7 +132,8 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
       const bool known = Registry::visit_for(adapter_json, [&]<class Policy>() {
         auto model = Decoder<Arch, Policy, float>::load(
             model_dir,
-            config_from_json<typename Policy::Config>(adapter_json, adapter_config.string()));
+            config_from_json<typename Policy::Config>(adapter_json, adapter_config.string()), 0,
+            base);
         io::load_adapter_tensors(
             model.adapter().parameters(),
             io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors"));

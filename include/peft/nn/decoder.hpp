@@ -20,6 +20,7 @@
 
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
+#include "peft/io/checkpoint.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/methods/policy.hpp"
@@ -86,7 +87,8 @@ class Decoder {
                    std::uint64_t seed = 0, BaseFormat base = BaseFormat::fp32)
       : Decoder(std::move(config), std::move(peft_config), seed, base, "model config", true) {}
 
-  /// A model whose base weights come from `model_dir/model.safetensors` (config from
+  /// A model whose base weights come from `model_dir/model.safetensors`, or from the shards
+  /// `model_dir/model.safetensors.index.json` lists (io::Checkpoint: memory-mapped; config from
   /// `model_dir/config.json` must match Arch), with the policy attached. Validates before it
   /// allocates: the config's sizes are bounded (check_plausible_size) and the checkpoint's
   /// header is checked against the config (check_base_tensors) before any weight exists.
@@ -102,7 +104,7 @@ class Decoder {
       throw ConfigError(config_path.string() + ": config is for '" + config.model_type +
                         "', the decoder is " + std::string(Arch::model_type));
     check_plausible_size<Arch>(config, config_path.string(), storage_bytes(base));
-    const io::SafetensorsFile file = io::SafetensorsFile::open(model_dir / "model.safetensors");
+    const io::Checkpoint file = io::Checkpoint::open(model_dir);  // mapped; one file or shards
     check_base_tensors(file, base_tensor_shapes<Arch>(config));
     Decoder model(std::move(config), std::move(peft_config), seed, base, config_path.string(),
                   false);
@@ -114,8 +116,9 @@ class Decoder {
   /// header alone: every expected tensor present with its shape and a float dtype, and no tensor
   /// the model does not have (a file for another model or config must not load half-used).
   /// Throws FileError naming the file and the tensor.
-  static void check_base_tensors(const io::SafetensorsFile& file,
-                                 const std::vector<BaseTensorShape>& expected) {
+  /// `File`: an io::SafetensorsFile or an io::Checkpoint (sharded).
+  template <class File>
+  static void check_base_tensors(const File& file, const std::vector<BaseTensorShape>& expected) {
     std::set<std::string_view> known;
     for (const BaseTensorShape& e : expected) {
       known.insert(e.name);
@@ -242,7 +245,8 @@ class Decoder {
   /// it is read (one tensor at a time, so loading never holds two copies of the model), and
   /// leaves the tensors before it replaced: discard the model then (load() does).
   /// Weights in bf16 or NF4 are converted as they are read (frozen_from_file).
-  void load_base_weights(const io::SafetensorsFile& file) {
+  template <class File>
+  void load_base_weights(const File& file) {
     check_base_tensors(file, base_tensor_shapes<Arch>(config_));
     for (NamedParameter<T>& p : base_parameters())
       p.var.value() = Tensor<T>(p.var.shape(), file.template read_finite<T>(p.name, p.var.shape()));
@@ -386,7 +390,8 @@ class Decoder {
   // One checkpoint tensor as a FrozenWeight [rows, cols] = [out, in]: a BF16 tensor's bits used
   // as they are (no fp32 copy), any other float dtype read as finite fp32; a tensor stored
   // [in, out] (GPT-2's Conv1D) transposed first.
-  static std::shared_ptr<const FrozenWeight> frozen_from_file(const io::SafetensorsFile& file,
+  template <class File>
+  static std::shared_ptr<const FrozenWeight> frozen_from_file(const File& file,
                                                               const std::string& name,
                                                               BaseFormat format, std::int64_t rows,
                                                               std::int64_t cols,

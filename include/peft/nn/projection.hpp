@@ -101,12 +101,12 @@ class Projection {
       if (c.kind == Kind::Replace) replace = &c;
       if (c.kind == Kind::LowRank && !fused) fused = &c;
     }
-    // A low-rank term rides in the dense product only; a bf16/NF4 base runs its own kernels and
-    // the term is added after.
-    if (replace || !m.dense()) fused = nullptr;
+    if (replace) fused = nullptr;
     Var<T> y;
     if (replace)
       y = replace->product(tape, m, x);
+    else if (fused && m.frozen)  // a bf16/NF4 base: the term rides in the frozen product
+      y = ops::frozen_lora_linear(tape, x, m.frozen, m.bias, fused->a, fused->b, fused->scale);
     else if (fused)
       y = ops::lora_linear(tape, x, m.weight, m.bias, m.layout, fused->a, fused->b, fused->scale);
     else

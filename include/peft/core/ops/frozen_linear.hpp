@@ -59,6 +59,53 @@ Var<T> frozen_linear(Tape<T>& tape, const Var<T>& x, const FrozenWeightPtr& weig
   return result;
 }
 
+/// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ for a frozen W [out, in] in bf16 or NF4 (A [r, in], B [out, r]):
+/// lora_linear (low_rank.hpp) on a frozen base. The low-rank term is added into the frozen
+/// product's output buffer, so the op holds one [..., out] tensor; backward keeps only
+/// hᵀ = A xᵀ [r, N] and adds the frozen product's dx and the low-rank path's into one buffer.
+template <class T>
+Var<T> frozen_lora_linear(Tape<T>& tape, const Var<T>& x, const FrozenWeightPtr& weight,
+                          const Var<T>& bias, const Var<T>& a, const Var<T>& b, T s) {
+  check(weight != nullptr, "frozen_lora_linear", "no weight");
+  const std::int64_t r = a.value().dim(0), in = x.value().cols(), out = weight->rows();
+  const std::int64_t n = x.value().rows();
+  check(a.value().rank() == 2 && b.value().rank() == 2 && b.value().dim(1) == r &&
+            a.value().dim(1) == in && b.value().dim(0) == out,
+        "frozen_lora_linear",
+        "A " + shape_string(a.shape()) + " and B " + shape_string(b.shape()) +
+            " do not fit input " + shape_string(x.shape()) + " and frozen weight [" +
+            std::to_string(out) + ", " + std::to_string(weight->cols()) + "]");
+  Tensor<T> y = detail::frozen_linear_values(x.value(), *weight, bias, "frozen_lora_linear");
+  Tensor<T> h_t(Shape{r, n});  // A xᵀ, kept for backward
+  detail::gemm(a.value().data(), in, false, x.value().data(), in, true, h_t.data(), n, r, n, in);
+  detail::gemm(h_t.data(), n, true, b.value().data(), r, true, y.data(), out, n, out, r, s, true);
+  Var<T> result = bias ? make_output(tape, std::move(y), x, bias, a, b)
+                       : make_output(tape, std::move(y), x, a, b);
+  if (result.requires_grad()) {
+    tape.record([x, weight, bias, a, b, result, s, h_t = std::move(h_t), n, in, r, out] {
+      const Tensor<T>& g = std::as_const(result.grad());  // [N, out]
+      const bool need_a = a.requires_grad(), need_x = x.requires_grad();
+      AlignedVector<T> gh(need_a || need_x ? static_cast<std::size_t>(n * r) : 0);  // s g B
+      if (!gh.empty())
+        detail::gemm(g.data(), out, false, b.value().data(), r, false, gh.data(), r, n, r, out, s);
+      if (b.requires_grad())  // dB += s gᵀ h
+        detail::gemm(g.data(), out, true, h_t.data(), n, true, b.grad().data(), r, out, r, n, s,
+                     true);
+      if (need_a)  // dA += ghᵀ x
+        detail::gemm(gh.data(), r, true, x.value().data(), in, false, a.grad().data(), in, r, in, n,
+                     T(1), true);
+      if (need_x) {  // dx += g W + gh A
+        weight->backward(g.data(), out, n, x.grad().data(), in, true);
+        detail::gemm(gh.data(), r, false, a.value().data(), in, false, x.grad().data(), in, n, in,
+                     r, T(1), true);
+      }
+      if (bias && bias.requires_grad())
+        bias.grad().vector() += g.matrix().colwise().sum().transpose();
+    });
+  }
+  return result;
+}
+
 /// Rows `ids` of a frozen table W [vocab, d], as T: [ids.size(), d]. No gradient.
 template <class T>
 Var<T> frozen_embedding(const FrozenWeightPtr& table, const std::vector<std::int64_t>& ids) {
