@@ -37,6 +37,7 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "peft/core/cpu_features.hpp"
 #include "peft/core/error.hpp"
@@ -463,9 +464,10 @@ PEFT_TARGET_AVX512 inline void nf4_columns(const float* a, std::int64_t lda, std
 
 /// The portable bf16 product on output columns [jb, je): W's columns widened to fp32
 /// portable_cols(k) at a time, then detail::gemm_serial with the rounded operand `ar` [m, k].
-inline void bf16_columns_portable(const float* ar, std::int64_t m, std::int64_t k,
-                                  const Bf16Matrix& w, bool forward, float* c, std::int64_t ldc,
-                                  std::int64_t jb, std::int64_t je, bool accumulate) {
+template <class F>
+void bf16_columns_portable(const F* ar, std::int64_t m, std::int64_t k, const Bf16Matrix& w,
+                           bool forward, F* c, std::int64_t ldc, std::int64_t jb, std::int64_t je,
+                           bool accumulate) {
   AlignedVector<float>& block = Scratch::local().block;
   const std::int64_t width = portable_cols(k);
   block.resize(static_cast<std::size_t>(width * k));
@@ -489,10 +491,10 @@ inline void bf16_columns_portable(const float* ar, std::int64_t m, std::int64_t 
 
 /// The portable NF4 product on output columns [jb, je): W dequantized portable_cols(k) columns
 /// at a time, then detail::gemm_serial.
-inline void nf4_columns_portable(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
-                                 const quant::Nf4Tensor& w, bool forward, float* c,
-                                 std::int64_t ldc, std::int64_t jb, std::int64_t je,
-                                 bool accumulate) {
+template <class F>
+void nf4_columns_portable(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k,
+                          const quant::Nf4Tensor& w, bool forward, F* c, std::int64_t ldc,
+                          std::int64_t jb, std::int64_t je, bool accumulate) {
   AlignedVector<float>& block = Scratch::local().block;
   const std::int64_t width = portable_cols(k);
   block.resize(static_cast<std::size_t>(width * k));
@@ -565,9 +567,10 @@ inline bool empty_product(float* c, std::int64_t ldc, std::int64_t m, std::int64
 }
 
 // c [m, cols] (+)= a [m, k] · op(W) for a bf16 W on `path`.
-inline void bf16_product(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
-                         const Bf16Matrix& w, bool forward, float* c, std::int64_t ldc,
-                         std::int64_t cols, bool accumulate, cpu::KernelPath path) {
+template <class F>
+void bf16_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k, const Bf16Matrix& w,
+                  bool forward, F* c, std::int64_t ldc, std::int64_t cols, bool accumulate,
+                  cpu::KernelPath path) {
   if (empty_product(c, ldc, m, k, cols, accumulate)) return;
   const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
@@ -586,14 +589,15 @@ inline void bf16_product(const float* a, std::int64_t lda, std::int64_t m, std::
     for (std::int64_t p = 0; p < k; ++p)
       rounded[std::size_t(i * k + p)] = bf16::to_float(bf16::round(a[i * lda + p]));
   for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-    bf16_columns_portable(rounded.data(), m, k, w, forward, c, ldc, jb, je, accumulate);
+    bf16_columns_portable<F>(rounded.data(), m, k, w, forward, c, ldc, jb, je, accumulate);
   });
 }
 
 // c [m, cols] (+)= a [m, k] · op(W) for an NF4 W on `path`.
-inline void nf4_product(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
-                        const quant::Nf4Tensor& w, bool forward, float* c, std::int64_t ldc,
-                        std::int64_t cols, bool accumulate, cpu::KernelPath path) {
+template <class F>
+void nf4_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k,
+                 const quant::Nf4Tensor& w, bool forward, F* c, std::int64_t ldc, std::int64_t cols,
+                 bool accumulate, cpu::KernelPath path) {
   if (empty_product(c, ldc, m, k, cols, accumulate)) return;
   const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
@@ -612,12 +616,19 @@ inline void nf4_product(const float* a, std::int64_t lda, std::int64_t m, std::i
 
 }  // namespace frozen_detail
 
+// The entry points (and the portable products under them) are templates over the operand type,
+// fp32 only: as plain inline functions their calls into detail::gemm_serial instantiated
+// Eigen's product in every translation unit that includes this header (1.3 s and 200 MB of
+// compiler memory for <peft/peft.hpp> alone), used or not.
+
 /// y[n, out] (+)= bf16(x)[n, in] · Wᵀ, W = w [out, in]; x has row stride ldx, y row stride ldy.
 /// `accumulate` false overwrites y. ShapeError on inconsistent strides, ConfigError when `path`
 /// cannot run on this CPU.
-inline void frozen_forward(const float* x, std::int64_t ldx, std::int64_t n, const Bf16Matrix& w,
-                           float* y, std::int64_t ldy, bool accumulate = false,
-                           cpu::KernelPath path = cpu::kernel_path()) {
+template <class F = float>
+void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const Bf16Matrix& w, F* y,
+                    std::int64_t ldy, bool accumulate = false,
+                    cpu::KernelPath path = cpu::kernel_path()) {
+  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
   frozen_detail::check_bf16("frozen_forward", w);
   frozen_detail::check_operands("frozen_forward", w.name, w.rows, w.cols, n, x, ldx, w.cols, "x", y,
                                 ldy, w.rows, "y");
@@ -626,9 +637,11 @@ inline void frozen_forward(const float* x, std::int64_t ldx, std::int64_t n, con
 }
 
 /// dx[n, in] (+)= bf16(dy)[n, out] · W, W = w [out, in]. As frozen_forward otherwise.
-inline void frozen_backward(const float* dy, std::int64_t lddy, std::int64_t n, const Bf16Matrix& w,
-                            float* dx, std::int64_t lddx, bool accumulate = false,
-                            cpu::KernelPath path = cpu::kernel_path()) {
+template <class F = float>
+void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const Bf16Matrix& w, F* dx,
+                     std::int64_t lddx, bool accumulate = false,
+                     cpu::KernelPath path = cpu::kernel_path()) {
+  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
   frozen_detail::check_bf16("frozen_backward", w);
   frozen_detail::check_operands("frozen_backward", w.name, w.rows, w.cols, n, dy, lddy, w.rows,
                                 "dy", dx, lddx, w.cols, "dx");
@@ -637,9 +650,11 @@ inline void frozen_backward(const float* dy, std::int64_t lddy, std::int64_t n, 
 }
 
 /// y[n, out] (+)= x[n, in] · dequant(W)ᵀ for an NF4 W [out, in] (fp32 x, fp32 accumulation).
-inline void frozen_forward(const float* x, std::int64_t ldx, std::int64_t n,
-                           const quant::Nf4Tensor& w, float* y, std::int64_t ldy,
-                           bool accumulate = false, cpu::KernelPath path = cpu::kernel_path()) {
+template <class F = float>
+void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const quant::Nf4Tensor& w, F* y,
+                    std::int64_t ldy, bool accumulate = false,
+                    cpu::KernelPath path = cpu::kernel_path()) {
+  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
   frozen_detail::check_nf4("frozen_forward", w);
   frozen_detail::check_operands("frozen_forward", w.name(), w.rows(), w.cols(), n, x, ldx, w.cols(),
                                 "x", y, ldy, w.rows(), "y");
@@ -648,9 +663,11 @@ inline void frozen_forward(const float* x, std::int64_t ldx, std::int64_t n,
 }
 
 /// dx[n, in] (+)= dy[n, out] · dequant(W) for an NF4 W [out, in].
-inline void frozen_backward(const float* dy, std::int64_t lddy, std::int64_t n,
-                            const quant::Nf4Tensor& w, float* dx, std::int64_t lddx,
-                            bool accumulate = false, cpu::KernelPath path = cpu::kernel_path()) {
+template <class F = float>
+void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const quant::Nf4Tensor& w,
+                     F* dx, std::int64_t lddx, bool accumulate = false,
+                     cpu::KernelPath path = cpu::kernel_path()) {
+  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
   frozen_detail::check_nf4("frozen_backward", w);
   frozen_detail::check_operands("frozen_backward", w.name(), w.rows(), w.cols(), n, dy, lddy,
                                 w.rows(), "dy", dx, lddx, w.cols(), "dx");
