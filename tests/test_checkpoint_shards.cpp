@@ -8,29 +8,16 @@
 #include <nlohmann/json.hpp>
 #include <peft/io/checkpoint.hpp>
 #include <peft/io/model_file.hpp>
-#include <peft/methods/reparameterized/lora.hpp>
 #include <peft/nn/decoder.hpp>
 #include <string>
 #include <vector>
+
+#include "tiny_models.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using Model = peft::Decoder<peft::arch::Llama, peft::NoPeft, float>;
-
-peft::ModelConfig tiny_llama() {
-  peft::ModelConfig c = peft::ModelConfig::llama();
-  c.vocab_size = 64;
-  c.hidden_size = 16;
-  c.num_layers = 3;
-  c.num_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 8;
-  c.intermediate_size = 32;
-  c.max_positions = 16;
-  c.tie_word_embeddings = false;
-  return c;
-}
 
 void write_text(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
@@ -52,7 +39,7 @@ struct ShardedModel {
 
   ShardedModel() {
     fs::remove_all(root);
-    Model model(tiny_llama(), {}, 4);
+    Model model(test_support::tiny_llama(), {}, 4);
     peft::io::save_model(model, whole);
     fs::create_directories(split);
     fs::copy_file(whole / "config.json", split / "config.json");
@@ -79,14 +66,6 @@ struct ShardedModel {
   }
 };
 
-peft::Batch batch() {
-  peft::Batch b;
-  b.batch = 1;
-  b.seq = 5;
-  b.input_ids = {3, 17, 42, 8, 63};
-  return b;
-}
-
 }  // namespace
 
 TEST_CASE("a checkpoint in three shards loads to the logits of the whole file, bit for bit") {
@@ -94,8 +73,10 @@ TEST_CASE("a checkpoint in three shards loads to the logits of the whole file, b
   CHECK(peft::io::Checkpoint::open(m.split).shard_count() == 3);
   for (const peft::BaseFormat format : {peft::BaseFormat::fp32, peft::BaseFormat::bf16}) {
     CAPTURE(peft::base_format_name(format));
-    const peft::Tensor<float> whole = Model::load(m.whole, {}, 0, format).logits(batch());
-    const peft::Tensor<float> split = Model::load(m.split, {}, 0, format).logits(batch());
+    const peft::Tensor<float> whole =
+        Model::load(m.whole, {}, 0, format).logits(test_support::padded_batch());
+    const peft::Tensor<float> split =
+        Model::load(m.split, {}, 0, format).logits(test_support::padded_batch());
     REQUIRE(whole.numel() == split.numel());
     for (std::int64_t i = 0; i < whole.numel(); ++i) REQUIRE(whole[i] == split[i]);
   }
@@ -105,7 +86,8 @@ TEST_CASE("a malformed shard index is a FileError naming the index and the fault
   const ShardedModel m;
   const auto fails_with = [&](const nlohmann::json& index, const std::string& expected) {
     m.write_index(index);
-    CHECK_THROWS_WITH_AS(Model::load(m.split), doctest::Contains(expected.c_str()), peft::FileError);
+    CHECK_THROWS_WITH_AS(Model::load(m.split), doctest::Contains(expected.c_str()),
+                         peft::FileError);
     CHECK_THROWS_WITH_AS(Model::load(m.split), doctest::Contains("model.safetensors.index.json"),
                          peft::FileError);
   };
