@@ -1,5 +1,5 @@
 // `peft search`: design-space search over PEFT configurations under a trainable-parameter budget
-// (include/peft/methods/hybrid/search.hpp). Prints the candidates' table and the run's cost;
+// (include/peft/experiment/search.hpp). Prints the candidates' table and the run's cost;
 // writes the best configuration as adapter_config.json, with config.json (the searched model),
 // search_table.md and search.json, into --out.
 #include <chrono>
@@ -14,7 +14,7 @@
 #endif
 
 #include <peft/io/parse_text.hpp>
-#include <peft/methods/hybrid/search.hpp>
+#include <peft/experiment/search.hpp>
 
 #include "commands.hpp"
 

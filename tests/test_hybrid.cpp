@@ -14,7 +14,7 @@
 #include <filesystem>
 #include <peft/methods/hybrid/compose.hpp>
 #include <peft/methods/hybrid/mam_adapter.hpp>
-#include <peft/methods/hybrid/search.hpp>
+#include <peft/experiment/search.hpp>
 #include <peft/methods/hybrid/unipelt.hpp>
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>

@@ -10,12 +10,13 @@
 //   io/        safetensors, JSON, adapter files, base-model files
 //
 // Lean on purpose: what a program that builds, trains, saves and loads models needs, and nothing
-// else (an empty program including it compiles in about 7 s of CPU, under 500 MB). Included
+// else (an empty program including it compiles in about 6 s of CPU, under 650 MB). Included
 // explicitly by the code that needs them, and never from here:
 //   peft/testing/gradcheck.hpp       finite-difference gradient checker (tests)
 //   peft/testing/golden.hpp          golden-case runner (`peft parity`)
-//   peft/methods/hybrid/search.hpp   the configuration search (`peft search`; ~35 s to compile)
+//   peft/experiment/search.hpp       the configuration search (`peft search`; ~35 s to compile)
 //   peft/experiment/study.hpp        the study's engine (run_study_table: a program's own rows)
+//   peft/experiment/training.hpp     the training options and base pretraining both share
 //   peft/experiment/study_methods.hpp  the library's rows of the study (`peft study`, run_study)
 //   peft/commands/                   count, generate and main<Registry>: the registry-dependent
 //                                    commands as library functions (docs/cli.md)

@@ -43,6 +43,8 @@
 #include <peft/peft.hpp>
 #include <peft/train/trainer.hpp>
 
+#include "peft/experiment/training.hpp"
+
 namespace peft::experiment {
 
 namespace fs = std::filesystem;
@@ -209,23 +211,15 @@ inline fs::path pretrained_base(const Settings& s, const ModelConfig& model,
   }
   out << "pretraining the base (" << s.pretrain_steps << " steps; cached afterwards in "
       << dir.string() << ")\n";
-  Decoder<arch::Llama, NoPeft, float> base(model, {}, s.seed);
-  base.set_base_trainable(true);
-  TrainerOptions o;
-  o.max_steps = s.pretrain_steps;
-  o.adamw.lr = s.pretrain_lr;
-  o.adamw.weight_decay = 0.01;
-  o.schedule.kind = LrSchedule::Kind::Cosine;
-  o.schedule.warmup_steps = std::min<std::int64_t>(100, s.pretrain_steps / 10);
-  o.schedule.final_ratio = 0.1;
-  o.eval_at_start = false;
-  o.seed = s.seed + 1;
   using Model = Decoder<arch::Llama, NoPeft, float>;
-  Trainer<Model> trainer(base, o, train_batch, [&](Model& m) { return evaluate(m, eval_batches); });
+  Model base(model, {}, s.seed);
   progress.start("pretrain", s.pretrain_steps);
-  trainer.on_step = [&](const StepInfo& i) { progress.update(i.step, i.loss); };
-  const TrainResult r = trainer.run();
-  if (r.reason == StopReason::NonFinite) throw Error("pretraining stopped: " + r.message);
+  const TrainResult r = pretrain_base(
+      base,
+      cosine_training(s.pretrain_steps, s.pretrain_lr, 0.01,
+                      std::min<std::int64_t>(100, s.pretrain_steps / 10), 0.1, s.seed + 1),
+      train_batch, "study", [&](Model& m) { return evaluate(m, eval_batches); },
+      [&](const StepInfo& i) { progress.update(i.step, i.loss); });
   const EvalMetrics& m = r.evals.back().metrics;
   std::ostringstream summary;
   summary << "eval loss " << std::fixed << std::setprecision(4) << m.loss << ", accuracy "
@@ -289,14 +283,10 @@ MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::
     return row;
   }
 
-  TrainerOptions o;
-  o.adamw.lr = lr;
-  o.adamw.weight_decay = 0.0;  // decaying adapters toward 0 fights short budgets; off for all
-  o.schedule.kind = LrSchedule::Kind::Cosine;
-  o.schedule.warmup_steps = steps / 10;
-  o.schedule.final_ratio = 0.1;
+  // No weight decay (decaying adapters toward 0 fights short budgets; off for all); every
+  // method sees the same stream of batches.
+  TrainerOptions o = cosine_training(steps, lr, 0.0, steps / 10, 0.1, s.seed + 2);
   o.eval_every = s.eval_every;
-  o.seed = s.seed + 2;  // every method sees the same stream of batches
 
   // Methods that train in two phases (diff pruning: dense with the L0 penalty, then the pruned
   // sparse diff) split the budget; both phases' steps count toward it.

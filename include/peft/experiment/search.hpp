@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "peft/data/tasks.hpp"
+#include "peft/experiment/training.hpp"
 #include "peft/io/atomic_file.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
 #include "peft/methods/additive/ia3.hpp"
@@ -165,14 +166,10 @@ void proxy_train(Model& model, const Workload& w, const SearchOptions& o, double
   model.base_weights_changed();
   for (const NamedParameter<float>& p : model.trainable_parameters())
     row.trained_parameters += p.var.value().numel();
-  TrainerOptions t;
-  t.max_steps = o.proxy_steps;
-  t.adamw.lr = lr;
-  t.adamw.weight_decay = 0.0;
-  t.schedule.kind = LrSchedule::Kind::Cosine;
-  t.schedule.warmup_steps = std::max<std::int64_t>(1, o.proxy_steps / 10);
-  t.eval_at_start = false;
-  t.seed = o.seed + 2;  // the same data stream for every candidate
+  // The same data stream for every candidate.
+  const TrainerOptions t = experiment::cosine_training(
+      o.proxy_steps, lr, 0.0, std::max<std::int64_t>(1, o.proxy_steps / 10),
+      LrSchedule{}.final_ratio, o.seed + 2);
   Trainer<Model> trainer(model, t, w.train_batch,
                          [&](Model& m) { return evaluate(m, w.eval_batches); });
   const TrainResult r = trainer.run();
@@ -332,22 +329,14 @@ inline Workload make_workload(const SearchOptions& o, Decoder<arch::Llama, NoPef
   };
   w.eval_batches = downstream.eval_batches(o.seed + 3, o.eval_examples, 32);
   if (o.pretrain_steps > 0) {
-    base.set_base_trainable(true);
-    TrainerOptions t;
-    t.max_steps = o.pretrain_steps;
-    t.adamw.lr = 3e-3;
-    t.schedule.kind = LrSchedule::Kind::Cosine;
-    t.schedule.warmup_steps = std::max<std::int64_t>(1, o.pretrain_steps / 10);
-    t.eval_at_start = false;
-    t.seed = o.seed + 4;
-    using Base = Decoder<arch::Llama, NoPeft, float>;
-    Trainer<Base> trainer(base, t, [pretrain, batch](std::mt19937_64& rng) {
-      return pretrain.train_batch(rng, batch);
-    });
-    const TrainResult r = trainer.run();
-    if (r.reason == StopReason::NonFinite) throw Error("search: pretraining stopped: " + r.message);
+    const TrainResult r = experiment::pretrain_base(
+        base,
+        experiment::cosine_training(o.pretrain_steps, 3e-3, TrainerOptions{}.adamw.weight_decay,
+                                    std::max<std::int64_t>(1, o.pretrain_steps / 10),
+                                    LrSchedule{}.final_ratio, o.seed + 4),
+        [pretrain, batch](std::mt19937_64& rng) { return pretrain.train_batch(rng, batch); },
+        "search");
     result.total_steps += r.steps;
-    base.set_base_trainable(false);
   }
   w.base = base.base_parameters();
   w.base_model = &base;
