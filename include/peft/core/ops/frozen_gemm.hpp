@@ -353,7 +353,7 @@ PEFT_TARGET_AVX512 inline void pack_w_nf4(const quant::Nf4Tensor& w, bool forwar
 
 /// C[0:rows, 0:cols] (+)= packed pairs of A (kMr per pair) · packed pairs of B (kNr per pair),
 /// kp pairs deep, on vdpbf16ps. Out of line so that the 24 accumulators stay in registers.
-PEFT_TARGET_AVX512BF16 [[gnu::noinline]] inline void micro_kernel_bf16(
+[[gnu::noinline]] PEFT_TARGET_AVX512BF16 inline void micro_kernel_bf16(
     std::int64_t kp, const std::uint32_t* __restrict ap, const std::uint32_t* __restrict bp,
     float* c, std::int64_t ldc, bool overwrite, std::int64_t rows, std::int64_t cols) {
   __m512 acc[kMr][2];
@@ -375,7 +375,7 @@ PEFT_TARGET_AVX512BF16 [[gnu::noinline]] inline void micro_kernel_bf16(
 }
 
 /// C[0:rows, 0:cols] (+)= packed A (kMr per k) · packed B (kNr per k), kc deep, fp32 FMA.
-PEFT_TARGET_AVX512 [[gnu::noinline]] inline void micro_kernel_f32(
+[[gnu::noinline]] PEFT_TARGET_AVX512 inline void micro_kernel_f32(
     std::int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c,
     std::int64_t ldc, bool overwrite, std::int64_t rows, std::int64_t cols) {
   __m512 acc[kMr][2];
