@@ -53,7 +53,8 @@ inline int apply_threads(int threads) {
 /// each layer's saved activations and attention scores. An estimate, a few times generous.
 template <class Arch>
 void require_step_fits(const StepOptions& o, const ModelConfig& c) {
-  const std::size_t element_bytes = o.base_dtype == "fp32" ? 4 : o.base_dtype == "bf16" ? 2 : 1;
+  const std::size_t element_bytes =
+      base_element_bytes(parse_base_format(o.base_dtype, "--base-dtype"), sizeof(float));
   const long double tokens = static_cast<long double>(o.batch) * static_cast<long double>(o.seq);
   const long double activations =
       tokens *

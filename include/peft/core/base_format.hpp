@@ -1,6 +1,7 @@
 #pragma once
 // BaseFormat: how a model stores its frozen base weights (fp32, bf16, NF4). What each format
 // covers, and the products on it: core/frozen_weight.hpp.
+#include <cstddef>
 #include <string>
 #include <string_view>
 
@@ -21,6 +22,12 @@ inline std::string_view base_format_name(BaseFormat format) {
       return "nf4";
   }
   return "?";
+}
+
+/// Bytes per base element, for size bounds (check_plausible_size): `dense_bytes` (sizeof(T))
+/// for fp32, 2 for bf16, 1 for NF4 (half a byte plus scales; 1 is an upper bound).
+inline std::size_t base_element_bytes(BaseFormat format, std::size_t dense_bytes) {
+  return format == BaseFormat::fp32 ? dense_bytes : format == BaseFormat::bf16 ? 2 : 1;
 }
 
 /// "fp32", "bf16" or "nf4"; anything else is a ConfigError naming `source` (a flag or a field).

@@ -103,7 +103,7 @@ class Decoder {
     if (config.model_type != Arch::model_type)
       throw ConfigError(config_path.string() + ": config is for '" + config.model_type +
                         "', the decoder is " + std::string(Arch::model_type));
-    check_plausible_size<Arch>(config, config_path.string(), storage_bytes(base));
+    check_plausible_size<Arch>(config, config_path.string(), base_element_bytes(base, sizeof(T)));
     const io::Checkpoint file = io::Checkpoint::open(model_dir);  // mapped; one file or shards
     check_base_tensors(file, base_tensor_shapes<Arch>(config));
     Decoder model(std::move(config), std::move(peft_config), seed, base, config_path.string(),
@@ -369,15 +369,10 @@ class Decoder {
       throw ConfigError(source + ": config is for '" + config_.model_type + "', the decoder is " +
                         std::string(Arch::model_type));
     config_.validate(source);
-    check_plausible_size<Arch>(config_, source, storage_bytes(base));
+    check_plausible_size<Arch>(config_, source, base_element_bytes(base, sizeof(T)));
     build_modules();
     if (initialise) initialise_base_weights();
     attach_adapter();
-  }
-
-  // Bytes per base element for the size bound: NF4 about half a byte (1 is an upper bound).
-  static std::size_t storage_bytes(BaseFormat base) {
-    return base == BaseFormat::fp32 ? sizeof(T) : base == BaseFormat::bf16 ? 2 : 1;
   }
 
   // A module's storage: the model's format, except that an NF4 model keeps its untied head in
