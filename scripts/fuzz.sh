@@ -5,7 +5,7 @@
 # and seconds per harness; exits non-zero if any harness found something (docs/reliability.md).
 #
 #   scripts/fuzz.sh [options] [harness...]     harness: safetensors model_config adapter_config
-#                                              golden_case (default: all four)
+#                                              golden_case tokenizer (default: all five)
 #   --runs N        executions per job (default 1000000; 0: no limit, use --time)
 #   --time S        seconds per harness (default 0: no limit, use --runs)
 #   --jobs J        parallel fuzzing processes per harness (default 1)
@@ -58,11 +58,11 @@ while [ $# -gt 0 ]; do
     --max-len) need "$@"; is_count "$2" --max-len; max_len=$2; shift 2 ;;
     --timeout) need "$@"; is_count "$2" --timeout; timeout_s=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    safetensors|model_config|adapter_config|golden_case) harnesses+=("$1"); shift ;;
-    *) echo "fuzz.sh: unknown argument '$1' (harnesses: safetensors model_config adapter_config golden_case; --help)" >&2; exit 2 ;;
+    safetensors|model_config|adapter_config|golden_case|tokenizer) harnesses+=("$1"); shift ;;
+    *) echo "fuzz.sh: unknown argument '$1' (harnesses: safetensors model_config adapter_config golden_case tokenizer; --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#harnesses[@]} -gt 0 ] || harnesses=(safetensors model_config adapter_config golden_case)
+[ ${#harnesses[@]} -gt 0 ] || harnesses=(safetensors model_config adapter_config golden_case tokenizer)
 [ "$jobs" -ge 1 ] || { echo "fuzz.sh: --jobs must be at least 1" >&2; exit 2; }
 [ "$runs" -gt 0 ] || [ "$time_limit" -gt 0 ] || { echo "fuzz.sh: give --runs or --time" >&2; exit 2; }
 if [ "$keep_going" -eq 1 ]; then

@@ -170,3 +170,30 @@ _peft_hostile_test(bench_step_targets_unknown 2 "--targets: bench-step: unknown 
 
 # demo
 _peft_hostile_test(demo_usage 2 "usage: peft demo" 30 demo a b)
+
+# tokenize: GPT-2's files (PEFT_GPT2_TOKENIZER_DIR, tests/CMakeLists.txt): the ids of a text, the
+# text of ids, and bad input (ill-formed UTF-8, an id outside the vocabulary, not a list of ids)
+if(EXISTS "${PEFT_GPT2_TOKENIZER_DIR}/vocab.json")
+  file(WRITE "${_h}/tokenize_hello.txt" "Hello world, it's 2026!")
+  file(WRITE "${_h}/tokenize_ids.json" "[15496, 995, 11, 340, 338, 1160, 2075, 0]")
+  file(WRITE "${_h}/tokenize_bad_id.json" "[15496, 50257]")
+  file(WRITE "${_h}/tokenize_not_list.json" "{\"ids\": [1]}")
+  string(ASCII 255 _byte_ff)
+  file(WRITE "${_h}/tokenize_latin1.txt" "caf${_byte_ff}")
+  _peft_hostile_test(tokenize_gpt2 0 "\\[15496, 995, 11, 340, 338, 1160, 2075, 0\\]" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_hello.txt")
+  _peft_hostile_test(tokenize_decode 0 "Hello world, it's 2026!" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_ids.json" --decode)
+  _peft_hostile_test(tokenize_not_utf8 1 "tokenize_latin1.txt: not UTF-8 at byte 3 \\(found byte 0xff\\)" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_latin1.txt")
+  _peft_hostile_test(tokenize_id_range 1 "tokenize_bad_id.json: element 1: expected a token id in \\[0, 50257\\), found 50257" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_bad_id.json" --decode)
+  _peft_hostile_test(tokenize_not_list 1 "tokenize_not_list.json: expected a JSON array of token ids, found object" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_not_list.json" --decode)
+  _peft_hostile_test(tokenize_no_tokenizer 1 "no tokenizer here \\(expected tokenizer.json, or vocab.json and merges.txt\\)" 30
+    tokenize "${_h}" "${_h}/tokenize_hello.txt")
+  _peft_hostile_test(tokenize_usage 2 "usage: peft tokenize TOKENIZER TEXT_FILE" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}")
+  _peft_hostile_test(tokenize_flag 2 "unknown flag --bogus" 30
+    tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_hello.txt" --bogus)
+endif()
