@@ -16,6 +16,7 @@ int run_inspect(const std::vector<std::string>& args, std::ostream& out, std::os
 int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_tokenize(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
 }  // namespace peft::cli

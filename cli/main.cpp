@@ -27,6 +27,8 @@ void print_usage(std::ostream& out) {
          "  search [--quick] [...]   search PEFT configurations under a parameter budget\n"
          "  study [--quick] [...]    pretrain a small decoder, adapt it with every method, "
          "compare\n"
+         "  train MODEL_DIR --adapter-config CFG --data FILE... --out DIR  fine-tune an\n"
+         "                           adapter on text, JSONL or token files (docs/train.md)\n"
          "  tokenize TOKENIZER FILE  a text's ids as a JSON array with a byte-level BPE\n"
          "                           tokenizer (--decode: ids back to text)\n"
          "  help                     this text\n"
@@ -56,6 +58,7 @@ int main(int argc, char** argv) {
     if (command == "search") return peft::cli::run_search(args, std::cout, std::cerr);
     if (command == "study") return peft::cli::run_study(args, std::cout, std::cerr);
     if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
+    if (command == "train") return peft::cli::run_train(args, std::cout, std::cerr);
     if (command == "tokenize") return peft::cli::run_tokenize(args, std::cout, std::cerr);
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);

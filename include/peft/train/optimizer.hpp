@@ -45,6 +45,14 @@ class AdamW {
   }
 
   void set_lr(double lr) { options_.lr = lr; }
+  /// Per-tensor multipliers of the learning rate, in the order of the tensors given to the
+  /// constructor (LoRA+: lora_B at a multiple of the rate); empty: 1 for every tensor.
+  void set_lr_multipliers(std::vector<double> multipliers) {
+    if (!multipliers.empty() && multipliers.size() != params_.size())
+      throw Error("optimizer: " + std::to_string(multipliers.size()) +
+                  " learning-rate multipliers for " + std::to_string(params_.size()) + " tensors");
+    multipliers_ = std::move(multipliers);
+  }
   const AdamWOptions& options() const { return options_; }
   std::int64_t step_count() const { return step_; }
 
@@ -52,13 +60,14 @@ class AdamW {
     ++step_;
     const double bc1 = 1.0 - std::pow(options_.beta1, double(step_));
     const double bc2 = 1.0 - std::pow(options_.beta2, double(step_));
-    const T step_size = static_cast<T>(options_.lr / bc1);
     const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
     const T b1 = T(options_.beta1), b2 = T(options_.beta2), eps = T(options_.eps);
-    const T decay = static_cast<T>(1.0 - options_.lr * options_.weight_decay);
     for (std::size_t k = 0; k < params_.size(); ++k) {
       Var<T>& p = params_[k];
       if (!p.has_grad()) continue;  // no gradient reached it this step
+      const double lr = options_.lr * (multipliers_.empty() ? 1.0 : multipliers_[k]);
+      const T step_size = static_cast<T>(lr / bc1);
+      const T decay = static_cast<T>(1.0 - lr * options_.weight_decay);
       T* w = p.value().data();
       const T* g = p.grad().data();
       T* m = m_[k].data();
@@ -89,6 +98,7 @@ class AdamW {
  private:
   std::vector<Var<T>> params_;
   AdamWOptions options_;
+  std::vector<double> multipliers_;
   std::vector<Tensor<T>> m_, v_;
   std::int64_t step_ = 0;
 };

@@ -111,6 +111,11 @@ struct TrainerOptions {
   std::filesystem::path checkpoint_dir;  ///< empty: no checkpoints
   std::int64_t checkpoint_every = 0;     ///< 0: at each evaluation (and at the end)
   std::uint64_t seed = 0;                ///< seeds the data generator
+  /// A learning-rate multiplier per trainable tensor, by name (LoRA+: 16 for lora_B); empty: 1.
+  std::function<double(const std::string& name)> lr_multiplier;
+  /// Stored in every checkpoint's state under "run" (what the run was: `peft train` compares it
+  /// before resuming, so that a checkpoint is never continued with other data or options).
+  nlohmann::json run_description;
 };
 
 enum class StopReason { Completed, EarlyStopped, NonFinite };
@@ -177,12 +182,21 @@ class Trainer {
     if (options_.max_steps < 0) throw ConfigError("trainer: max_steps must be ≥ 0");
     if (params_.empty()) throw ConfigError("trainer: the model has no trainable tensor");
     if (options_.schedule.total_steps == 0) options_.schedule.total_steps = options_.max_steps;
+    if (options_.lr_multiplier) {
+      std::vector<double> multipliers;
+      for (const NamedParameter<T>& p : params_)
+        multipliers.push_back(options_.lr_multiplier(p.name));
+      optimizer_.set_lr_multipliers(std::move(multipliers));
+    }
   }
 
   /// Called after every optimizer step (progress bars, logs, tests that inject faults).
   std::function<void(const StepInfo&)> on_step;
   /// Called after every evaluation.
   std::function<void(const EvalPoint&)> on_eval;
+  /// Called after every checkpoint is written (the step it holds): `peft train` saves the
+  /// adapter beside it.
+  std::function<void(std::int64_t step)> on_checkpoint;
 
   std::int64_t step() const { return step_; }
   AdamW<T>& optimizer() { return optimizer_; }
@@ -328,9 +342,11 @@ class Trainer {
                             {"evals_without_improvement", evals_without_improvement_},
                             {"lr", options_.adamw.lr},
                             {"seed", options_.seed}};
+    if (!options_.run_description.is_null()) state["run"] = options_.run_description;
     save_checkpoint(options_.checkpoint_dir, params_, optimizer_, std::move(state));
     result_.last_checkpoint = options_.checkpoint_dir;
     result_.last_checkpoint_step = step_;
+    if (on_checkpoint) on_checkpoint(step_);
   }
 
   TrainResult stop_non_finite(const std::string& what) {
