@@ -82,6 +82,7 @@ template <class Model>
 std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> prompt,
                                    const GenerateOptions& options = {}) {
   using T = typename Model::Scalar;
+  const EvaluationScope<Model> no_dropout(model);
   if (prompt.empty()) throw ConfigError("generate: the prompt is empty (give at least one token)");
   const std::int64_t vocab = model.config().vocab_size;
   for (std::int64_t t : prompt)

@@ -50,6 +50,28 @@ struct Batch {
   }
 };
 
+/// Puts a model in evaluation mode (no dropout) for a scope and restores its mode after:
+/// evaluate() and generate() use it, so that they are deterministic whatever the caller's mode.
+template <class Model>
+class EvaluationScope {
+ public:
+  explicit EvaluationScope(Model& model) : model_(model) {
+    if constexpr (requires { model.training(); }) {
+      was_training_ = model.training();
+      model.set_training(false);
+    }
+  }
+  ~EvaluationScope() {
+    if constexpr (requires { model_.training(); }) model_.set_training(was_training_);
+  }
+  EvaluationScope(const EvaluationScope&) = delete;
+  EvaluationScope& operator=(const EvaluationScope&) = delete;
+
+ private:
+  Model& model_;
+  bool was_training_ = false;
+};
+
 template <class T>
 struct ForwardResult {
   Var<T> logits;  ///< [B, P + T, V] (P virtual tokens of prompt tuning)
@@ -271,6 +293,15 @@ class Decoder {
     }
   }
 
+  /// Training mode (torch's model.train()): the adapters' dropouts draw their masks from
+  /// dropout_generator(). Off by default and in evaluation: forward is then deterministic, as
+  /// evaluate(), generate() and the golden cases need. The Trainer turns it on for its steps.
+  void set_training(bool on) { training_ = on; }
+  bool training() const { return training_; }
+  /// The generator of the dropout masks, seeded with the model's seed; its state travels in
+  /// training checkpoints, so that a resumed run draws the masks the uninterrupted one drew.
+  std::mt19937_64& dropout_generator() { return dropout_rng_; }
+
   /// Forward pass; with `with_loss`, also the causal-LM loss: mean cross-entropy of
   /// logits[:, t] against labels[:, t + 1] over labels that are not −100.
   ForwardResult<T> forward(Tape<T>& tape, const Batch& batch, bool with_loss = true) {
@@ -364,7 +395,11 @@ class Decoder {
  private:
   Decoder(ModelConfig config, typename Policy::Config peft_config, std::uint64_t seed,
           BaseFormat base, const std::string& source, bool initialise)
-      : config_(std::move(config)), adapter_(peft_config), rng_(seed), base_format_(base) {
+      : config_(std::move(config)),
+        adapter_(peft_config),
+        rng_(seed),
+        dropout_rng_(seed ^ 0xD5A61266F0C9392Cull),
+        base_format_(base) {
     if (config_.model_type != Arch::model_type)
       throw ConfigError(source + ": config is for '" + config_.model_type + "', the decoder is " +
                         std::string(Arch::model_type));
@@ -516,7 +551,7 @@ class Decoder {
   // The one product path of a projection site: the methods contribute, Projection computes.
   Var<T> project(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
     if constexpr (HasProjectionHook<Adapter, T>) {
-      Projection<T> p(tape, lin, x);
+      Projection<T> p(tape, lin, x, training_ ? &dropout_rng_ : nullptr);
       adapter_.adapt(p);
       return p.compute();
     } else {
@@ -632,6 +667,8 @@ class Decoder {
   std::vector<float> rope_frequencies_ = rope_inverse_frequencies(config_);  // LLaMA
   Adapter adapter_;
   std::mt19937_64 rng_;
+  bool training_ = false;
+  std::mt19937_64 dropout_rng_;  ///< the adapters' dropout masks (training mode only)
   BaseFormat base_format_ = BaseFormat::fp32;
   Var<T> token_embedding_, position_embedding_;  // token_embedding_ undefined: frozen_embedding_
   std::shared_ptr<const FrozenWeight> frozen_embedding_;  // bf16, for a base format not fp32

@@ -31,9 +31,16 @@
 //     that needs the dense tensor asks for dense_weight(), a clear error for bf16/NF4.
 //   - Devices: compute() is the only place that runs the product; a CUDA specialisation fuses
 //     the low-rank terms into its GEMM as the CPU one does.
-//   - Dropout (train mode): a low-rank term's input dropout is a field of the term, applied
-//     by compute(), so that the base product keeps the undropped input.
+//
+// DROPOUT (training mode; built): a low-rank term or a delta may carry an input dropout p
+// (add_low_rank(A, B, s, p), add_delta(f, p): LoRA's lora_dropout and its family's). When the
+// decoder is in training mode it hands the Projection its dropout generator, and compute() gives
+// each such term its own x ⊙ m / (1 − p), m ~ Bernoulli(1 − p) per element, drawn in contribution
+// order: the reference's nn.Dropout on the adapter's input, while the base product keeps the
+// undropped x. A term with an active dropout is not fused into the base product. In evaluation
+// (no generator) the terms see x itself.
 #include <functional>
+#include <random>
 #include <utility>
 #include <vector>
 
@@ -55,23 +62,31 @@ class Projection {
     Var<T> a;  ///< InputScale, OutputScale, OutputShift: the vector; LowRank: A [r, in]
     Var<T> b;  ///< LowRank: B [out, r]
     T scale = T(1);
-    Function function;  ///< Delta: x → Δy; OutputMap: y → y'
-    Product product;    ///< Replace
+    Function function;   ///< Delta: x → Δy; OutputMap: y → y'
+    Product product;     ///< Replace
+    double dropout = 0;  ///< LowRank, Delta: the input's dropout probability in training
   };
 
-  Projection(Tape<T>& tape, const nn::Linear<T>& module, Var<T> x)
-      : tape_(&tape), module_(&module), x_(std::move(x)) {}
+  /// `dropout`: the decoder's dropout generator in training mode, null in evaluation.
+  Projection(Tape<T>& tape, const nn::Linear<T>& module, Var<T> x,
+             std::mt19937_64* dropout = nullptr)
+      : tape_(&tape), module_(&module), x_(std::move(x)), dropout_(dropout) {}
 
   Tape<T>& tape() const { return *tape_; }
   const nn::Linear<T>& module() const { return *module_; }
   /// The projection's input as the decoder gave it (before input scales).
   const Var<T>& input() const { return x_; }
 
+  /// The dropout generator (training mode) or null: a wrapper hands it to inner Projections.
+  std::mt19937_64* dropout_generator() const { return dropout_; }
+
   void scale_input(Var<T> s) { push({Kind::InputScale, std::move(s), {}, T(1), {}, {}}); }
-  void add_low_rank(Var<T> a, Var<T> b, T scale) {
-    push({Kind::LowRank, std::move(a), std::move(b), scale, {}, {}});
+  void add_low_rank(Var<T> a, Var<T> b, T scale, double dropout = 0) {
+    push({Kind::LowRank, std::move(a), std::move(b), scale, {}, {}, dropout});
   }
-  void add_delta(Function f) { push({Kind::Delta, {}, {}, T(1), std::move(f), {}}); }
+  void add_delta(Function f, double dropout = 0) {
+    push({Kind::Delta, {}, {}, T(1), std::move(f), {}, dropout});
+  }
   void replace_product(Product f) {
     for (const Contribution& c : contributions_)
       if (c.kind == Kind::Replace)
@@ -99,7 +114,7 @@ class Projection {
     const Contribution* fused = nullptr;  // the first low-rank term rides in the base product
     for (const Contribution& c : contributions_) {
       if (c.kind == Kind::Replace) replace = &c;
-      if (c.kind == Kind::LowRank && !fused) fused = &c;
+      if (c.kind == Kind::LowRank && !fused && !drops(c)) fused = &c;
     }
     if (replace) fused = nullptr;
     Var<T> y;
@@ -113,8 +128,10 @@ class Projection {
       y = m.forward_base(tape, x);
     for (const Contribution& c : contributions_) {
       if (&c == fused) continue;
-      if (c.kind == Kind::LowRank) y = ops::add(tape, y, low_rank(tape, x, c));
-      if (c.kind == Kind::Delta) y = ops::add(tape, y, c.function(tape, x));
+      if (c.kind != Kind::LowRank && c.kind != Kind::Delta) continue;
+      const Var<T> input = drops(c) ? dropped(tape, x, c.dropout, *dropout_) : x;
+      y = ops::add(tape, y,
+                   c.kind == Kind::LowRank ? low_rank(tape, input, c) : c.function(tape, input));
     }
     for (const Contribution& c : contributions_) {
       if (c.kind == Kind::OutputScale) y = ops::mul(tape, y, flat(tape, c.a, m.out_features));
@@ -130,6 +147,21 @@ class Projection {
     return ops::scale(tape, ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn), c.scale);
   }
 
+  /// x ⊙ m / (1 − p) with m ~ Bernoulli(1 − p) per element, drawn from `rng` in element order
+  /// (inverted dropout, as torch's nn.Dropout in training mode). The mask is a constant of the
+  /// tape: the gradient reaching x is dy ⊙ m / (1 − p).
+  static Var<T> dropped(Tape<T>& tape, const Var<T>& x, double p, std::mt19937_64& rng) {
+    return ops::mul(tape, x, Var<T>(dropout_mask(x.shape(), p, rng)));
+  }
+  static Tensor<T> dropout_mask(const Shape& shape, double p, std::mt19937_64& rng) {
+    Tensor<T> mask = Tensor<T>::zeros(shape);
+    const T keep = static_cast<T>(1.0 / (1.0 - p));
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    for (std::int64_t i = 0; i < mask.numel(); ++i)
+      mask.data()[i] = uniform(rng) >= p ? keep : T(0);
+    return mask;
+  }
+
   /// A vector contribution [n] (or [n, 1], [1, n]) as [n], which broadcasts over the rows.
   static Var<T> flat(Tape<T>& tape, const Var<T>& v, std::int64_t n) {
     if (v.value().rank() == 1) return v;
@@ -138,10 +170,12 @@ class Projection {
 
  private:
   void push(Contribution c) { contributions_.push_back(std::move(c)); }
+  bool drops(const Contribution& c) const { return dropout_ && c.dropout > 0; }
 
   Tape<T>* tape_;
   const nn::Linear<T>* module_;
   Var<T> x_;
+  std::mt19937_64* dropout_ = nullptr;
   std::vector<Contribution> contributions_;
 };
 

@@ -7,9 +7,11 @@
 //   track the best eval loss for early stopping, and write a checkpoint.
 //
 // Determinism: the only randomness is the data generator (a std::mt19937_64 seeded from
-// options.seed, checkpointed with the run), and every op's arithmetic depends only on the
-// thread count. So the same seed and thread count give bit-identical losses, and a run resumed
-// from a checkpoint continues exactly as the uninterrupted run did.
+// options.seed) and the model's dropout generator (Decoder::dropout_generator, used in training
+// mode, which the trainer turns on for its steps only), both checkpointed with the run, and
+// every op's arithmetic depends only on the thread count. So the same seed and thread count give
+// bit-identical losses, and a run resumed from a checkpoint continues exactly as the uninterrupted
+// run did.
 //
 // A non-finite loss or gradient stops the run before the update is applied; the model is put
 // back to the last good checkpoint (when there is one) and the checkpoint is left untouched.
@@ -48,6 +50,7 @@ struct EvalMetrics {
 template <class Model>
 EvalMetrics evaluate(Model& model, const std::vector<Batch>& batches) {
   using T = typename Model::Scalar;
+  const EvaluationScope<Model> no_dropout(model);
   EvalMetrics m;
   double total = 0;
   std::int64_t correct = 0, exact = 0;
@@ -210,6 +213,14 @@ class Trainer {
     std::istringstream rng_text(io::json_get<std::string>(state, "rng", source));
     rng_text >> rng_;
     if (!rng_text) throw FileError(source + ": unreadable generator state");
+    if constexpr (requires { model_.dropout_generator(); }) {
+      // Checkpoints older than dropout have no dropout state: the generator stays as it is.
+      if (state.contains("dropout_rng")) {
+        std::istringstream dropout_text(io::json_get<std::string>(state, "dropout_rng", source));
+        dropout_text >> model_.dropout_generator();
+        if (!dropout_text) throw FileError(source + ": unreadable dropout generator state");
+      }
+    }
     result_ = TrainResult{};
     result_.losses = io::json_get<std::vector<double>>(state, "losses", source);
     for (const nlohmann::json& e : state.at("evals")) {
@@ -239,15 +250,20 @@ class Trainer {
       optimizer_.zero_grad();
       if constexpr (SamplesRank<typename Model::Adapter>) model_.adapter().sample_rank();
       double loss_sum = 0;
+      set_training(true);
       for (int micro = 0; micro < options_.grad_accumulation; ++micro) {
         const Batch batch = next_batch_(rng_);
         Tape<T> tape;
         ForwardResult<T> out = model_.forward(tape, batch);
         const double loss = double(out.loss.value()[0]);
-        if (!std::isfinite(loss)) return stop_non_finite("training loss is " + describe(loss));
+        if (!std::isfinite(loss)) {
+          set_training(false);
+          return stop_non_finite("training loss is " + describe(loss));
+        }
         loss_sum += loss;
         tape.backward(out.loss, T(1) / T(options_.grad_accumulation));
       }
+      set_training(false);
       const double norm = gradient_norm();
       if (!std::isfinite(norm)) return stop_non_finite("gradient norm is " + describe(norm));
       if (options_.clip_norm > 0 && norm > options_.clip_norm)
@@ -285,6 +301,12 @@ class Trainer {
   }
 
  private:
+  /// Training mode (the adapters' dropout) for the steps' forward passes only: evaluation,
+  /// and whatever the caller does with the model between runs, sees the deterministic model.
+  void set_training(bool on) {
+    if constexpr (requires { model_.set_training(on); }) model_.set_training(on);
+  }
+
   static std::string describe(double x) {
     return std::isnan(x) ? "NaN" : (x > 0 ? "+Inf" : "-Inf");
   }
@@ -333,8 +355,12 @@ class Trainer {
                        {"exact_match", e.metrics.exact_match},
                        {"tokens", e.metrics.tokens},
                        {"sequences", e.metrics.sequences}});
+    std::ostringstream dropout_text;
+    if constexpr (requires { model_.dropout_generator(); })
+      dropout_text << model_.dropout_generator();
     nlohmann::json state = {{"step", step_},
                             {"rng", rng_text.str()},
+                            {"dropout_rng", dropout_text.str()},
                             {"losses", result_.losses},
                             {"evals", evals},
                             // JSON has no infinity: before any evaluation the best is "none yet"

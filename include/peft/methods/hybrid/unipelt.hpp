@@ -262,7 +262,7 @@ struct Gated {
       if (p.module().site < 0 || site >= linear_gates_.size() || !linear_gates_[site]) return;
       Tape<T>& tape = p.tape();
       {
-        Projection<T> own(tape, p.module(), p.input());
+        Projection<T> own(tape, p.module(), p.input(), p.dropout_generator());
         inner_.adapt(own);
         if (own.empty()) return;  // e.g. merged: the method adds nothing here
         const LazyGate g{&*linear_gates_[site], p.input(), std::make_shared<Var<T>>()};
@@ -270,9 +270,9 @@ struct Gated {
         for (const Contribution& c : own.contributions())
           whole = whole || c.kind == Kind::InputScale || c.kind == Kind::Replace;
         if (whole) {
-          p.add_delta([contributions = own.contributions(), g, &module = p.module()](
-                          Tape<T>& t, const Var<T>& x) {
-            Projection<T> alone(t, module, x);
+          p.add_delta([contributions = own.contributions(), g, &module = p.module(),
+                       dropout = p.dropout_generator()](Tape<T>& t, const Var<T>& x) {
+            Projection<T> alone(t, module, x, dropout);
             for (const Contribution& c : contributions) alone.add(c);
             return detail::scale_rows(
                 t, detail::subtract(t, alone.compute(), module.forward_base(t, x)), g(t));
@@ -282,14 +282,18 @@ struct Gated {
         const std::int64_t out = p.module().out_features;
         for (const Contribution& c : own.contributions()) switch (c.kind) {
             case Kind::LowRank:
-              p.add_delta([c, g](Tape<T>& t, const Var<T>& x) {
-                return detail::scale_rows(t, Projection<T>::low_rank(t, x, c), g(t));
-              });
+              p.add_delta(
+                  [c, g](Tape<T>& t, const Var<T>& x) {
+                    return detail::scale_rows(t, Projection<T>::low_rank(t, x, c), g(t));
+                  },
+                  c.dropout);  // the term's input dropout moves with it
               break;
             case Kind::Delta:
-              p.add_delta([f = c.function, g](Tape<T>& t, const Var<T>& x) {
-                return detail::scale_rows(t, f(t, x), g(t));
-              });
+              p.add_delta(
+                  [f = c.function, g](Tape<T>& t, const Var<T>& x) {
+                    return detail::scale_rows(t, f(t, x), g(t));
+                  },
+                  c.dropout);
               break;
             case Kind::OutputScale:
               p.map_output([l = c.a, g, out](Tape<T>& t, const Var<T>& y) {

@@ -46,7 +46,7 @@ struct AdaLoraConfig : ConfigIo<AdaLoraConfig> {
   int target_r = 8;
   int r = 8;  ///< written back as the reference writes it; init_r is the rank used
   double lora_alpha = 8;
-  double lora_dropout = 0.0;  ///< recorded and written back; dropout is not applied
+  double lora_dropout = 0.0;  ///< the low-rank path's input dropout in training mode
   TargetRules targets;
   int tinit = 0;
   int tfinal = 0;
@@ -176,7 +176,8 @@ struct AdaLoRA {
       // A ⊙ E scales A's rows: transposed, E broadcasts over the last dimension.
       Var<T> scaled_t = ops::mul(tape, ops::transpose(tape, (*s)[0], 0, 1),
                                  ops::reshape(tape, (*s)[2], Shape{r}));
-      p.add_low_rank(ops::transpose(tape, scaled_t, 0, 1), (*s)[1], s->extra.scale);
+      p.add_low_rank(ops::transpose(tape, scaled_t, 0, 1), (*s)[1], s->extra.scale,
+                     config_.lora_dropout);
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
     bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }

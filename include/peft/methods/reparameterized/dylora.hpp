@@ -22,7 +22,7 @@ struct DyLoraConfig : ConfigIo<DyLoraConfig> {
   static constexpr std::string_view peft_type = "DYLORA";
   int r = 8;  ///< the largest rank
   double lora_alpha = 8;
-  double lora_dropout = 0.0;  ///< recorded and written back; dropout is not applied
+  double lora_dropout = 0.0;  ///< the low-rank path's input dropout in training mode
   TargetRules targets;
   int eval_rank = 0;  ///< the rank used until set_rank / sample_rank; 0 means r
   std::uint64_t rank_sampling_seed = 0;
@@ -95,11 +95,12 @@ struct DyLoRA {
     void adapt(Projection<T>& p) const {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
-      if (rank_ == config_.r) return p.add_low_rank((*s)[0], (*s)[1], scale());
+      if (rank_ == config_.r)
+        return p.add_low_rank((*s)[0], (*s)[1], scale(), config_.lora_dropout);
       const std::int64_t rest = config_.r - rank_;
       Var<T> a = ops::split(p.tape(), (*s)[0], {rank_, rest}, 0)[0];  // [b, in]
       Var<T> b = ops::split(p.tape(), (*s)[1], {rank_, rest}, 1)[0];  // [out, b]
-      p.add_low_rank(a, b, scale());
+      p.add_low_rank(a, b, scale(), config_.lora_dropout);
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
     bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }

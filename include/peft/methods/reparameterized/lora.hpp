@@ -24,7 +24,7 @@ struct LoraConfig : ConfigIo<LoraConfig> {
   int r = 8;
   double lora_alpha = 8;
   bool use_rslora = false;
-  double lora_dropout = 0.0;  ///< recorded and written back; dropout is not applied
+  double lora_dropout = 0.0;  ///< the low-rank path's input dropout in training mode
   TargetRules targets;
   PatternMap<int> rank_pattern;  ///< keys compiled once (target_modules.hpp)
   PatternMap<double> alpha_pattern;
@@ -113,9 +113,10 @@ struct LoRA {
     if (c.init == Config::Init::Pissa)
       detail::pissa_initialise(m, s[0].value(), s[1].value(), s.extra.scale);
   }
+  /// lora_dropout drops the low-rank path's input only, in training mode (projection.hpp).
   template <class T>
-  static void contribute(const Config&, Projection<T>& p, const Slot<T>& s) {
-    p.add_low_rank(s[0], s[1], s.extra.scale);
+  static void contribute(const Config& c, Projection<T>& p, const Slot<T>& s) {
+    p.add_low_rank(s[0], s[1], s.extra.scale, c.lora_dropout);
   }
   /// W += s B A (W −= on unmerge); a merged module runs the base product alone.
   template <class T>

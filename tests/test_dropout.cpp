@@ -1,0 +1,208 @@
+// The adapters' dropout (nn/projection.hpp, "DROPOUT"): in training mode LoRA's lora_dropout
+// (and AdaLoRA's, DyLoRA's) drops the input of the low-rank path only, with inverted scaling
+// and masks from the model's seeded dropout generator; evaluation and generation never drop;
+// the Trainer turns training mode on for its steps and checkpoints the generator, so that a
+// resumed run equals the uninterrupted one.
+#include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <peft/generate.hpp>
+#include <peft/train/trainer.hpp>
+#include <random>
+
+#include "tiny_models.hpp"
+
+namespace {
+
+using peft::Batch;
+using peft::Tape;
+using peft::Var;
+
+peft::TargetRules attention_targets() {
+  peft::TargetRules t;
+  t.target_modules.names = {"c_attn", "q_proj", "v_proj"};
+  return t;
+}
+
+peft::LoraConfig lora(double dropout) {
+  peft::LoraConfig c;
+  c.r = 3;
+  c.lora_alpha = 6;
+  c.lora_dropout = dropout;
+  c.targets = attention_targets();
+  return c;
+}
+
+template <class Model>
+void perturb(Model& model, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(-0.3, 0.3);
+  for (auto& p : model.adapter().parameters())
+    for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
+      p.var.value()[i] += static_cast<typename Model::Scalar>(u(rng));
+}
+
+template <class Model>
+std::vector<typename Model::Scalar> logits(Model& model, const Batch& batch) {
+  Tape<typename Model::Scalar> tape(false);
+  const auto out = model.forward(tape, batch, false);
+  const auto& v = out.logits.value().values();
+  return {v.begin(), v.end()};
+}
+
+double max_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  double d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
+  return d;
+}
+
+}  // namespace
+
+TEST_CASE("dropout: a low-rank term's input is dropped with inverted scaling, the base is not") {
+  // One projection by hand: y = x Wᵀ + b + s ((x ⊙ m / (1 − p)) Aᵀ) Bᵀ, m from the generator.
+  peft::nn::Linear<double> module("m", 5, 4, peft::ops::WeightLayout::OutIn, true);
+  std::mt19937_64 init(3);
+  std::normal_distribution<double> n(0, 1);
+  for (std::int64_t i = 0; i < module.weight.value().numel(); ++i)
+    module.weight.value()[i] = n(init);
+  Var<double> x(peft::Tensor<double>::zeros({6, 5}));
+  for (std::int64_t i = 0; i < x.value().numel(); ++i) x.value()[i] = n(init);
+  Var<double> a(peft::Tensor<double>::zeros({2, 5}), true),
+      b(peft::Tensor<double>::zeros({4, 2}), true);
+  for (std::int64_t i = 0; i < 10; ++i) a.value()[i] = n(init);
+  for (std::int64_t i = 0; i < 8; ++i) b.value()[i] = n(init);
+  const double p = 0.4, s = 1.5;
+
+  std::mt19937_64 generator(99), replay(99);
+  Tape<double> tape;
+  peft::Projection<double> proj(tape, module, x, &generator);
+  proj.add_low_rank(a, b, s, p);
+  const Var<double> y = proj.compute();
+
+  const peft::Tensor<double> mask = peft::Projection<double>::dropout_mask(x.shape(), p, replay);
+  int dropped = 0;
+  for (std::int64_t i = 0; i < mask.numel(); ++i) {
+    CHECK((mask[i] == 0.0 || mask[i] == doctest::Approx(1.0 / (1.0 - p))));
+    dropped += mask[i] == 0.0;
+  }
+  CHECK(dropped > 0);
+  CHECK(dropped < mask.numel());
+  Tape<double> manual_tape;
+  peft::Projection<double>::Contribution term{peft::Projection<double>::Kind::LowRank, a, b, s};
+  const Var<double> x_dropped = peft::ops::mul(manual_tape, x, Var<double>(mask));
+  const Var<double> expected =
+      peft::ops::add(manual_tape, module.forward_base(manual_tape, x),
+                     peft::Projection<double>::low_rank(manual_tape, x_dropped, term));
+  CHECK(y.value().values() == expected.value().values());
+  CHECK(generator == replay);  // one mask drawn, of x's size
+
+  // In evaluation (no generator) the term sees x itself.
+  Tape<double> eval_tape(false);
+  peft::Projection<double> eval(eval_tape, module, x);
+  eval.add_low_rank(a, b, s, p);
+  Tape<double> plain_tape(false);
+  peft::Projection<double> plain(plain_tape, module, x);
+  plain.add_low_rank(a, b, s);
+  CHECK(eval.compute().value().values() == plain.compute().value().values());
+}
+
+TEST_CASE("dropout: LoRA, AdaLoRA, DyLoRA drop in training mode only, where the reference does") {
+  const Batch batch = test_support::padded_batch();
+  const auto check_method = [&]<class Policy>(typename Policy::Config config, const char* name) {
+    INFO(std::string(name));
+    using Model = peft::Decoder<peft::arch::Gpt2, Policy, double>;
+    Model model(test_support::tiny_gpt2(), config, 5);
+    CHECK(!model.training());
+    // At initialisation the adapter adds zero: dropping its input changes nothing, so the
+    // training-mode logits are the base model's. (A dropout on the base input would not be.)
+    const std::vector<double> eval0 = logits(model, batch);
+    model.set_training(true);
+    CHECK(max_diff(logits(model, batch), eval0) < 1e-12);
+    model.set_training(false);
+    perturb(model, 8);
+    const std::vector<double> eval1 = logits(model, batch);
+    CHECK(logits(model, batch) == eval1);  // evaluation is deterministic
+    model.set_training(true);
+    const std::mt19937_64 before = model.dropout_generator();
+    const std::vector<double> train1 = logits(model, batch), train2 = logits(model, batch);
+    CHECK(max_diff(train1, eval1) > 1e-6);   // masks act
+    CHECK(max_diff(train1, train2) > 1e-6);  // a fresh mask each forward
+    // The same generator state gives the same masks.
+    Model twin(test_support::tiny_gpt2(), config, 5);
+    perturb(twin, 8);
+    twin.set_training(true);
+    twin.dropout_generator() = before;
+    CHECK(logits(twin, batch) == train1);
+    // generate() evaluates whatever the mode, and leaves the mode as it was.
+    const std::vector<std::int64_t> a = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
+    const std::vector<std::int64_t> b = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
+    CHECK(a == b);
+    CHECK(model.training());
+    model.set_training(false);
+    CHECK(logits(model, batch) == eval1);
+  };
+  check_method.operator()<peft::LoRA>(lora(0.3), "lora");
+  peft::AdaLoraConfig ada;
+  ada.init_r = 4;
+  ada.target_r = 2;
+  ada.lora_alpha = 5;
+  ada.total_step = 12;
+  ada.tinit = 2;
+  ada.tfinal = 3;
+  ada.lora_dropout = 0.3;
+  ada.targets = attention_targets();
+  check_method.operator()<peft::AdaLoRA>(ada, "adalora");
+  peft::DyLoraConfig dy;
+  dy.r = 4;
+  dy.lora_alpha = 4;
+  dy.lora_dropout = 0.3;
+  dy.targets = attention_targets();
+  check_method.operator()<peft::DyLoRA>(dy, "dylora");
+}
+
+TEST_CASE("dropout: training with lora_dropout differs from 0, is seeded, and resumes exactly") {
+  using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, float>;
+  const peft::ModelConfig cfg = test_support::tiny_gpt2();
+  const auto batches = [&](std::mt19937_64& rng) {
+    Batch b;
+    b.batch = 4;
+    b.seq = 8;
+    for (int i = 0; i < 32; ++i) b.input_ids.push_back(static_cast<std::int64_t>(rng() % 12));
+    return b;
+  };
+  const auto run = [&](double dropout, std::int64_t steps, const std::filesystem::path& dir = {},
+                       bool resume = false) {
+    Model model(cfg, lora(dropout), 21);
+    peft::TrainerOptions o;
+    o.max_steps = steps;
+    o.adamw.lr = 5e-2;
+    o.seed = 4;
+    o.checkpoint_dir = dir;
+    o.checkpoint_every = 3;
+    peft::Trainer trainer(model, o, batches);
+    if (resume) trainer.resume(dir);
+    const peft::TrainResult r = trainer.run();
+    CHECK(!model.training());  // the trainer leaves the model in evaluation mode
+    std::vector<float> weights;
+    for (const auto& p : model.adapter().parameters())
+      weights.insert(weights.end(), p.var.value().data(),
+                     p.var.value().data() + p.var.value().numel());
+    return std::pair{r.losses, weights};
+  };
+  const auto [loss_0, w_0] = run(0.0, 8);
+  const auto [loss_a, w_a] = run(0.1, 8);
+  const auto [loss_b, w_b] = run(0.1, 8);
+  CHECK(loss_a != loss_0);
+  CHECK(loss_a == loss_b);  // reproducible under the seed
+  CHECK(w_a == w_b);
+
+  // Stopped after its step-6 checkpoint, resumed: the uninterrupted run's weights and losses.
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("peft_test_dropout_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  (void)run(0.1, 6, dir);
+  const auto [loss_r, w_r] = run(0.1, 8, dir, true);
+  CHECK(loss_r == loss_a);
+  CHECK(w_r == w_a);
+  std::filesystem::remove_all(dir);
+}
