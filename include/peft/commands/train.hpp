@@ -249,25 +249,55 @@ inline nlohmann::json describe_run(const TrainArgs& a, const nlohmann::json& ada
           {"seed", a.seed}};
 }
 
+/// The first `count` training batches in the data's order (not the shuffled one): what a
+/// calibrated method (FishMask's Fisher pass) sees before training, the same on every resume.
+inline std::vector<Batch> calibration_batches(const data::SequenceSet& sequences,
+                                              std::int64_t batch, std::int64_t count) {
+  std::vector<Batch> out;
+  for (std::int64_t start = 0; start < sequences.train_count() && std::int64_t(out.size()) < count;
+       start += batch) {
+    std::vector<std::int64_t> ids;
+    for (std::int64_t i = start; i < std::min(sequences.train_count(), start + batch); ++i)
+      ids.push_back(i);
+    out.push_back(sequences.train_batch(ids));
+  }
+  return out;
+}
+
 template <class Model>
 int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& sequences,
                 std::int64_t steps, const nlohmann::json& run, std::ostream& out) {
   namespace fs = std::filesystem;
+  using Adapter = typename Model::Adapter;
   const fs::path checkpoint_dir = a.out / "checkpoint", adapter_dir = a.out / "adapter";
+  if constexpr (Calibrated<Adapter, Model, std::vector<Batch>>) {
+    // FishMask picks its entries from the Fisher information of a few batches (deterministic,
+    // so a resumed run recalibrates to the same mask before its tensors are restored).
+    model.adapter().calibrate(model, calibration_batches(sequences, a.batch, 8));
+  }
+  if constexpr (TrainsInTwoPhases<Adapter>) {
+    // Diff pruning: a dense phase with the L0 penalty (the first half of the steps), then the
+    // pruned sparse diff (the second half), as the study runs it. The sparse phase's tensors are
+    // not those of the dense phase's checkpoint, so such a run is not resumable.
+    if (a.resume)
+      throw ConfigError(
+          "--resume: this method trains in two phases (dense, then pruned) and "
+          "is not resumable yet");
+  }
   TrainerOptions o;
-  o.max_steps = steps;
+  o.max_steps = TrainsInTwoPhases<Adapter> ? std::max<std::int64_t>(1, steps / 2) : steps;
   o.grad_accumulation = static_cast<int>(a.grad_accum);
   o.adamw.lr = a.lr;
   o.adamw.weight_decay = a.weight_decay;
   o.schedule.kind = a.schedule;
   o.schedule.warmup_steps = a.warmup;
-  o.schedule.total_steps = steps;
+  o.schedule.total_steps = o.max_steps;
   o.schedule.final_ratio = a.min_lr_ratio;
   o.clip_norm = a.clip;
   const std::int64_t tenth = std::max<std::int64_t>(1, steps / 10);
   o.eval_every = sequences.val_count() > 0 ? (a.eval_every > 0 ? a.eval_every : tenth) : 0;
   o.eval_at_start = sequences.val_count() > 0;
-  o.checkpoint_dir = checkpoint_dir;
+  if constexpr (!TrainsInTwoPhases<Adapter>) o.checkpoint_dir = checkpoint_dir;
   o.checkpoint_every = a.checkpoint_every > 0 ? a.checkpoint_every : tenth;
   o.seed = a.seed;
   o.run_description = run;
@@ -366,9 +396,32 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     save();
     started = std::chrono::steady_clock::now();
   };
-  const TrainResult result = trainer.run();
+  TrainResult result = trainer.run();
   if (tty) std::cerr << '\n';
   if (result.reason == StopReason::NonFinite) throw Error(result.message);
+  if constexpr (TrainsInTwoPhases<Adapter>) {
+    model.adapter().prune();
+    out << "pruned to the budget; the sparse phase\n";
+    TrainerOptions sparse = o;
+    sparse.max_steps = steps - o.max_steps;
+    sparse.schedule.total_steps = sparse.max_steps;
+    sparse.schedule.warmup_steps = 0;
+    sparse.eval_at_start = false;
+    sparse.checkpoint_dir.clear();
+    Trainer<Model> second(model, sparse, next_batch, evaluator);
+    const std::int64_t first = o.max_steps;
+    second.on_step = [&, first](StepInfo info) {
+      info.step += first;
+      info.max_steps = steps;
+      trainer.on_step(info);
+    };
+    second.on_eval = [&, first](EvalPoint point) {
+      point.step += first;
+      trainer.on_eval(point);
+    };
+    result = second.run();
+    if (result.reason == StopReason::NonFinite) throw Error(result.message);
+  }
   save();
   out << result.message << "; adapter " << adapter_dir.string() << '\n';
   if (!result.losses.empty())

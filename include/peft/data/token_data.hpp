@@ -125,15 +125,8 @@ class TokenDataReader {
 
   std::vector<Document> read_jsonl(std::string_view text, const std::string& name) const {
     std::vector<Document> out;
-    std::size_t at = 0, line_no = 0;
-    while (at < text.size()) {
-      std::size_t end = text.find('\n', at);
-      if (end == std::string_view::npos) end = text.size();
-      std::string_view line = text.substr(at, end - at);
-      at = end + 1;
-      ++line_no;
-      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      if (line.find_first_not_of(" \t") == std::string_view::npos) continue;  // blank lines
+    for_each_line(text, [&](std::string_view line, std::size_t line_no) {
+      if (line.find_first_not_of(" \t") == std::string_view::npos) return;  // blank lines
       const std::string where = name + ":" + std::to_string(line_no);
       nlohmann::json j;
       try {
@@ -171,7 +164,7 @@ class TokenDataReader {
       } else {
         throw FileError(where + ": expected a field \"text\", or \"prompt\" and \"completion\"");
       }
-    }
+    });
     if (out.empty()) throw FileError(name + ": no example (only blank lines)");
     return out;
   }

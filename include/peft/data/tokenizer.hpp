@@ -44,6 +44,21 @@
 
 namespace peft::data {
 
+/// Calls f(line, line_number) for each line of `text` (LF or CRLF endings; numbers from 1; a
+/// final line without a newline counts): merges.txt and JSONL data are read line by line.
+template <class F>
+void for_each_line(std::string_view text, F&& f) {
+  std::size_t at = 0, line_no = 0;
+  while (at < text.size()) {
+    std::size_t end = text.find('\n', at);
+    if (end == std::string_view::npos) end = text.size();
+    std::string_view line = text.substr(at, end - at);
+    at = end + 1;
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    f(line, ++line_no);
+  }
+}
+
 /// Tokenizer files larger than this are refused before they are read (LLaMA-3's tokenizer.json
 /// is 9 MB, the largest common ones about 35 MB).
 inline constexpr std::uint64_t kMaxTokenizerFileBytes = 64ull << 20;
@@ -306,15 +321,8 @@ class BpeTokenizer {
   }
 
   void read_merges_text(std::string_view text, const std::string& file) {
-    std::size_t line_no = 0, at = 0;
-    while (at < text.size()) {
-      std::size_t end = text.find('\n', at);
-      if (end == std::string_view::npos) end = text.size();
-      std::string_view line = text.substr(at, end - at);
-      at = end + 1;
-      ++line_no;
-      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      if (line.starts_with("#version")) continue;
+    for_each_line(text, [&](std::string_view line, std::size_t line_no) {
+      if (line.starts_with("#version")) return;
       const std::size_t space = line.find(' ');
       if (space == std::string_view::npos || space == 0 || space + 1 == line.size() ||
           line.find(' ', space + 1) != std::string_view::npos)
@@ -323,7 +331,7 @@ class BpeTokenizer {
                         io::printable(line) + "\"");
       add_merge(line.substr(0, space), line.substr(space + 1), file,
                 "line " + std::to_string(line_no));
-    }
+    });
   }
 
   void read_merges_json(const nlohmann::json& merges, const std::string& file) {

@@ -65,6 +65,11 @@
 //   AllocatesBudget       update_and_allocate(step) after each optimizer step (AdaLoRA)
 //   SamplesRank           sample_rank() before each step, set_rank(b) (DyLoRA)
 //   TrainsInTwoPhases     prune() between a dense and a sparse phase (diff pruning)
+//   HasRunningState       running_state() -> nlohmann::json, restore_running_state(json):
+//                         what a method updates while training that its adapter file does not
+//                         hold (AdaLoRA's importance averages and allocation, DyLoRA's rank
+//                         generator, diff pruning's gate-noise generator); the Trainer keeps it
+//                         in every checkpoint, so that a resumed run equals the uninterrupted one
 //
 // 5. ROOM FOR WHAT COMES NEXT (how each plugs in without reopening this contract)
 //   - Frozen-weight storage formats (fp32, bf16, fp16, NF4): a module's weight becomes a
@@ -74,12 +79,15 @@
 //     tensors, computed by the device's Projection::compute().
 //   - Named adapters on one model: a model holds several P::State<T> by name; a per-row adapter
 //     index turns a projection's contributions into a grouped product (one term per group).
-//   - Train/eval mode and randomness: hooks will receive a context with the mode and an RNG
-//     keyed by (seed, step, sample, site), so that N data-parallel ranks reproduce one process;
-//     a state's running values (AdaLoRA's importance averages, DyLoRA's sampler, diff pruning's
-//     gates) go into checkpoints through a `state_tensors()` capability beside parameters().
+//   - Train/eval mode and randomness (built): Decoder::set_training, and a seeded dropout
+//     generator the Projection draws masks from, in order (nn/projection.hpp); running values
+//     through HasRunningState. For N data-parallel ranks to reproduce one process, the masks
+//     would instead be keyed by (seed, step, sample, site): the generator is the one place to
+//     change.
 #include <concepts>
 #include <random>
+#include <sstream>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -341,6 +349,32 @@ template <class S>
 concept TrainsInTwoPhases = requires(S s) {
   s.prune();
 };
+template <class S>
+concept HasRunningState = requires(S s, const S& cs, const nlohmann::json& j) {
+  { cs.running_state() } -> std::convertible_to<nlohmann::json>;
+  s.restore_running_state(j);
+};
+
+namespace detail {
+/// A generator's state as text (the standard's operator<<), for HasRunningState.
+inline std::string generator_text(const std::mt19937_64& g) {
+  std::ostringstream out;
+  out << g;
+  return out.str();
+}
+/// Restores `g` from running_state()[key]; FileError naming `what` when it is not a state.
+inline void read_generator(std::mt19937_64& g, const nlohmann::json& state, const char* key,
+                           const std::string& what) {
+  const auto it = state.find(key);
+  if (it == state.end() || !it->is_string())
+    throw FileError(what + ": running state: field '" + key + "' expected a generator state");
+  std::istringstream in(it->get<std::string>());
+  std::mt19937_64 restored;
+  in >> restored;
+  if (!in) throw FileError(what + ": running state: field '" + key + "' is not a generator state");
+  g = restored;
+}
+}  // namespace detail
 
 /// What a method adds to a model, from shapes alone: its own count, or its site declaration.
 template <class P>

@@ -213,6 +213,10 @@ class Trainer {
     std::istringstream rng_text(io::json_get<std::string>(state, "rng", source));
     rng_text >> rng_;
     if (!rng_text) throw FileError(source + ": unreadable generator state");
+    if constexpr (HasRunningState<typename Model::Adapter>) {
+      if (state.contains("method_state"))
+        model_.adapter().restore_running_state(state["method_state"]);
+    }
     if constexpr (requires { model_.dropout_generator(); }) {
       // Checkpoints older than dropout have no dropout state: the generator stays as it is.
       if (state.contains("dropout_rng")) {
@@ -369,6 +373,8 @@ class Trainer {
                             {"lr", options_.adamw.lr},
                             {"seed", options_.seed}};
     if (!options_.run_description.is_null()) state["run"] = options_.run_description;
+    if constexpr (HasRunningState<typename Model::Adapter>)
+      state["method_state"] = model_.adapter().running_state();
     save_checkpoint(options_.checkpoint_dir, params_, optimizer_, std::move(state));
     result_.last_checkpoint = options_.checkpoint_dir;
     result_.last_checkpoint_step = step_;

@@ -182,6 +182,77 @@ struct AdaLoRA {
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
     bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
 
+    /// The importance averages Ī, Ū of every A, B, E and the last allocation's pattern, per
+    /// module in site order (HasRunningState): what update_and_allocate carries from step to
+    /// step. Values as JSON numbers, which round-trip float and double exactly.
+    nlohmann::json running_state() const {
+      nlohmann::json sites = nlohmann::json::array();
+      const auto tensor = [](const Tensor<T>& t) {
+        return nlohmann::json(std::vector<double>(t.data(), t.data() + t.numel()));
+      };
+      sites_.for_each([&](const Slot& s) {
+        nlohmann::json site = nlohmann::json::object();
+        for (const auto& [key, imp] : {std::pair{"A", &s.extra.ia}, std::pair{"B", &s.extra.ib},
+                                       std::pair{"E", &s.extra.ie}})
+          site[key] = {{"smoothed", tensor(imp->smoothed)},
+                       {"uncertainty", tensor(imp->uncertainty)}};
+        site["kept"] = s.extra.kept;
+        sites.push_back(std::move(site));
+      });
+      return {{"sites", sites}};
+    }
+    void restore_running_state(const nlohmann::json& state) {
+      const std::string what = "AdaLoRA: running state";
+      const auto sites = state.find("sites");
+      if (sites == state.end() || !sites->is_array() || sites->size() != sites_.size())
+        throw FileError(what + ": expected one entry per adapted module (" +
+                        std::to_string(sites_.size()) + ")");
+      std::size_t k = 0;
+      sites_.for_each([&](Slot& s) {
+        const nlohmann::json& site = (*sites)[k++];
+        const auto read = [&](const char* key, std::size_t param, Importance& imp) {
+          const auto field = [&](const char* name) {
+            if (!site.is_object() || !site.contains(key) || !site[key].is_object() ||
+                !site[key].contains(name) || !site[key][name].is_array())
+              throw FileError(what + ": module " + std::to_string(k - 1) + ": field '" + key + "." +
+                              name + "' expected an array");
+            const nlohmann::json& values = site[key][name];
+            const std::int64_t n = s[param].value().numel();
+            if (!values.empty() && std::int64_t(values.size()) != n)
+              throw FileError(what + ": module " + std::to_string(k - 1) + ": field '" + key + "." +
+                              name + "' has " + std::to_string(values.size()) +
+                              " values, expected " + std::to_string(n) + " (or none)");
+            if (values.empty()) return Tensor<T>{};
+            Tensor<T> t(s[param].shape());
+            for (std::int64_t i = 0; i < n; ++i) {
+              if (!values[std::size_t(i)].is_number())
+                throw FileError(what + ": module " + std::to_string(k - 1) + ": field '" + key +
+                                "." + name + "' holds a value that is not a number");
+              t[i] = static_cast<T>(values[std::size_t(i)].get<double>());
+            }
+            return t;
+          };
+          imp.smoothed = field("smoothed");
+          imp.uncertainty = field("uncertainty");
+        };
+        read("A", 0, s.extra.ia);
+        read("B", 1, s.extra.ib);
+        read("E", 2, s.extra.ie);
+        const auto kept = site.find("kept");
+        if (kept == site.end() || !kept->is_array() ||
+            (!kept->empty() && std::int64_t(kept->size()) != s[2].value().numel()))
+          throw FileError(what + ": module " + std::to_string(k - 1) +
+                          ": field 'kept' expected one boolean per rank component (or none)");
+        s.extra.kept.clear();
+        for (const nlohmann::json& b : *kept) {
+          if (!b.is_boolean())
+            throw FileError(what + ": module " + std::to_string(k - 1) +
+                            ": 'kept' holds a non-boolean");
+          s.extra.kept.push_back(b.get<bool>());
+        }
+      });
+    }
+
     /// orth_reg_weight · mean over every A and B of ‖A Aᵀ − I‖_F, ‖Bᵀ B − I‖_F.
     Var<T> extra_loss(Tape<T>& tape) {
       Var<T> total(Tensor<T>(Shape{1}));

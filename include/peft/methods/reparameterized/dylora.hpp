@@ -81,6 +81,21 @@ struct DyLoRA {
       rank_ = pick(rng_);
       return rank_;
     }
+    /// The rank generator and the current rank (HasRunningState: a resumed run draws on).
+    nlohmann::json running_state() const {
+      return {{"rank_generator", detail::generator_text(rng_)}, {"rank", rank_}};
+    }
+    void restore_running_state(const nlohmann::json& state) {
+      detail::read_generator(rng_, state, "rank_generator", "DyLoRA");
+      const auto rank = state.find("rank");
+      if (rank == state.end() || !rank->is_number_integer())
+        throw FileError("DyLoRA: running state: field 'rank' expected an integer");
+      const std::int64_t b = rank->get<std::int64_t>();
+      if (b < 1 || b > config_.r)
+        throw FileError("DyLoRA: running state: rank " + std::to_string(b) + " outside [1, " +
+                        std::to_string(config_.r) + "]");
+      rank_ = static_cast<int>(b);
+    }
     /// Uses the leading b rank components (1 <= b <= r), e.g. to evaluate a trained adapter.
     void set_rank(int b) {
       if (b < 1 || b > config_.r)

@@ -161,6 +161,14 @@ struct DiffPruning {
     /// Keeps the k largest |δ ⊙ z| (deterministic gate) over all targeted entries as a sparse
     /// diff with those values; drops δ and log α. The model's output changes only by the pruned
     /// entries. Build the optimizer anew afterwards.
+    /// The gate-noise generator (HasRunningState: a resumed dense phase draws on).
+    nlohmann::json running_state() const {
+      return {{"noise_generator", detail::generator_text(rng_)}};
+    }
+    void restore_running_state(const nlohmann::json& state) {
+      detail::read_generator(rng_, state, "noise_generator", "diff pruning");
+    }
+
     void prune() {
       if (pruned_) return;
       std::vector<double> scores;

@@ -1,11 +1,14 @@
 // The adapters' dropout (nn/projection.hpp, "DROPOUT"): in training mode LoRA's lora_dropout
 // (and AdaLoRA's, DyLoRA's) drops the input of the low-rank path only, with inverted scaling
 // and masks from the model's seeded dropout generator; evaluation and generation never drop;
-// the Trainer turns training mode on for its steps and checkpoints the generator, so that a
-// resumed run equals the uninterrupted one.
+// the Trainer turns training mode on for its steps and checkpoints the generator. And resume:
+// the methods' running state (HasRunningState, methods/policy.hpp) travels in checkpoints, so
+// that a resumed run equals the uninterrupted one (without it, each of the three cases below
+// differs).
 #include <doctest/doctest.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <peft/generate.hpp>
 #include <peft/train/trainer.hpp>
 #include <random>
@@ -205,4 +208,100 @@ TEST_CASE("dropout: training with lora_dropout differs from 0, is seeded, and re
   CHECK(loss_r == loss_a);
   CHECK(w_r == w_a);
   std::filesystem::remove_all(dir);
+}
+
+// Methods whose training updates values that their adapter file does not hold (HasRunningState):
+// AdaLoRA's importance averages and allocation pattern, DyLoRA's rank generator, diff pruning's
+// gate-noise generator. A run stopped at a checkpoint and resumed in a fresh process (a fresh
+// model) ends where the uninterrupted run ends, weights and losses bit for bit.
+namespace {
+
+template <class Policy>
+std::pair<std::vector<double>, std::vector<float>> train_tiny(const typename Policy::Config& config,
+                                                              std::int64_t steps,
+                                                              const std::filesystem::path& dir,
+                                                              bool resume) {
+  using Model = peft::Decoder<peft::arch::Llama, Policy, float>;
+  Model model(test_support::tiny_llama(), config, 13);
+  peft::TrainerOptions o;
+  o.max_steps = steps;
+  o.adamw.lr = 3e-2;
+  o.seed = 6;
+  o.checkpoint_dir = dir;
+  o.checkpoint_every = 5;
+  peft::Trainer trainer(model, o, [](std::mt19937_64& rng) {
+    Batch b;
+    b.batch = 3;
+    b.seq = 6;
+    for (int i = 0; i < 18; ++i) b.input_ids.push_back(static_cast<std::int64_t>(rng() % 12));
+    return b;
+  });
+  if (resume) trainer.resume(dir);
+  const peft::TrainResult r = trainer.run();
+  std::vector<float> weights;
+  for (const auto& p : model.adapter().parameters())
+    weights.insert(weights.end(), p.var.value().data(),
+                   p.var.value().data() + p.var.value().numel());
+  return {r.losses, weights};
+}
+
+template <class Policy>
+void check_resume(const typename Policy::Config& config, const char* name) {
+  INFO(std::string(name));
+  const std::filesystem::path root =
+      std::filesystem::temp_directory_path() / ("peft_test_resume_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(root);
+  const auto whole = train_tiny<Policy>(config, 12, root / "whole", false);
+  (void)train_tiny<Policy>(config, 5, root / "parts", false);  // stops after its step-5 checkpoint
+  const auto resumed = train_tiny<Policy>(config, 12, root / "parts", true);
+  CHECK(resumed.first == whole.first);
+  CHECK(resumed.second == whole.second);
+  std::filesystem::remove_all(root);
+}
+
+peft::TargetRules llama_attention() {
+  peft::TargetRules t;
+  t.target_modules.names = {"q_proj", "v_proj"};
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("resume: AdaLoRA, DyLoRA and diff pruning carry their running state in checkpoints") {
+  peft::AdaLoraConfig ada;
+  ada.init_r = 8;
+  ada.target_r = 2;
+  ada.lora_alpha = 5;
+  ada.total_step = 12;
+  ada.tinit = 2;  // the budget phase runs from step 2 to 9: across the step-5 checkpoint
+  ada.tfinal = 3;
+  ada.deltaT = 1;
+  ada.lora_dropout = 0.1;
+  ada.targets.target_modules.names = {"q_proj", "k_proj",  "v_proj",
+                                      "o_proj", "up_proj", "down_proj"};
+  check_resume<peft::AdaLoRA>(ada, "adalora");
+
+  peft::DyLoraConfig dy;
+  dy.r = 4;
+  dy.lora_alpha = 4;
+  dy.targets = llama_attention();
+  check_resume<peft::DyLoRA>(dy, "dylora");
+
+  peft::DiffPruningConfig diff;
+  diff.budget.density = 0.1;
+  check_resume<peft::DiffPruning>(diff, "diff pruning (dense phase)");
+
+  // The state itself is not trivial at a checkpoint: AdaLoRA has allocated, DyLoRA has drawn.
+  peft::Decoder<peft::arch::Llama, peft::DyLoRA, float> model(test_support::tiny_llama(), dy, 13);
+  const nlohmann::json before = model.adapter().running_state();
+  (void)model.adapter().sample_rank();
+  CHECK(model.adapter().running_state() != before);
+  model.adapter().restore_running_state(before);
+  CHECK(model.adapter().running_state() == before);
+  CHECK_THROWS_AS(
+      model.adapter().restore_running_state({{"rank_generator", "garbage"}, {"rank", 1}}),
+      peft::FileError);
+  CHECK_THROWS_AS(model.adapter().restore_running_state(
+                      {{"rank_generator", before["rank_generator"]}, {"rank", 99}}),
+                  peft::FileError);
 }
