@@ -186,7 +186,7 @@ if(EXISTS "${PEFT_GPT2_TOKENIZER_DIR}/vocab.json")
     tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_ids.json" --decode)
   _peft_hostile_test(tokenize_not_utf8 1 "tokenize_latin1.txt: not UTF-8 at byte 3 \\(found byte 0xff\\)" 30
     tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_latin1.txt")
-  _peft_hostile_test(tokenize_id_range 1 "tokenize_bad_id.json: element 1: expected a token id in \\[0, 50257\\), found 50257" 30
+  _peft_hostile_test(tokenize_id_range 1 "tokenize_bad_id.json: element 1: expected a token id in \\[0, 50257\\), found number 50257" 30
     tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_bad_id.json" --decode)
   _peft_hostile_test(tokenize_not_list 1 "tokenize_not_list.json: expected a JSON array of token ids, found object" 30
     tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_not_list.json" --decode)
