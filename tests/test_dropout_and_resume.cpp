@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <peft/generate.hpp>
+#include <peft/testing/gradcheck.hpp>
 #include <peft/train/trainer.hpp>
 #include <random>
 
@@ -109,42 +110,52 @@ TEST_CASE("dropout: a low-rank term's input is dropped with inverted scaling, th
   CHECK(eval.compute().value().values() == plain.compute().value().values());
 }
 
-TEST_CASE("dropout: LoRA, AdaLoRA, DyLoRA drop in training mode only, where the reference does") {
+// The model-level contract of an adapter's dropout: nothing changes at initialisation (the
+// update is zero, and the base input is never dropped), masks act in training mode only and
+// differ per forward, the same generator state gives the same masks, evaluation and generate()
+// are deterministic, and the mode is left as it was.
+template <class Policy>
+void check_training_dropout(
+    const typename Policy::Config& config, const char* name,
+    void (*prepare)(peft::Decoder<peft::arch::Gpt2, Policy, double>&) = nullptr) {
   const Batch batch = test_support::padded_batch();
-  const auto check_method = [&]<class Policy>(typename Policy::Config config, const char* name) {
-    INFO(std::string(name));
-    using Model = peft::Decoder<peft::arch::Gpt2, Policy, double>;
-    Model model(test_support::tiny_gpt2(), config, 5);
-    CHECK(!model.training());
-    // At initialisation the adapter adds zero: dropping its input changes nothing, so the
-    // training-mode logits are the base model's. (A dropout on the base input would not be.)
-    const std::vector<double> eval0 = logits(model, batch);
-    model.set_training(true);
-    CHECK(max_diff(logits(model, batch), eval0) < 1e-12);
-    model.set_training(false);
-    perturb(model, 8);
-    const std::vector<double> eval1 = logits(model, batch);
-    CHECK(logits(model, batch) == eval1);  // evaluation is deterministic
-    model.set_training(true);
-    const std::mt19937_64 before = model.dropout_generator();
-    const std::vector<double> train1 = logits(model, batch), train2 = logits(model, batch);
-    CHECK(max_diff(train1, eval1) > 1e-6);   // masks act
-    CHECK(max_diff(train1, train2) > 1e-6);  // a fresh mask each forward
-    // The same generator state gives the same masks.
-    Model twin(test_support::tiny_gpt2(), config, 5);
-    perturb(twin, 8);
-    twin.set_training(true);
-    twin.dropout_generator() = before;
-    CHECK(logits(twin, batch) == train1);
-    // generate() evaluates whatever the mode, and leaves the mode as it was.
-    const std::vector<std::int64_t> a = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
-    const std::vector<std::int64_t> b = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
-    CHECK(a == b);
-    CHECK(model.training());
-    model.set_training(false);
-    CHECK(logits(model, batch) == eval1);
-  };
-  check_method.operator()<peft::LoRA>(lora(0.3), "lora");
+  INFO(std::string(name));
+  using Model = peft::Decoder<peft::arch::Gpt2, Policy, double>;
+  Model model(test_support::tiny_gpt2(), config, 5);
+  if (prepare) prepare(model);
+  CHECK(!model.training());
+  // At initialisation the adapter adds zero: dropping its input changes nothing, so the
+  // training-mode logits are the base model's. (A dropout on the base input would not be.)
+  const std::vector<double> eval0 = logits(model, batch);
+  model.set_training(true);
+  CHECK(max_diff(logits(model, batch), eval0) < 1e-12);
+  model.set_training(false);
+  perturb(model, 8);
+  const std::vector<double> eval1 = logits(model, batch);
+  CHECK(logits(model, batch) == eval1);  // evaluation is deterministic
+  model.set_training(true);
+  const std::mt19937_64 before = model.dropout_generator();
+  const std::vector<double> train1 = logits(model, batch), train2 = logits(model, batch);
+  CHECK(max_diff(train1, eval1) > 1e-6);   // masks act
+  CHECK(max_diff(train1, train2) > 1e-6);  // a fresh mask each forward
+  // The same generator state gives the same masks.
+  Model twin(test_support::tiny_gpt2(), config, 5);
+  if (prepare) prepare(twin);
+  perturb(twin, 8);
+  twin.set_training(true);
+  twin.dropout_generator() = before;
+  CHECK(logits(twin, batch) == train1);
+  // generate() evaluates whatever the mode, and leaves the mode as it was.
+  const std::vector<std::int64_t> a = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
+  const std::vector<std::int64_t> b = peft::generate(model, {1, 2, 3}, {.max_new_tokens = 4});
+  CHECK(a == b);
+  CHECK(model.training());
+  model.set_training(false);
+  CHECK(logits(model, batch) == eval1);
+}
+
+TEST_CASE("dropout: LoRA, AdaLoRA, DyLoRA drop in training mode only, where the reference does") {
+  check_training_dropout<peft::LoRA>(lora(0.3), "lora");
   peft::AdaLoraConfig ada;
   ada.init_r = 4;
   ada.target_r = 2;
@@ -154,13 +165,111 @@ TEST_CASE("dropout: LoRA, AdaLoRA, DyLoRA drop in training mode only, where the 
   ada.tfinal = 3;
   ada.lora_dropout = 0.3;
   ada.targets = attention_targets();
-  check_method.operator()<peft::AdaLoRA>(ada, "adalora");
+  check_training_dropout<peft::AdaLoRA>(ada, "adalora");
   peft::DyLoraConfig dy;
   dy.r = 4;
   dy.lora_alpha = 4;
   dy.lora_dropout = 0.3;
   dy.targets = attention_targets();
-  check_method.operator()<peft::DyLoRA>(dy, "dylora");
+  check_training_dropout<peft::DyLoRA>(dy, "dylora");
+}
+
+TEST_CASE("dropout: LoHa and LoKr module and rank dropout, VeRA's input dropout") {
+  peft::TargetRules gpt2_targets;
+  gpt2_targets.target_modules.names = {"c_attn", "c_fc"};
+  peft::LohaConfig loha;
+  loha.options.r = 2;
+  loha.options.alpha = 3;
+  loha.options.rank_dropout = 0.3;
+  loha.options.module_dropout = 0.2;
+  loha.options.targets = gpt2_targets;
+  check_training_dropout<peft::LoHa>(loha, "loha factored",
+                                     [](auto& m) { m.adapter().set_factored(true); });
+  check_training_dropout<peft::LoHa>(loha, "loha with dW built",
+                                     [](auto& m) { m.adapter().set_factored(false); });
+  peft::LokrConfig lokr;
+  lokr.options.r = 4;
+  lokr.options.alpha = 2;
+  lokr.options.rank_dropout = 0.3;
+  lokr.options.module_dropout = 0.2;
+  lokr.rank_dropout_scale = true;
+  lokr.options.targets = gpt2_targets;
+  check_training_dropout<peft::LoKr>(lokr, "lokr");
+  peft::VeraConfig vera;
+  vera.r = 4;
+  vera.vera_dropout = 0.3;
+  vera.targets = gpt2_targets;
+  check_training_dropout<peft::VeRA>(vera, "vera");
+
+  // The draws: the module is kept when u > module_dropout, rows kept when u > rank_dropout and
+  // rescaled to mean 1.
+  peft::detail::LycorisOptions o;
+  o.module_dropout = 0.5;
+  o.rank_dropout = 0.25;
+  std::mt19937_64 g(17);
+  int skipped = 0;
+  for (int i = 0; i < 4000; ++i) {
+    const auto d = peft::detail::lycoris_dropout<double>(o, &g, 64, true);
+    if (d.skip) {
+      ++skipped;
+      continue;
+    }
+    REQUIRE(d.rows.numel() == 64);
+    double sum = 0;
+    for (std::int64_t r = 0; r < 64; ++r) sum += d.rows[r];
+    if (sum > 0) CHECK(sum / 64 == doctest::Approx(1.0));
+  }
+  CHECK(skipped > 1800);
+  CHECK(skipped < 2200);
+  std::mt19937_64 none(17);
+  CHECK(!peft::detail::lycoris_dropout<double>(o, nullptr, 64, true).skip);  // evaluation
+  o.module_dropout = 0;
+  const auto unscaled = peft::detail::lycoris_dropout<double>(o, &none, 64, false);
+  for (std::int64_t r = 0; r < 64; ++r) CHECK((unscaled.rows[r] == 0.0 || unscaled.rows[r] == 1.0));
+}
+
+TEST_CASE("dropout: gradient checks of the training paths (double, masks fixed per evaluation)") {
+  // A model's loss in training mode with a generator reset before every evaluation: the masks
+  // are constants of the function, so finite differences apply.
+  const Batch batch = test_support::padded_batch();
+  const auto check = [&]<class Policy>(typename Policy::Config config, const char* name) {
+    INFO(std::string(name));
+    using Model = peft::Decoder<peft::arch::Gpt2, Policy, double>;
+    Model model(test_support::tiny_gpt2(), config, 5);
+    perturb(model, 3);
+    model.set_training(true);
+    std::vector<Var<double>> inputs;
+    for (auto& p : model.adapter().parameters())
+      if (p.var.requires_grad()) inputs.push_back(p.var);
+    const peft::testing::DoubleFunction f = [&](Tape<double>& tape, std::vector<Var<double>>&) {
+      model.dropout_generator().seed(123);
+      return model.forward(tape, batch).loss;
+    };
+    peft::testing::GradCheckOptions options;
+    options.rtol = 1e-5;
+    const auto result = peft::testing::check_gradients(f, inputs, options);
+    CHECK_MESSAGE(result.ok, result.message);
+  };
+  peft::TargetRules t;
+  t.target_modules.names = {"c_attn"};
+  peft::LohaConfig loha;
+  loha.options.r = 2;
+  loha.options.rank_dropout = 0.4;
+  loha.options.init_weights = false;
+  loha.options.targets = t;
+  check.operator()<peft::LoHa>(loha, "loha");
+  peft::LokrConfig lokr;
+  lokr.options.r = 2;
+  lokr.options.rank_dropout = 0.4;
+  lokr.options.init_weights = false;
+  lokr.options.targets = t;
+  check.operator()<peft::LoKr>(lokr, "lokr");
+  peft::VeraConfig vera;
+  vera.r = 4;
+  vera.vera_dropout = 0.4;
+  vera.targets = t;
+  check.operator()<peft::VeRA>(vera, "vera");
+  check.operator()<peft::LoRA>(lora(0.4), "lora");
 }
 
 TEST_CASE("dropout: training with lora_dropout differs from 0, is seeded, and resumes exactly") {

@@ -37,8 +37,8 @@ void normal_fill(Tensor<T>& t, std::mt19937_64& rng, double std) {
 struct LycorisOptions {
   int r = 8;
   double alpha = 8;
-  double rank_dropout = 0.0;    ///< recorded and written back; dropout is not applied
-  double module_dropout = 0.0;  ///< recorded and written back; dropout is not applied
+  double rank_dropout = 0.0;    ///< rows of ΔW dropped in training (lycoris_dropout)
+  double module_dropout = 0.0;  ///< the whole adapter skipped in training, per forward
   bool init_weights = true;     ///< false: every factor random (the update starts non-zero)
   TargetRules targets;
   PatternMap<int> rank_pattern;  ///< keys compiled once (target_modules.hpp)
@@ -70,5 +70,39 @@ struct LycorisOptions {
     if (targets.target_modules.empty()) throw ConfigError(source + ": target_modules is empty");
   }
 };
+
+/// LyCORIS's dropouts in training mode, as the reference's LoHa and LoKr layers draw them: the
+/// adapter is skipped for this forward unless u > module_dropout (u ~ U[0, 1)); then, with a
+/// rank dropout p, each row of ΔW (an output feature) is kept when its u > p, the kept rows
+/// rescaled by 1 / (kept fraction) when `rescale` (LoHa always; LoKr with rank_dropout_scale).
+/// Drawn from the decoder's dropout generator, module first; `generator` null (evaluation):
+/// nothing is dropped. Where every row is dropped the update is zero (the reference divides 0
+/// by 0 there).
+template <class T>
+struct LycorisDropout {
+  bool skip = false;
+  Tensor<T> rows;  ///< [out] multipliers of the update's outputs; empty: none dropped
+};
+template <class T>
+LycorisDropout<T> lycoris_dropout(const LycorisOptions& o, std::mt19937_64* generator,
+                                  std::int64_t out_features, bool rescale) {
+  LycorisDropout<T> d;
+  if (!generator) return d;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  if (o.module_dropout > 0 && !(u(*generator) > o.module_dropout)) {
+    d.skip = true;
+    return d;
+  }
+  if (o.rank_dropout <= 0) return d;
+  d.rows = Tensor<T>::zeros(Shape{out_features});
+  std::int64_t kept = 0;
+  for (std::int64_t i = 0; i < out_features; ++i)
+    if (u(*generator) > o.rank_dropout) d.rows[i] = T(1), ++kept;
+  if (rescale && kept > 0) {
+    const T scale = static_cast<T>(double(out_features) / double(kept));
+    for (std::int64_t i = 0; i < out_features; ++i) d.rows[i] *= scale;
+  }
+  return d;
+}
 
 }  // namespace peft::detail

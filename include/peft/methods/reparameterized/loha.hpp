@@ -69,24 +69,35 @@ struct LoHa {
       });
     }
 
-    /// Factored: the low-rank term s (x Vᵀ) Uᵀ; else the delta x ΔWᵀ with ΔW built.
+    /// Factored: the low-rank term s (x Vᵀ) Uᵀ; else the delta x ΔWᵀ with ΔW built. In training
+    /// mode, module and rank dropout first (detail::lycoris_dropout): a dropped row of ΔW is a
+    /// dropped output of the update.
     void adapt(Projection<T>& p) const {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
+      const detail::LycorisDropout<T> drop = detail::lycoris_dropout<T>(
+          config_.options, p.dropout_generator(), p.module().out_features, true);
+      if (drop.skip) return;
+      const Var<T> rows = drop.rows.empty() ? Var<T>{} : Var<T>(drop.rows);
       Tape<T>& tape = p.tape();
       if (s->extra.factored) {
         Var<T> u = ops::row_kron(tape, (*s)[0], (*s)[2]);  // [out, r²]
         Var<T> vt = ops::row_kron(tape, ops::transpose(tape, (*s)[1], 0, 1),
                                   ops::transpose(tape, (*s)[3], 0, 1));  // [in, r²]
-        p.add_low_rank(ops::transpose(tape, vt, 0, 1), u, s->extra.scale);
-        return;
+        if (!rows) return p.add_low_rank(ops::transpose(tape, vt, 0, 1), u, s->extra.scale);
+        const typename Projection<T>::Contribution term{
+            Projection<T>::Kind::LowRank, ops::transpose(tape, vt, 0, 1), u, s->extra.scale};
+        return p.add_delta([term, rows](Tape<T>& t, const Var<T>& x) {
+          return ops::mul(t, Projection<T>::low_rank(t, x, term), rows);
+        });
       }
-      p.add_delta([s](Tape<T>& t, const Var<T>& x) {
+      p.add_delta([s, rows](Tape<T>& t, const Var<T>& x) {
         const Slot& m = *s;
         Var<T> delta =
             ops::scale(t, ops::mul(t, ops::matmul(t, m[0], m[1]), ops::matmul(t, m[2], m[3])),
                        m.extra.scale);  // [out, in]
-        return ops::linear(t, x, delta, Var<T>{}, ops::WeightLayout::OutIn);
+        const Var<T> y = ops::linear(t, x, delta, Var<T>{}, ops::WeightLayout::OutIn);
+        return rows ? ops::mul(t, y, rows) : y;
       });
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }

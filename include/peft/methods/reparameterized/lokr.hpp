@@ -65,7 +65,7 @@ struct LokrConfig : ConfigIo<LokrConfig> {
   detail::LycorisOptions options;
   bool decompose_both = false;
   int decompose_factor = -1;
-  bool rank_dropout_scale = false;  ///< recorded and written back (rank dropout is not applied)
+  bool rank_dropout_scale = false;  ///< rank dropout rescales the kept rows (lycoris_dropout)
 
   static auto fields() {
     using C = LokrConfig;
@@ -134,10 +134,22 @@ struct LoKr {
     }
 
     /// A replacement by the fused kronecker_linear (x Wᵀ + b + s x (w1 ⊗ w2)ᵀ in one op), so
-    /// that the numerics stay those of the op.
+    /// that the numerics stay those of the op. In training mode, module and rank dropout first
+    /// (detail::lycoris_dropout, rescaled with rank_dropout_scale): with a rank dropout the
+    /// update is a delta of its own, s x (w1 ⊗ w2)ᵀ with its outputs dropped.
     void adapt(Projection<T>& p) const {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
+      const detail::LycorisDropout<T> drop =
+          detail::lycoris_dropout<T>(config_.options, p.dropout_generator(),
+                                     p.module().out_features, config_.rank_dropout_scale);
+      if (drop.skip) return;
+      if (!drop.rows.empty()) {
+        return p.add_delta([s, rows = Var<T>(drop.rows)](Tape<T>& t, const Var<T>& x) {
+          return ops::mul(
+              t, kronecker_delta(t, x, factor(t, *s, 1), factor(t, *s, 2), s->extra.scale), rows);
+        });
+      }
       p.replace_product([s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
         const Var<T> w1 = factor(tape, *s, 1), w2 = factor(tape, *s, 2);
         return ops::kronecker_linear(tape, x, m.dense_weight("LoKr"), m.bias, m.layout, w1, w2,
@@ -168,6 +180,21 @@ struct LoKr {
       const bool full_w1 = s.extra.shape.full_w1;
       if (which == 1) return {0, full_w1};
       return {full_w1 ? 1 : 2, s.extra.shape.full_w2};
+    }
+    /// s x (w1 ⊗ w2)ᵀ alone, from the library's ops (each row of x as X [im, in_n]:
+    /// w1 (X w2ᵀ) [ol, ok]), for the rank-dropout path; x [..., in] → [..., out].
+    static Var<T> kronecker_delta(Tape<T>& t, const Var<T>& x, const Var<T>& w1, const Var<T>& w2,
+                                  T scale) {
+      const std::int64_t ol = w1.value().dim(0), im = w1.value().dim(1);
+      const std::int64_t ok = w2.value().dim(0), in_n = w2.value().dim(1);
+      const std::int64_t n = x.value().numel() / (im * in_n);
+      Shape out_shape = x.shape();
+      out_shape.back() = ol * ok;
+      const Var<T> z = ops::linear(t, ops::reshape(t, x, Shape{n * im, in_n}), w2, Var<T>{},
+                                   ops::WeightLayout::OutIn);  // [N·im, ok]
+      const Var<T> zt = ops::transpose(t, ops::reshape(t, z, Shape{n, im, ok}), 1, 2);
+      const Var<T> y = ops::linear(t, zt, w1, Var<T>{}, ops::WeightLayout::OutIn);  // [N, ok, ol]
+      return ops::scale(t, ops::reshape(t, ops::transpose(t, y, 1, 2), out_shape), scale);
     }
     static Var<T> factor(Tape<T>& tape, const Slot& s, int which) {
       const auto [i, full] = part(s, which);

@@ -36,7 +36,7 @@ struct VeraConfig : ConfigIo<VeraConfig> {
   TargetRules targets;
   std::int64_t projection_prng_key = 0;
   bool save_projection = true;
-  double vera_dropout = 0.0;  ///< recorded and written back; dropout is not applied
+  double vera_dropout = 0.0;  ///< the update's input dropout in training mode
   double d_initial = 0.1;
   bool init_weights = true;  ///< λ_b = 0, λ_d = d_initial; else λ_b = 1, λ_d ~ N(0, 1)
 
@@ -110,15 +110,35 @@ struct VeRA {
 
     /// A replacement by the fused vera_linear (x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (x Âᵀ)) B̂ᵀ) in one
     /// op), so that the numerics stay those of the op.
+    /// In training mode with vera_dropout, the update is a delta of its own on the dropped
+    /// input (the reference: λ_b ⊙ B̂(λ_d ⊙ Â dropout(x))), the base product on x.
     void adapt(Projection<T>& p) const {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
+      if (p.dropout_generator() && config_.vera_dropout > 0) {
+        const std::int64_t in = p.module().in_features, out = p.module().out_features;
+        return p.add_delta(
+            [this, s, in, out](Tape<T>& t, const Var<T>& x) {
+              const Var<T> a = leading(t, shared_a_, 1, in), b = leading(t, shared_b_, 0, out);
+              const Var<T> h = ops::linear(t, x, a, Var<T>{}, ops::WeightLayout::OutIn);
+              const Var<T> hd = ops::mul(t, h, Projection<T>::flat(t, (*s)[1], config_.r));
+              const Var<T> z = ops::linear(t, hd, b, Var<T>{}, ops::WeightLayout::OutIn);
+              return ops::mul(t, z, Projection<T>::flat(t, (*s)[0], out));
+            },
+            config_.vera_dropout);
+      }
       p.replace_product([this, s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
         return ops::vera_linear(tape, x, m.dense_weight("VeRA"), m.bias, m.layout, shared_a_,
                                 shared_b_, (*s)[1], (*s)[0]);
       });
     }
     bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
+
+    /// The leading `size` entries of a shared matrix along `axis` (Â = A[:, :in], B̂ = B[:out]).
+    static Var<T> leading(Tape<T>& t, const Var<T>& shared, std::size_t axis, std::int64_t size) {
+      const std::int64_t whole = shared.value().dim(axis);
+      return size == whole ? shared : ops::split(t, shared, {size, whole - size}, axis)[0];
+    }
 
     /// λ_b and λ_d of every module, then the shared (frozen) projections when they are saved.
     std::vector<NamedParameter<T>> parameters() const {
