@@ -116,9 +116,33 @@ struct DoRA {
     }
 
     /// A replacement of the product, as DoRA truly is one: (m/n) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b.
+    /// In training mode with lora_dropout, the reference's form on the dropped input x_d:
+    /// x Wᵀ + b + (c − 1) ⊙ (x_d Wᵀ) + c ⊙ s (x_d Aᵀ) Bᵀ, c = m/n (n detached), which is the
+    /// replacement above when x_d = x.
     void adapt(Projection<T>& p) const {
       const Slot* s = sites_.active(p.module());
       if (!s) return;
+      if (p.dropout_generator() && config_.lora_dropout > 0) {
+        const nn::Linear<T>& module = p.module();
+        const Tensor<T> norm =
+            detail::dora_weight_norm(module, (*s)[0].value(), (*s)[1].value(), s->extra.scale);
+        Tensor<T> inverse(norm.shape()), minus_one(norm.shape());
+        for (std::int64_t i = 0; i < norm.numel(); ++i)
+          inverse[i] = T(1) / norm[i], minus_one[i] = T(-1);
+        return p.add_delta(
+            [s, &module, inverse = Var<T>(inverse), minus_one = Var<T>(minus_one)](
+                Tape<T>& t, const Var<T>& xd) {
+              const std::int64_t out = module.out_features;
+              const Var<T> c = ops::mul(t, Projection<T>::flat(t, (*s)[2], out), inverse);
+              const Var<T> base =
+                  ops::linear(t, xd, module.dense_weight("DoRA"), Var<T>{}, module.layout);
+              const typename Projection<T>::Contribution term{Projection<T>::Kind::LowRank, (*s)[0],
+                                                              (*s)[1], s->extra.scale};
+              return ops::add(t, ops::mul(t, base, ops::add(t, c, minus_one)),
+                              ops::mul(t, Projection<T>::low_rank(t, xd, term), c));
+            },
+            config_.lora_dropout);
+      }
       p.replace_product([s](Tape<T>& tape, const nn::Linear<T>& m, const Var<T>& x) {
         const Slot& slot = *s;
         const T scale = slot.extra.scale;
