@@ -25,8 +25,10 @@ struct PTuningConfig : detail::PromptLearningConfig {
   Encoder encoder = Encoder::Mlp;
   std::int64_t encoder_hidden_size = 0;  ///< h; 0: the hidden size, as the reference
   std::int64_t encoder_num_layers = 2;   ///< LSTM layers (the MLP always has its fixed shape)
-  double encoder_dropout = 0.0;          ///< recorded and written back; not applied
-  bool folded = false;                   ///< plain embeddings (always so when read from a file)
+  /// The reference passes it to its LSTM encoder only (its MLP encoder has no dropout), and
+  /// this library does not train the LSTM encoder: recorded and written back.
+  double encoder_dropout = 0.0;
+  bool folded = false;  ///< plain embeddings (always so when read from a file)
 
   static auto fields() {
     using C = PTuningConfig;
