@@ -300,8 +300,6 @@ class SequenceSet {
   std::int64_t size() const { return packed_chunks_ + static_cast<std::int64_t>(pairs_.size()); }
   std::int64_t train_count() const { return size() - val_count_; }
   std::int64_t val_count() const { return val_count_; }
-  /// Labelled tokens of training sequence `i` (for tokens/s).
-  std::int64_t tokens_per_sequence() const { return seq_len_; }
 
   /// A batch of training sequences by their index in [0, train_count()).
   Batch train_batch(const std::vector<std::int64_t>& indices) const {

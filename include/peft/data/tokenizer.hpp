@@ -409,7 +409,8 @@ class BpeTokenizer {
       const std::optional<SplitPattern> known = SplitPattern::recognise(regex);
       if (!known)
         fail(file, field + ".pattern.Regex",
-             "the GPT-2, LLaMA-3 or Qwen2 pattern (others are not implemented)",
+             "the GPT-2, LLaMA-3 or Qwen2 pattern (the patterns the library runs as exact "
+             "scanners; docs/tokenizer.md)",
              io::describe_json(pattern));
       const std::string behavior = io::json_get_or(step, "behavior", "Isolated", where);
       if (behavior != "Isolated")
