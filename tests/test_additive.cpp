@@ -15,6 +15,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_additive {
+
 namespace {
 
 using peft::Batch;
@@ -467,3 +471,7 @@ TEST_CASE_TEMPLATE("additive: count_parameters equals the tensors a built adapte
       config, peft::linear_shapes<typename C::Arch>(config), config_for<typename C::Policy>());
   CHECK(counted.trainable == built);
 }
+
+#undef ADDITIVE_METHODS
+#undef ALL_CASES
+}  // namespace test_additive

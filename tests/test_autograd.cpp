@@ -5,6 +5,10 @@
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_autograd {
+
 namespace {
 using peft::Shape;
 using peft::Tape;
@@ -115,3 +119,5 @@ TEST_CASE("cross-entropy: mean over counted tokens, NaN when none is counted") {
   Var<double> none = peft::ops::cross_entropy(tape, logits, {-100, -100});
   CHECK(std::isnan(none.value()[0]));
 }
+
+}  // namespace test_autograd

@@ -14,6 +14,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_checkpoint_shards {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -138,3 +142,5 @@ TEST_CASE("a malformed shard index is a FileError naming the index and the fault
   CHECK_THROWS_WITH_AS(Model::load(m.split), doctest::Contains("is in two shards"),
                        peft::FileError);
 }
+
+}  // namespace test_checkpoint_shards

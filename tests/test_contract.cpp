@@ -13,6 +13,10 @@
 #include "peft/testing/gradcheck.hpp"
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_contract {
+
 namespace {
 
 nlohmann::json lora_json(nlohmann::json changes) {
@@ -196,3 +200,5 @@ TEST_CASE("site table: counting from shapes and attaching read one declaration")
                                          "no module of this model"),
                        peft::ConfigError);
 }
+
+}  // namespace test_contract

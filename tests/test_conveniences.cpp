@@ -16,6 +16,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_conveniences {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -334,3 +338,5 @@ TEST_CASE("conveniences: the README's snippet prints the line it shows") {
   CHECK(peft::trainable_parameters_line(model) ==
         "trainable params: 4,096 || all params: 170,304 || trainable%: 2.4051");
 }
+
+}  // namespace test_conveniences

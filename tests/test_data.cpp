@@ -16,6 +16,10 @@
 #include "peft/nn/decoder.hpp"
 #include "peft/train/trainer.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_data {
+
 namespace {
 
 using peft::data::TaskKind;
@@ -222,3 +226,5 @@ TEST_CASE("generate: greedy is deterministic; sampling is seeded; top-k 1 is gre
   CHECK_THROWS_AS(peft::generate(model, {}, greedy), peft::ConfigError);
   CHECK_THROWS_AS(peft::generate(model, {99}, greedy), peft::ConfigError);
 }
+
+}  // namespace test_data

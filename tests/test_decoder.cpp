@@ -7,6 +7,10 @@
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_decoder {
+
 namespace {
 
 using peft::Batch;
@@ -365,3 +369,5 @@ TEST_CASE("ModelConfig::to_json writes a config.json that reads back to the same
     CHECK(back.kv_dim() == c.kv_dim());
   }
 }
+
+}  // namespace test_decoder

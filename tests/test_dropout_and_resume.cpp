@@ -16,6 +16,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_dropout_and_resume {
+
 namespace {
 
 using peft::Batch;
@@ -458,3 +462,5 @@ TEST_CASE("resume: AdaLoRA, DyLoRA and diff pruning carry their running state in
                       {{"rank_generator", before["rank_generator"]}, {"rank", 99}}),
                   peft::FileError);
 }
+
+}  // namespace test_dropout_and_resume

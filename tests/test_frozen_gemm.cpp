@@ -29,6 +29,10 @@
 #include <vector>
 #if defined(_OPENMP)
 #include <omp.h>
+
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_frozen_gemm {
 #endif
 
 namespace {
@@ -398,3 +402,5 @@ TEST_CASE("frozen products: degenerate sizes and errors") {
                     peft::ConfigError);
   }
 }
+
+}  // namespace test_frozen_gemm

@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_frozen_weights {
+
 namespace {
 
 using peft::BaseFormat;
@@ -269,3 +273,5 @@ TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and
                        doctest::Contains("--base-dtype: expected fp32, bf16 or nf4, found 'int8'"),
                        peft::ConfigError);
 }
+
+}  // namespace test_frozen_weights

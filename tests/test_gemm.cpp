@@ -11,6 +11,10 @@
 #include <random>
 #include <vector>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_gemm {
+
 namespace {
 
 struct Operands {
@@ -132,3 +136,5 @@ TEST_CASE("packed AVX-512 product: an element's value does not depend on its pos
   }
 }
 #endif
+
+}  // namespace test_gemm

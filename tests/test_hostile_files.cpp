@@ -26,6 +26,10 @@
 
 #include "../cli/inspect.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_hostile_files {
+
 namespace fs = std::filesystem;
 using peft::ConfigError;
 using peft::FileError;
@@ -195,8 +199,7 @@ TEST_CASE("hostile files: the checkpoint header is checked against config.json b
     c["n_layer"] = 65536;
     c["n_embd"] = 4096;
   });
-  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "layers"), doctest::Contains("65536 layers"),
-                       ConfigError);
+  CHECK_THROWS_WITH_AS(Gpt2::load(dir / "layers"), doctest::Contains("65536 layers"), ConfigError);
   // The same bound guards a model built in code.
   peft::ModelConfig c = peft::ModelConfig::gpt2();
   c.vocab_size = 1000000000000;
@@ -406,3 +409,5 @@ TEST_CASE("hostile files: inspect maps a 2 GiB file instead of reading it") {
   CHECK(listing.find("1 tensor, 536870912 parameters") != std::string::npos);
   fs::remove(path);
 }
+
+}  // namespace test_hostile_files

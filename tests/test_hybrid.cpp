@@ -23,6 +23,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_hybrid {
+
 namespace {
 
 using peft::Batch;
@@ -509,3 +513,6 @@ TEST_CASE("hybrid: search returns a configuration within its budget, repeatably"
   if (!found) CHECK(chosen["peft_type"] == "COMPOSE");
   std::filesystem::remove_all(dir);
 }
+
+#undef HYBRID_CASES
+}  // namespace test_hybrid

@@ -5,6 +5,10 @@
 #include <peft/nn/config.hpp>
 #include <string>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_model_config {
+
 namespace {
 
 nlohmann::json gpt2_json() {
@@ -115,3 +119,5 @@ TEST_CASE("config.json: nested rope fields and non-finite numbers are named with
   CHECK(error_of(j).find("field 'model_type' missing") != std::string::npos);
   CHECK(error_of(nlohmann::json::array()) == "dir/config.json: expected a JSON object");
 }
+
+}  // namespace test_model_config

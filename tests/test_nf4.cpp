@@ -18,6 +18,10 @@
 #include "peft/io/safetensors.hpp"
 #include "peft/quant/nf4.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_nf4 {
+
 namespace {
 
 namespace q = peft::quant;
@@ -317,3 +321,5 @@ TEST_CASE("nf4: shapes and stored parts that do not fit are ShapeErrors naming t
                       {std::numeric_limits<float>::quiet_NaN()}, 0.0f, "w"),
                   peft::ConfigError);
 }
+
+}  // namespace test_nf4

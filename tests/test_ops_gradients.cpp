@@ -5,6 +5,10 @@
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_ops_gradients {
+
 namespace {
 
 using peft::Shape;
@@ -265,3 +269,5 @@ TEST_CASE("the gradient checker catches a wrong gradient") {
   };
   CHECK_FALSE(peft::testing::check_gradients(wrong, {input({2, 2}, 60)}).ok);
 }
+
+}  // namespace test_ops_gradients

@@ -4,6 +4,10 @@
 #include <cmath>
 #include <peft/peft.hpp>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_optimizer {
+
 namespace {
 using peft::NamedParameter;
 using peft::Shape;
@@ -55,3 +59,5 @@ TEST_CASE("SGD with momentum follows torch") {
     CHECK(p.value()[0] == doctest::Approx(w).epsilon(1e-14));
   }
 }
+
+}  // namespace test_optimizer

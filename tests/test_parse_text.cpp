@@ -14,6 +14,10 @@
 #include <string>
 #include <vector>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_parse_text {
+
 using peft::io::ArgumentError;
 
 namespace {
@@ -182,3 +186,5 @@ TEST_CASE("case.json training fields are bounded and typed, the file and field n
                                                 "c/case.json"),
                   peft::ConfigError);
 }
+
+}  // namespace test_parse_text

@@ -18,6 +18,10 @@
 #include "peft/methods/selective/masks.hpp"
 #include "peft/methods/target_modules.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_patterns {
+
 namespace {
 
 const std::string kQ = "model.layers.3.self_attn.q_proj";
@@ -281,3 +285,5 @@ TEST_CASE("config validation: a wrong-typed peft_type names the file and the fie
   CHECK_FALSE(peft::UnstructuredMask::accepts(nlohmann::json::array()));
   CHECK(peft::detail::string_or(nlohmann::json(3), "peft_type", "none") == "none");
 }
+
+}  // namespace test_patterns

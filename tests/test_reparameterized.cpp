@@ -18,6 +18,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_reparameterized {
+
 namespace {
 
 using peft::Batch;
@@ -658,3 +662,7 @@ TEST_CASE("peft count: the reference's lines for published models") {
   CHECK(count_line(gpt2_124m(), adapter("VERA", 256, {"c_attn"})) ==
         "trainable params: 30,720 || all params: 124,470,528 || trainable%: 0.0247");
 }
+
+#undef REPARAMETERIZED_CASES
+#undef ALL_CASES
+}  // namespace test_reparameterized

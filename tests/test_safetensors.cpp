@@ -26,6 +26,10 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_safetensors {
+
 namespace {
 
 namespace io = peft::io;
@@ -1114,3 +1118,5 @@ TEST_CASE("inspect: lists tensors aligned, reports errors in one line") {
   CHECK(std::count(error_text.begin(), error_text.end(), '\n') == 1);
   std::filesystem::remove_all(dir);
 }
+
+}  // namespace test_safetensors

@@ -24,6 +24,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_selective {
+
 namespace {
 
 using peft::Batch;
@@ -627,3 +631,7 @@ TEST_CASE("selective: adapter configs round-trip and load as their policy") {
   CHECK_THROWS_WITH_AS((Decoder<Gpt2, peft::UnstructuredMask, double>(mc, too_many, 1)),
                        doctest::Contains("exceeds"), peft::ConfigError);
 }
+
+#undef ALL_CASES
+#undef PROJECTION_CASES
+}  // namespace test_selective

@@ -17,6 +17,10 @@
 #include "peft/data/tokenizer.hpp"
 #include "peft/io/json.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_tokenizer {
+
 #ifndef PEFT_TEST_DATA_DIR
 #define PEFT_TEST_DATA_DIR "tests/data"
 #endif
@@ -316,3 +320,5 @@ TEST_CASE("tokenizer: added tokens split first, with single_word, lstrip and rst
   CHECK(tok.decode(std::vector<std::int32_t>{302, 'y'}, true) == "y");
   CHECK(tok.decode(std::vector<std::int32_t>{302, 'y'}) == "<m>xy");
 }
+
+}  // namespace test_tokenizer

@@ -18,6 +18,10 @@
 
 #include "tiny_models.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_train_command {
+
 #ifndef PEFT_GOLDEN_DIR
 #define PEFT_GOLDEN_DIR "../shared/golden"
 #endif
@@ -302,3 +306,5 @@ TEST_CASE("peft train: bad data is an error naming the file and line, before tra
   CHECK(r.status == 1);
   CHECK(r.err.find("--resume: no checkpoint to continue") != std::string::npos);
 }
+
+}  // namespace test_train_command

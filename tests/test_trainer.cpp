@@ -25,6 +25,10 @@
 #include "peft/train/schedule.hpp"
 #include "peft/train/trainer.hpp"
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_trainer {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -397,3 +401,5 @@ TEST_CASE("tutorial: OutputShift counts, saves and loads through the contract al
   CHECK_THROWS_WITH_AS((peft::Decoder<peft::arch::Llama, OutputShift, float>(c, config, 1)),
                        doctest::Contains("matched no module"), peft::ConfigError);
 }
+
+}  // namespace test_trainer

@@ -7,6 +7,10 @@
 #include <sstream>
 #include <string>
 
+// Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
+// translation unit, where their helpers must not meet.
+namespace test_tutorial_code {
+
 namespace {
 
 std::string read_text(const std::filesystem::path& path) {
@@ -39,3 +43,5 @@ TEST_CASE("tutorial: the code of \"Writing an op\" is tests/test_custom_op.cpp")
   }
   CHECK(code == source);
 }
+
+}  // namespace test_tutorial_code
