@@ -31,6 +31,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #ifdef _OPENMP
@@ -502,6 +503,157 @@ inline void write_json(const fs::path& path, const Settings& s, const Workload& 
   write_text_atomically(path, j.dump(2) + "\n");
 }
 
+/// The `index`-th of `count` colours, all different: hues evenly spaced around the circle, and
+/// neighbours in alternating lightness and saturation so that adjacent hues stay apart (a fixed
+/// palette repeats once a study has more rows than it has colours).
+inline std::string distinct_colour(std::size_t index, std::size_t count) {
+  const double hue = 360.0 * double(index) / double(std::max<std::size_t>(count, 1));
+  const double light = index % 2 == 0 ? 0.38 : 0.55, sat = index % 3 == 1 ? 0.55 : 0.80;
+  // HSL to RGB (CSS Color 4).
+  const auto channel = [&](double n) {
+    const double k = std::fmod(n + hue / 30.0, 12.0);
+    const double a = sat * std::min(light, 1.0 - light);
+    return light - a * std::max(-1.0, std::min({k - 3.0, 9.0 - k, 1.0}));
+  };
+  char out[8];
+  std::snprintf(out, sizeof out, "#%02x%02x%02x", int(std::lround(255 * channel(0))),
+                int(std::lround(255 * channel(8))), int(std::lround(255 * channel(4))));
+  return out;
+}
+
+/// Each family's colour and marker in the Pareto figure (the curves' colours are per method).
+struct FamilyStyle {
+  std::string_view family, colour, marker;  ///< marker: circle, square, triangle, diamond, cross
+};
+inline constexpr FamilyStyle kFamilyStyles[] = {{"additive", "#1f77b4", "circle"},
+                                                {"selective", "#2ca02c", "square"},
+                                                {"reparameterized", "#d62728", "triangle"},
+                                                {"hybrid", "#9467bd", "diamond"},
+                                                {"none", "#000000", "cross"}};
+
+inline const FamilyStyle& family_style(std::string_view family) {
+  for (const FamilyStyle& f : kFamilyStyles)
+    if (f.family == family) return f;
+  return kFamilyStyles[std::size(kFamilyStyles) - 1];
+}
+
+/// An SVG marker of `style` centred on (x, y).
+inline void svg_marker(std::ostream& svg, const FamilyStyle& style, double x, double y) {
+  const double r = 5;
+  const std::string paint =
+      "fill=\"" + std::string(style.colour) + "\" stroke=\"#222\" stroke-width=\"0.6\"";
+  if (style.marker == "circle") {
+    svg << "<circle cx=\"" << x << "\" cy=\"" << y << "\" r=\"" << r << "\" " << paint << "/>\n";
+  } else if (style.marker == "square") {
+    svg << "<rect x=\"" << x - r << "\" y=\"" << y - r << "\" width=\"" << 2 * r << "\" height=\""
+        << 2 * r << "\" " << paint << "/>\n";
+  } else if (style.marker == "triangle") {
+    svg << "<polygon points=\"" << x << ',' << y - 1.2 * r << ' ' << x - 1.1 * r << ','
+        << y + 0.8 * r << ' ' << x + 1.1 * r << ',' << y + 0.8 * r << "\" " << paint << "/>\n";
+  } else if (style.marker == "diamond") {
+    svg << "<polygon points=\"" << x << ',' << y - 1.3 * r << ' ' << x + r << ',' << y << ' ' << x
+        << ',' << y + 1.3 * r << ' ' << x - r << ',' << y << "\" " << paint << "/>\n";
+  } else {
+    svg << "<path d=\"M" << x - r << ',' << y - r << "L" << x + r << ',' << y + r << "M" << x - r
+        << ',' << y + r << "L" << x + r << ',' << y - r << "\" stroke=\"" << style.colour
+        << "\" stroke-width=\"2\"/>\n";
+  }
+}
+
+/// The Pareto figure: final eval loss against trainable parameters (log scale), one marker and
+/// colour per family, every method labelled, and the frontier (the methods no other method
+/// beats with fewer parameters) as a grey step line; the base (`none`, nothing trained) is the
+/// dashed line. Rows without a finite loss or without trainable parameters are left out.
+inline void write_pareto_svg(const fs::path& path, const std::vector<MethodResult>& rows,
+                             const std::string& title) {
+  const double width = 900, height = 560, left = 70, right = 150, top = 40, bottom = 50;
+  const double plot_w = width - left - right, plot_h = height - top - bottom;
+  std::vector<const MethodResult*> points;
+  double base_loss = std::numeric_limits<double>::quiet_NaN();
+  for (const MethodResult& r : rows) {
+    if (r.method == "none" && std::isfinite(r.eval_loss)) base_loss = r.eval_loss;
+    if (r.trainable > 0 && std::isfinite(r.eval_loss)) points.push_back(&r);
+  }
+  double lo = 1e300, hi = -1e300, pmin = 1e300, pmax = 1;
+  for (const MethodResult* r : points) {
+    lo = std::min(lo, r->eval_loss), hi = std::max(hi, r->eval_loss);
+    pmin = std::min(pmin, double(r->trainable)), pmax = std::max(pmax, double(r->trainable));
+  }
+  if (std::isfinite(base_loss)) lo = std::min(lo, base_loss), hi = std::max(hi, base_loss);
+  if (!(lo <= hi)) lo = 0, hi = 1;  // nothing to plot: an empty frame
+  const double pad = lo < hi ? 0.06 * (hi - lo) : std::max(0.05 * std::abs(lo), 0.05);
+  lo -= pad, hi += pad;
+  if (!(pmin < pmax)) pmin = std::max(1.0, pmax / 10);
+  const double log_lo = std::floor(std::log10(pmin)), log_hi = std::ceil(std::log10(pmax) + 1e-9);
+  const auto x_of = [&](double params) {
+    return left + plot_w * (std::log10(params) - log_lo) / std::max(log_hi - log_lo, 1e-9);
+  };
+  const auto y_of = [&](double loss) { return top + plot_h * (hi - loss) / (hi - lo); };
+
+  std::ostringstream svg;
+  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
+      << "\" font-family=\"sans-serif\" font-size=\"11\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << title << "</text>\n"
+      << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
+      << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
+  for (int e = int(log_lo); e <= int(log_hi); ++e) {
+    const double x = x_of(std::pow(10.0, e));
+    svg << "<line x1=\"" << x << "\" x2=\"" << x << "\" y1=\"" << top << "\" y2=\"" << top + plot_h
+        << "\" stroke=\"#e4e4e4\"/>\n<text x=\"" << x << "\" y=\"" << top + plot_h + 16
+        << "\" text-anchor=\"middle\">1e" << e << "</text>\n";
+  }
+  for (int i = 0; i <= 5; ++i) {
+    const double loss = lo + (hi - lo) * i / 5, y = y_of(loss);
+    svg << "<line x1=\"" << left << "\" x2=\"" << left + plot_w << "\" y1=\"" << y << "\" y2=\""
+        << y << "\" stroke=\"#eee\"/>\n<text x=\"" << left - 6 << "\" y=\"" << y + 4
+        << "\" text-anchor=\"end\">" << format_double(loss, 3) << "</text>\n";
+  }
+  svg << "<text x=\"" << left + plot_w / 2 << "\" y=\"" << height - 12
+      << "\" text-anchor=\"middle\">trainable parameters (log scale)</text>\n"
+      << "<text transform=\"translate(16," << top + plot_h / 2
+      << ") rotate(-90)\" text-anchor=\"middle\">final eval loss</text>\n";
+  if (std::isfinite(base_loss)) {
+    const double y = y_of(base_loss);
+    svg << "<line x1=\"" << left << "\" x2=\"" << left + plot_w << "\" y1=\"" << y << "\" y2=\""
+        << y << "\" stroke=\"#000\" stroke-dasharray=\"6,4\"/>\n<text x=\"" << left + plot_w - 4
+        << "\" y=\"" << y - 4 << "\" text-anchor=\"end\">none (the base)</text>\n";
+  }
+  // The frontier: by increasing parameter count, each method that beats every cheaper one.
+  std::vector<const MethodResult*> by_size = points;
+  std::stable_sort(
+      by_size.begin(), by_size.end(),
+      [](const MethodResult* a, const MethodResult* b) { return a->trainable < b->trainable; });
+  std::ostringstream frontier;
+  double best = std::numeric_limits<double>::infinity();
+  for (const MethodResult* r : by_size)
+    if (r->eval_loss < best) {
+      const double x = x_of(double(r->trainable)), y = y_of(r->eval_loss);
+      if (std::isfinite(best)) frontier << x << ',' << y_of(best) << ' ';
+      frontier << x << ',' << y << ' ';
+      best = r->eval_loss;
+    }
+  svg << "<polyline class=\"frontier\" fill=\"none\" stroke=\"#999\" stroke-width=\"1.5\" points=\""
+      << frontier.str() << "\"/>\n";
+  for (const MethodResult* r : points) {
+    const double x = x_of(double(r->trainable)), y = y_of(r->eval_loss);
+    svg_marker(svg, family_style(r->family), x, y);
+    svg << "<text x=\"" << x + 8 << "\" y=\"" << y + 4 << "\">" << r->method << "</text>\n";
+  }
+  double ly = top + 10;
+  for (const FamilyStyle& f : kFamilyStyles) {
+    const bool used = std::any_of(points.begin(), points.end(),
+                                  [&](const MethodResult* r) { return r->family == f.family; });
+    if (!used) continue;
+    svg_marker(svg, f, left + plot_w + 22, ly);
+    svg << "<text x=\"" << left + plot_w + 34 << "\" y=\"" << ly + 4 << "\">"
+        << (f.family == "none" ? std::string_view("full fine-tuning") : f.family) << "</text>\n";
+    ly += 20;
+  }
+  svg << "</svg>\n";
+  write_text_atomically(path, svg.str());
+}
+
 /// Eval loss against step for every method, log-scaled, as a standalone SVG.
 inline void write_svg(const fs::path& path, const std::vector<MethodResult>& rows,
                       const std::string& title) {
@@ -530,10 +682,8 @@ inline void write_svg(const fs::path& path, const std::vector<MethodResult>& row
     const double l = std::clamp(std::log10(std::max(loss, 1e-4)), log_lo, log_hi);
     return top + plot_h * (log_hi - l) / (log_hi - log_lo);
   };
-  static const char* palette[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-                                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-                                  "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
-                                  "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"};
+  std::size_t curves = 0;
+  for (const MethodResult& r : rows) curves += r.curve.empty() ? 0 : 1;
   std::ostringstream svg;
   svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
       << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
@@ -571,10 +721,10 @@ inline void write_svg(const fs::path& path, const std::vector<MethodResult>& row
         << "<text x=\"" << left + plot_w + 42 << "\" y=\"" << top + 12 << "\">none (base)</text>\n";
     ++legend;
   }
-  int colour = 0;
+  std::size_t colour = 0;
   for (const MethodResult& r : rows) {
     if (r.curve.empty()) continue;
-    const char* c = palette[colour++ % (sizeof palette / sizeof *palette)];
+    const std::string c = distinct_colour(colour++, curves);
     svg << "<polyline fill=\"none\" stroke=\"" << c << "\" stroke-width=\"1.8\" points=\"";
     for (const CurvePoint& p : r.curve)
       if (std::isfinite(p.loss)) svg << x_of(double(p.step)) << ',' << y_of(p.loss) << ' ';
@@ -796,9 +946,10 @@ inline int run_study_table(const std::vector<std::string>& args, std::ostream& o
   write_csv(s.out / "results.csv", rows);
   write_json(s.out / "results.json", s, w, rows, seconds);
   write_svg(s.out / "curves.svg", rows, w.description);
+  write_pareto_svg(s.out / "pareto.svg", rows, w.description);
   out << "\nwrote " << (s.out / "results.csv").string() << ", " << (s.out / "results.json").string()
-      << ", " << (s.out / "curves.svg").string() << " in " << std::fixed << std::setprecision(1)
-      << seconds << " s\n";
+      << ", " << (s.out / "curves.svg").string() << ", " << (s.out / "pareto.svg").string()
+      << " in " << std::fixed << std::setprecision(1) << seconds << " s\n";
   return 0;
 }
 
