@@ -74,10 +74,12 @@ TEST_CASE("study: the Pareto figure marks each family, labels each method, draws
       row("hybrid", "unipelt", 5000, 1.1),
       row("additive", "prompt_tuning", 300, std::numeric_limits<double>::quiet_NaN()),
   };
-  peft::experiment::write_pareto_svg(dir / "pareto.svg", rows, "a test");
+  peft::experiment::write_pareto_svg(dir / "pareto.svg", rows, "adapt to a&b <text>");
   const std::string svg = read_all(dir / "pareto.svg");
   REQUIRE(svg.rfind("<svg", 0) == 0);
   CHECK(svg.find("</svg>") != std::string::npos);
+  // The title (a file path in text mode) is escaped, so the file stays well-formed XML.
+  CHECK(svg.find("adapt to a&amp;b &lt;text&gt;") != std::string::npos);
   for (const char* method : {"full", "lora", "vera", "ia3", "bitfit", "unipelt"})
     CHECK_MESSAGE(svg.find(std::string(">") + method + "</text>") != std::string::npos, method);
   // A row without a finite loss is not plotted; the base is the dashed line, not a point.

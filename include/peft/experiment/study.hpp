@@ -503,6 +503,31 @@ inline void write_json(const fs::path& path, const Settings& s, const Workload& 
   write_text_atomically(path, j.dump(2) + "\n");
 }
 
+/// `text` with XML's five special characters escaped, for SVG text (a title holds file paths).
+inline std::string xml_escape(std::string_view text) {
+  std::string out;
+  for (const char c : text) switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&apos;";
+        break;
+      default:
+        out += c;
+    }
+  return out;
+}
+
 /// The `index`-th of `count` colours, all different: hues evenly spaced around the circle, and
 /// neighbours in alternating lightness and saturation so that adjacent hues stay apart (a fixed
 /// palette repeats once a study has more rows than it has colours).
@@ -594,7 +619,7 @@ inline void write_pareto_svg(const fs::path& path, const std::vector<MethodResul
   svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
       << "\" font-family=\"sans-serif\" font-size=\"11\">\n"
       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << title << "</text>\n"
+      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << xml_escape(title) << "</text>\n"
       << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
       << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
   for (int e = int(log_lo); e <= int(log_hi); ++e) {
@@ -638,7 +663,8 @@ inline void write_pareto_svg(const fs::path& path, const std::vector<MethodResul
   for (const MethodResult* r : points) {
     const double x = x_of(double(r->trainable)), y = y_of(r->eval_loss);
     svg_marker(svg, family_style(r->family), x, y);
-    svg << "<text x=\"" << x + 8 << "\" y=\"" << y + 4 << "\">" << r->method << "</text>\n";
+    svg << "<text x=\"" << x + 8 << "\" y=\"" << y + 4 << "\">" << xml_escape(r->method)
+        << "</text>\n";
   }
   double ly = top + 10;
   for (const FamilyStyle& f : kFamilyStyles) {
@@ -688,7 +714,7 @@ inline void write_svg(const fs::path& path, const std::vector<MethodResult>& row
   svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
       << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << title << "</text>\n"
+      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << xml_escape(title) << "</text>\n"
       << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
       << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
   // Grid: powers of ten and their 2x, 5x within range; steps in fifths.
@@ -732,7 +758,7 @@ inline void write_svg(const fs::path& path, const std::vector<MethodResult>& row
     svg << "\"/>\n<line x1=\"" << left + plot_w + 12 << "\" x2=\"" << left + plot_w + 36
         << "\" y1=\"" << ly << "\" y2=\"" << ly << "\" stroke=\"" << c
         << "\" stroke-width=\"2.5\"/>\n<text x=\"" << left + plot_w + 42 << "\" y=\"" << ly + 4
-        << "\">" << r.method << "</text>\n";
+        << "\">" << xml_escape(r.method) << "</text>\n";
   }
   svg << "</svg>\n";
   write_text_atomically(path, svg.str());
