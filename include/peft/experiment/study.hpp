@@ -528,6 +528,18 @@ inline std::string xml_escape(std::string_view text) {
   return out;
 }
 
+/// The opening of a study figure: the `<svg>` element, a white background, the title and the
+/// plot's frame (left, top, plot_w, plot_h); `font_size` is the figure's text size.
+inline void svg_frame(std::ostream& svg, double width, double height, double left, double top,
+                      double plot_w, double plot_h, const std::string& title, int font_size) {
+  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
+      << "\" font-family=\"sans-serif\" font-size=\"" << font_size << "\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << xml_escape(title) << "</text>\n"
+      << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
+      << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
+}
+
 /// The `index`-th of `count` colours, all different: hues evenly spaced around the circle, and
 /// neighbours in alternating lightness and saturation so that adjacent hues stay apart (a fixed
 /// palette repeats once a study has more rows than it has colours).
@@ -616,12 +628,7 @@ inline void write_pareto_svg(const fs::path& path, const std::vector<MethodResul
   const auto y_of = [&](double loss) { return top + plot_h * (hi - loss) / (hi - lo); };
 
   std::ostringstream svg;
-  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-      << "\" font-family=\"sans-serif\" font-size=\"11\">\n"
-      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << xml_escape(title) << "</text>\n"
-      << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
-      << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
+  svg_frame(svg, width, height, left, top, plot_w, plot_h, title, 11);
   for (int e = int(log_lo); e <= int(log_hi); ++e) {
     const double x = x_of(std::pow(10.0, e));
     svg << "<line x1=\"" << x << "\" x2=\"" << x << "\" y1=\"" << top << "\" y2=\"" << top + plot_h
@@ -711,12 +718,7 @@ inline void write_svg(const fs::path& path, const std::vector<MethodResult>& row
   std::size_t curves = 0;
   for (const MethodResult& r : rows) curves += r.curve.empty() ? 0 : 1;
   std::ostringstream svg;
-  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
-      << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
-      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-      << "<text x=\"" << left << "\" y=\"24\" font-size=\"15\">" << xml_escape(title) << "</text>\n"
-      << "<rect x=\"" << left << "\" y=\"" << top << "\" width=\"" << plot_w << "\" height=\""
-      << plot_h << "\" fill=\"none\" stroke=\"#333\"/>\n";
+  svg_frame(svg, width, height, left, top, plot_w, plot_h, title, 12);
   // Grid: powers of ten and their 2x, 5x within range; steps in fifths.
   for (int e = static_cast<int>(std::floor(log_lo)); e <= static_cast<int>(std::ceil(log_hi)); ++e)
     for (double f : {1.0, 2.0, 5.0}) {
