@@ -96,7 +96,8 @@ TEST_CASE("dropout: a low-rank term's input is dropped with inverted scaling, th
   CHECK(dropped > 0);
   CHECK(dropped < mask.numel());
   Tape<double> manual_tape;
-  peft::Projection<double>::Contribution term{peft::Projection<double>::Kind::LowRank, a, b, s};
+  peft::Projection<double>::Contribution term{
+      peft::Projection<double>::Kind::LowRank, a, b, s, {}, {}, 0};
   const Var<double> x_dropped = peft::ops::mul(manual_tape, x, Var<double>(mask));
   const Var<double> expected =
       peft::ops::add(manual_tape, module.forward_base(manual_tape, x),

@@ -404,7 +404,9 @@ inline std::vector<MethodEntry> all_entries(const Settings& s, std::vector<Metho
           name + "'");
   }
   // Checked before the entries are moved out of the table.
-  for (const auto& [name, rate] : s.lr_overrides) {
+  for (const auto& override_entry : s.lr_overrides) {
+    // A named copy, not a structured binding: clang 14 cannot capture those in a lambda.
+    const std::string& name = override_entry.first;
     const bool known = std::any_of(table.begin(), table.end(),
                                    [&](const MethodEntry& e) { return e.method == name; }) ||
                        name == "full";

@@ -136,8 +136,8 @@ struct DoRA {
               const Var<T> c = ops::mul(t, Projection<T>::flat(t, (*s)[2], out), inverse);
               const Var<T> base =
                   ops::linear(t, xd, module.dense_weight("DoRA"), Var<T>{}, module.layout);
-              const typename Projection<T>::Contribution term{Projection<T>::Kind::LowRank, (*s)[0],
-                                                              (*s)[1], s->extra.scale};
+              const typename Projection<T>::Contribution term{
+                  Projection<T>::Kind::LowRank, (*s)[0], (*s)[1], s->extra.scale, {}, {}, 0};
               return ops::add(t, ops::mul(t, base, ops::add(t, c, minus_one)),
                               ops::mul(t, Projection<T>::low_rank(t, xd, term), c));
             },

@@ -85,8 +85,13 @@ struct LoHa {
         Var<T> vt = ops::row_kron(tape, ops::transpose(tape, (*s)[1], 0, 1),
                                   ops::transpose(tape, (*s)[3], 0, 1));  // [in, r²]
         if (!rows) return p.add_low_rank(ops::transpose(tape, vt, 0, 1), u, s->extra.scale);
-        const typename Projection<T>::Contribution term{
-            Projection<T>::Kind::LowRank, ops::transpose(tape, vt, 0, 1), u, s->extra.scale};
+        const typename Projection<T>::Contribution term{Projection<T>::Kind::LowRank,
+                                                        ops::transpose(tape, vt, 0, 1),
+                                                        u,
+                                                        s->extra.scale,
+                                                        {},
+                                                        {},
+                                                        0};
         return p.add_delta([term, rows](Tape<T>& t, const Var<T>& x) {
           return ops::mul(t, Projection<T>::low_rank(t, x, term), rows);
         });
