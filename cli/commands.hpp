@@ -13,6 +13,7 @@ int run_count(const std::vector<std::string>& args, std::ostream& out, std::ostr
 int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_inspect(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);

@@ -22,6 +22,8 @@ void print_usage(std::ostream& out) {
          "  generate MODEL_DIR ...   continue a prompt (greedy, temperature, top-k; --adapter "
          "DIR)\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
+         "  merge --adapters D1,D2 --weights W1,W2 --combination TYPE --out DIR  LoRA\n"
+         "                           adapters merged into one (linear, cat, svd, ties, dare_*)\n"
          "  parity [--device cpu|cuda] [--timeout S] CASE_DIR...  check golden cases (logits,\n"
          "                           loss, gradients, merge, AdamW); cuda: the LoRA cases, fp32\n"
          "  search [--quick] [...]   search PEFT configurations under a parameter budget\n"
@@ -51,6 +53,7 @@ int main(int argc, char** argv) {
   }
   return peft::commands::report_errors(command, std::cerr, [&] {
     if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
+    if (command == "merge") return peft::cli::run_merge(args, std::cout, std::cerr);
     if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
     if (command == "count") return peft::cli::run_count(args, std::cout, std::cerr);
     if (command == "bench-step") return peft::cli::run_bench_step(args, std::cout, std::cerr);
