@@ -217,8 +217,12 @@ struct PolicyCheck {
   static constexpr bool ok = traits && state_ok;
 };
 
+/// Section 2's checks, instantiated only for a policy that passes section 1 (PolicyCheck).
+template <class P, bool = PolicyCheck<P>::traits>
+struct StateContract {};
+
 template <class P>
-constexpr bool check_state() {
+struct StateContract<P, true> {
   using S = typename P::template State<float>;
   using C = PolicyCheck<P>;
   static_assert(C::template constructible<S, typename P::Config>,
@@ -233,16 +237,13 @@ constexpr bool check_state() {
   static_assert(C::template configured<S>,
                 "peft policy: State<T> needs `const Config& config() const` "
                 "(include/peft/methods/policy.hpp, section 2)");
-  return true;
-}
+};
 
-/// Fires the contract's static_asserts for P (one message per missing member) and returns
-/// true, so that `static_assert(check_policy<P>())` adds no message of its own.
-template <class P>
-constexpr bool check_policy() {
-  if constexpr (PolicyCheck<P>::traits) check_state<P>();
-  return true;
-}
+// The contract's static_asserts for P fire, one message per missing member and nothing more,
+// where a class names `static_assert(sizeof(detail::StateContract<P>) > 0)`: sizeof
+// instantiates both sections' checks and stays a constant where one failed, for GCC and clang
+// alike. (A constexpr function or variable that instantiated a failed check is no constant for
+// clang, which then adds an error of its own.)
 
 }  // namespace detail
 

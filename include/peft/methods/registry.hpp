@@ -48,7 +48,7 @@ namespace peft {
 /// A list of methods (each a PeftPolicy; names unique).
 template <class... Methods>
 struct MethodRegistry {
-  static_assert((detail::check_policy<Methods>() && ...));
+  static_assert(((sizeof(detail::StateContract<Methods>) > 0) && ...));  // policy.hpp
 
   /// This registry with more methods after its own.
   template <class... More>

@@ -83,7 +83,7 @@ template <class Arch, class Method = NoPeft, class T = float>
 class Decoder {
   // The contract, one message per missing member (methods/policy.hpp); a failing method is
   // replaced by NoPeft so that nothing below adds errors of its own.
-  static_assert(detail::check_policy<Method>());
+  static_assert(sizeof(detail::StateContract<Method>) > 0);
   using Policy = std::conditional_t<detail::PolicyCheck<Method>::ok, Method, NoPeft>;
 
  public:

@@ -61,11 +61,6 @@ template <class P>
 inline constexpr bool prepends_tokens = HasVirtualTokens<StateOf<P>, float>;
 template <class P>
 inline constexpr bool supplies_prefix = HasPrefix<StateOf<P>, float>;
-/// Instantiated once per component, so that a failing contract check names the component.
-template <class P>
-struct ComposeComponentCheck {
-  static constexpr bool ok = check_policy<P>();
-};
 
 /// "<i>_<name>": a component's folder in the saved layout and its parameters' name prefix.
 template <class P>
@@ -193,7 +188,8 @@ struct ComposeConfig {
 template <class... P>
 struct Compose {
   static_assert(sizeof...(P) >= 1, "Compose: give at least one component policy");
-  static_assert((detail::ComposeComponentCheck<P>::ok && ...));
+  // Each component's contract (methods/policy.hpp); a failing check names the component.
+  static_assert(((sizeof(detail::StateContract<P>) > 0) && ...));
   static_assert((int(detail::prepends_tokens<P>) + ... + 0) <= 1,
                 "Compose: two components prepend virtual tokens (prompt tuning, P-tuning); the "
                 "decoder has one virtual-token site and a second set would shift the first's "
