@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -223,8 +224,65 @@ TEST_CASE("generate: greedy is deterministic; sampling is seeded; top-k 1 is gre
   peft::GenerateOptions stop = greedy;
   stop.stop_token = g1[1];
   CHECK(peft::generate(model, prompt, stop).size() <= 2);
+  peft::GenerateOptions stops = greedy;
+  stops.stop_tokens = {g1[2], g1[1]};
+  CHECK(peft::generate(model, prompt, stops).size() <= 2);
+  // A nucleus smaller than the top token's probability leaves that token alone: greedy.
+  peft::GenerateOptions nucleus = sample;
+  nucleus.top_p = 1e-9;
+  nucleus.max_new_tokens = 6;
+  CHECK(peft::generate(model, prompt, nucleus) == g1);
+  nucleus.top_p = 0;
+  CHECK_THROWS_AS(peft::generate(model, prompt, nucleus), peft::ConfigError);
+  stops.stop_tokens = {32};
+  CHECK_THROWS_AS(peft::generate(model, prompt, stops), peft::ConfigError);
   CHECK_THROWS_AS(peft::generate(model, {}, greedy), peft::ConfigError);
   CHECK_THROWS_AS(peft::generate(model, {99}, greedy), peft::ConfigError);
+}
+
+TEST_CASE("generate: top-k, temperature and top-p as transformers' warpers compose them") {
+  // Logits of 6 tokens; transformers applies temperature, then top-k, then top-p
+  // (TopPLogitsWarper: sort ascending, drop where the inclusive cumulative probability is
+  // ≤ 1 − top_p, keep at least one), then samples softmax of what is left.
+  const std::vector<double> logits = {1.0, 3.0, -2.0, 2.5, 3.0, 0.0};
+  for (double temperature : {0.5, 1.0, 2.0})
+    for (int top_k : {0, 4})
+      for (double top_p : {1.0, 0.9, 0.6, 0.3, 1e-6}) {
+        CAPTURE(temperature);
+        CAPTURE(top_k);
+        CAPTURE(top_p);
+        peft::GenerateOptions o;
+        o.temperature = temperature;
+        o.top_k = top_k;
+        o.top_p = top_p;
+        const auto [tokens, p] = peft::detail::sampling_distribution(logits.data(), 6, o);
+        // Independent: every token's probability after the three warpers, then those > 0.
+        std::vector<std::pair<double, std::int64_t>> ranked;  // (-logit, id): most likely first
+        for (std::int64_t v = 0; v < 6; ++v) ranked.emplace_back(-logits[v], v);
+        std::sort(ranked.begin(), ranked.end());
+        const std::size_t k = top_k > 0 ? static_cast<std::size_t>(top_k) : ranked.size();
+        ranked.resize(k);
+        std::vector<double> q;
+        double z = 0;
+        for (const auto& r : ranked) z += std::exp(-r.first / temperature);
+        for (const auto& r : ranked) q.push_back(std::exp(-r.first / temperature) / z);
+        std::size_t kept = k;
+        double cumulative = 0;  // ascending: from the least likely
+        for (std::size_t i = k; i-- > 1;) {
+          cumulative += q[i];
+          if (cumulative <= 1 - top_p)
+            kept = i;
+          else
+            break;
+        }
+        REQUIRE(tokens.size() == kept);
+        double mass = 0;
+        for (std::size_t i = 0; i < kept; ++i) mass += q[i];
+        for (std::size_t i = 0; i < kept; ++i) {
+          CHECK(tokens[i] == ranked[i].second);
+          CHECK(p[i] == doctest::Approx(q[i] / mass).epsilon(1e-12));
+        }
+      }
 }
 
 }  // namespace test_data

@@ -1,5 +1,6 @@
 #pragma once
-// Text generation for the causal decoders: greedy, temperature and top-k sampling.
+// Text generation for the causal decoders: greedy, temperature, top-k and top-p (nucleus)
+// sampling, stop tokens.
 //
 // Each new token recomputes the forward pass over the whole context (no key/value cache): the
 // models this library trains on a CPU are small, and recomputing keeps every PEFT hook (prefix
@@ -26,8 +27,13 @@ struct GenerateOptions {
   std::int64_t max_new_tokens = 32;  ///< in [0, kMaxNewTokens]
   double temperature = 0.0;  ///< 0: greedy (argmax); otherwise sample softmax(logits / temperature)
   int top_k = 0;             ///< sample among the k most likely tokens only; 0: all
-  std::uint64_t seed = 0;    ///< the sampler's generator
+  /// Nucleus sampling (Holtzman et al., 2019), after top-k and the temperature, as
+  /// transformers' TopPLogitsWarper: the least likely tokens whose probabilities sum to at most
+  /// 1 − top_p are dropped, the most likely token never. 1: off. In (0, 1].
+  double top_p = 1.0;
+  std::uint64_t seed = 0;                  ///< the sampler's generator
   std::optional<std::int64_t> stop_token;  ///< stop after emitting it (it is returned)
+  std::vector<std::int64_t> stop_tokens;   ///< more of them: stop after emitting any
 };
 
 namespace detail {
@@ -46,33 +52,58 @@ void require_finite_logits(const T* logits, std::int64_t vocab, std::int64_t ste
 /// A uniform double in [0, 1) from 53 random bits: the same on every standard library.
 inline double uniform01(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }
 
+/// The tokens a sampling step draws from, most likely first, and their probabilities (summing
+/// to 1): the top_k most likely (ties to the lower id), softmax(logits / temperature) over them,
+/// then top_p's nucleus, renormalised. Needs temperature > 0.
+template <class T>
+std::pair<std::vector<std::int64_t>, std::vector<double>> sampling_distribution(
+    const T* logits, std::int64_t vocab, const GenerateOptions& o) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(vocab));
+  for (std::int64_t v = 0; v < vocab; ++v) order[static_cast<std::size_t>(v)] = v;
+  const auto more_likely = [&](std::int64_t a, std::int64_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  const auto k =
+      static_cast<std::size_t>(o.top_k > 0 ? std::min<std::int64_t>(o.top_k, vocab) : vocab);
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+                    more_likely);
+  order.resize(k);
+  const double mx = double(logits[order[0]]);
+  std::vector<double> p(k);
+  double total = 0;
+  for (std::size_t i = 0; i < k; ++i)
+    total += p[i] = std::exp((double(logits[order[i]]) - mx) / o.temperature);
+  for (double& x : p) x /= total;
+  if (o.top_p < 1) {
+    // From the least likely up: drop while the dropped mass stays ≤ 1 − top_p.
+    double tail = 0;
+    std::size_t keep = k;
+    while (keep > 1 && tail + p[keep - 1] <= 1 - o.top_p) tail += p[--keep];
+    order.resize(keep);
+    p.resize(keep);
+    for (double& x : p) x /= 1 - tail;
+  }
+  return {std::move(order), std::move(p)};
+}
+
 /// Picks the next token from one row of logits.
 template <class T>
 std::int64_t pick_token(const T* logits, std::int64_t vocab, const GenerateOptions& o,
                         std::mt19937_64& rng) {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(vocab));
-  for (std::int64_t v = 0; v < vocab; ++v) order[static_cast<std::size_t>(v)] = v;
-  // Ties go to the lower id, so greedy decoding is deterministic.
-  const auto more_likely = [&](std::int64_t a, std::int64_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  if (o.temperature <= 0) return *std::min_element(order.begin(), order.end(), more_likely);
-  const std::int64_t k = o.top_k > 0 ? std::min<std::int64_t>(o.top_k, vocab) : vocab;
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), more_likely);
-  const double mx = double(logits[order[0]]);
-  std::vector<double> weights(static_cast<std::size_t>(k));
-  double total = 0;
-  for (std::int64_t i = 0; i < k; ++i) {
-    weights[static_cast<std::size_t>(i)] =
-        std::exp((double(logits[order[static_cast<std::size_t>(i)]]) - mx) / o.temperature);
-    total += weights[static_cast<std::size_t>(i)];
+  if (o.temperature <= 0) {
+    // Ties go to the lower id, so greedy decoding is deterministic.
+    std::int64_t best = 0;
+    for (std::int64_t v = 1; v < vocab; ++v)
+      if (logits[v] > logits[best]) best = v;
+    return best;
   }
-  double u = uniform01(rng) * total;
-  for (std::int64_t i = 0; i < k; ++i) {
-    u -= weights[static_cast<std::size_t>(i)];
-    if (u < 0) return order[static_cast<std::size_t>(i)];
+  const auto [tokens, p] = sampling_distribution(logits, vocab, o);
+  double u = uniform01(rng);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    u -= p[i];
+    if (u < 0) return tokens[i];
   }
-  return order[static_cast<std::size_t>(k - 1)];
+  return tokens.back();
 }
 }  // namespace detail
 
@@ -96,6 +127,13 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
     throw ConfigError("generate: max_new_tokens: expected an integer in [0, " +
                       std::to_string(GenerateOptions::kMaxNewTokens) + "], found " +
                       std::to_string(options.max_new_tokens));
+  if (!(options.top_p > 0 && options.top_p <= 1))
+    throw ConfigError("generate: top_p: expected a number in (0, 1] (1: off), found " +
+                      std::to_string(options.top_p));
+  for (std::int64_t t : options.stop_tokens)
+    if (t < 0 || t >= vocab)
+      throw ConfigError("generate: stop token " + std::to_string(t) +
+                        " outside the vocabulary [0, " + std::to_string(vocab) + ")");
   if (!std::isfinite(options.temperature) || options.temperature < 0)
     throw ConfigError("generate: temperature: expected a finite number ≥ 0 (0: greedy), found " +
                       std::to_string(options.temperature));
@@ -120,6 +158,9 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
     generated.push_back(token);
     context.push_back(token);
     if (options.stop_token && token == *options.stop_token) break;
+    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), token) !=
+        options.stop_tokens.end())
+      break;
   }
   return generated;
 }

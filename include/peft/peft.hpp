@@ -20,6 +20,7 @@
 //   peft/experiment/study_methods.hpp  the library's rows of the study (`peft study`, run_study)
 //   peft/commands/                   count, generate and main<Registry>: the registry-dependent
 //                                    commands as library functions (docs/cli.md)
+//   peft/methods/reparameterized/weighted_merge.hpp  LoRA adapters merged into one (peft merge)
 //   peft/io/parse_text.hpp           strict parsing of command-line values (the commands, the
 //   study) peft/quant/nf4.hpp               NF4 storage (QLoRA's format; docs/quantization.md)
 // A new header joins this list, not the umbrella, unless every user of the library needs it.

@@ -46,7 +46,8 @@ template <class Registry = BuiltinMethods>
 int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   const auto usage = [&] {
     err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)\n"
-           "                     [--max-new N] [--temperature T] [--top-k K] [--seed N]\n"
+           "                     [--max-new N] [--temperature T] [--top-k K] [--top-p P]\n"
+           "                     [--stop ID1,ID2,...] [--seed N]\n"
            "                     [--base-dtype fp32|bf16|nf4]\n";
     return 2;
   };
@@ -59,7 +60,8 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   for (std::size_t i = 1; i < args.size(); ++i) {
     const std::string& flag = args[i];
     static const char* const kFlags[] = {"--adapter", "--prompt",      "--ids",  "--max-new",
-                                         "--top-k",   "--temperature", "--seed", "--base-dtype"};
+                                         "--top-k",   "--temperature", "--seed", "--base-dtype",
+                                         "--top-p",   "--stop"};
     if (std::find(std::begin(kFlags), std::end(kFlags), flag) == std::end(kFlags)) {
       err << "peft generate: error: unknown option '" << flag << "'\n";
       return usage();
@@ -83,6 +85,10 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
     else if (flag == "--top-k")
       options.top_k = static_cast<int>(
           io::parse_integer(value, flag, {.min = 0, .max = std::numeric_limits<int>::max()}));
+    else if (flag == "--top-p")
+      options.top_p = io::parse_number(value, flag, {.min = 0, .max = 1, .min_exclusive = true});
+    else if (flag == "--stop")
+      options.stop_tokens = io::parse_integer_list(value, flag, {.min = 0});
     else if (flag == "--seed")
       options.seed = io::parse_unsigned(value, flag);
     else if (flag == "--base-dtype") {
