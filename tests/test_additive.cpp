@@ -84,6 +84,13 @@ typename P::Config small_config() {
     return c;
   } else if constexpr (std::is_same_v<P, peft::SSF>) {
     return peft::SsfConfig{};
+  } else if constexpr (std::is_same_v<P, peft::LoRA>) {  // the key/value cache test's LoRA
+    peft::LoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = peft::TargetRules::from_json(
+        {{"target_modules", {"c_attn", "c_proj", "q_proj", "v_proj", "down_proj"}}}, "test");
+    return c;
   } else {
     typename P::Config c;
     c.bottleneck_size = 3;
@@ -472,6 +479,87 @@ TEST_CASE_TEMPLATE("additive: count_parameters equals the tensors a built adapte
   CHECK(counted.trainable == built);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Generation with the key/value cache (Decoder::forward_cached, generate.hpp)
+
+Batch one_row(const std::vector<std::int64_t>& ids) {
+  Batch b;
+  b.batch = 1;
+  b.seq = static_cast<std::int64_t>(ids.size());
+  b.input_ids = ids;
+  return b;
+}
+
+TEST_CASE_TEMPLATE("additive: the key/value cache gives the full forward's logits and tokens", C,
+                   ALL_CASES, Case<peft::arch::Gpt2, peft::LoRA>,
+                   Case<peft::arch::Llama, peft::LoRA>) {
+  INFO(case_name<C>());
+  auto model = make_model<C, double>();
+  perturb_adapter(model, 13, 0.5);
+  const std::int64_t V = model.config().vocab_size;
+  const std::vector<std::int64_t> prompt = {1, 5, 7, 2, 9};
+  typename ModelOf<C, double>::KvCache cache;
+  std::vector<std::int64_t> context = prompt;
+  // The prefill, then one token a step; each step's logits against forward() over the whole
+  // context (prefix keys, virtual tokens and all).
+  peft::Tensor<double> step = model.forward_cached(one_row(prompt), cache);
+  double worst = 0;
+  for (int n = 0; n < 8; ++n) {
+    REQUIRE(step.shape() == peft::Shape{1, 1, V});
+    const peft::Tensor<double> full = model.logits(one_row(context));
+    const double* last = full.data() + (full.shape()[1] - 1) * V;
+    std::int64_t next = 0;
+    for (std::int64_t v = 0; v < V; ++v) {
+      worst = std::max(worst, std::abs(step.data()[v] - last[v]) / (1 + std::abs(last[v])));
+      if (last[v] > last[next]) next = v;
+    }
+    context.push_back(next);
+    step = model.forward_cached(one_row({next}), cache);
+  }
+  CHECK(worst < 1e-13);  // rounding: the products of one row and of many differ
+  Tape<double> no_grad(false);
+  const std::int64_t virtual_tokens = model.forward(no_grad, one_row(prompt), false).virtual_tokens;
+  CHECK(cache.past == static_cast<std::int64_t>(context.size()) + virtual_tokens);
+
+  // generate(): the same tokens with the cache as without, greedy and sampled.
+  peft::GenerateOptions o;
+  o.max_new_tokens = 10;
+  peft::GenerateOptions uncached = o;
+  uncached.use_cache = false;
+  CHECK(peft::generate(model, prompt, o) == peft::generate(model, prompt, uncached));
+  o.temperature = uncached.temperature = 0.8;
+  o.top_p = uncached.top_p = 0.9;
+  o.seed = uncached.seed = 5;
+  CHECK(peft::generate(model, prompt, o) == peft::generate(model, prompt, uncached));
+}
+
+TEST_CASE("additive: past the window the cached generation slides as the uncached one") {
+  // 5 prompt tokens and 40 new ones through a 32-position window: the context slides, the
+  // cache is rebuilt from it, and the tokens stay those of the uncached path.
+  using C = Case<peft::arch::Gpt2, peft::IA3>;
+  auto model = make_model<C, double>();
+  perturb_adapter(model, 17, 0.5);
+  peft::GenerateOptions o;
+  o.max_new_tokens = 40;
+  o.temperature = 1.0;
+  o.seed = 3;
+  peft::GenerateOptions uncached = o;
+  uncached.use_cache = false;
+  const std::vector<std::int64_t> prompt = {1, 5, 7, 2, 9};
+  CHECK(peft::generate(model, prompt, o) == peft::generate(model, prompt, uncached));
+
+  typename ModelOf<C, double>::KvCache cache;
+  Batch masked = one_row(prompt);
+  masked.attention_mask = {1, 1, 1, 1, 1};
+  CHECK_THROWS_AS(model.forward_cached(masked, cache), peft::ShapeError);
+  model.forward_cached(one_row(prompt), cache);
+  Batch two_rows = one_row({1, 2});
+  two_rows.batch = 2;
+  two_rows.seq = 1;
+  CHECK_THROWS_AS(model.forward_cached(two_rows, cache), peft::ShapeError);
+}
+
 #undef ADDITIVE_METHODS
 #undef ALL_CASES
+
 }  // namespace test_additive

@@ -2,9 +2,11 @@
 // Text generation for the causal decoders: greedy, temperature, top-k and top-p (nucleus)
 // sampling, stop tokens.
 //
-// Each new token recomputes the forward pass over the whole context (no key/value cache): the
-// models this library trains on a CPU are small, and recomputing keeps every PEFT hook (prefix
-// keys, virtual tokens, adapters) on the one code path the training uses.
+// With a key/value cache (Decoder::forward_cached; the default): the prompt is run once (the
+// prefill, with the prefix's keys and the virtual tokens), then each new token costs one
+// position. Without (use_cache false, or a model without forward_cached), each new token
+// recomputes the forward pass over the whole context. Both give the same tokens: the cached
+// logits are the full forward's up to rounding (tests/test_additive.cpp, "key/value cache").
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,9 +21,9 @@
 namespace peft {
 
 struct GenerateOptions {
-  /// The most tokens one call generates. Each token recomputes the whole context (no key/value
-  /// cache), so 65,536 tokens are already hours of CPU for a model with a long window; a larger
-  /// request is a typo or an attack, and is refused before any forward pass.
+  /// The most tokens one call generates: 65,536 tokens are already hours of CPU for a model
+  /// with a long window (each token's attention reads the whole context, and past the window
+  /// every token re-runs it); a larger request is a typo or an attack, refused before any work.
   static constexpr std::int64_t kMaxNewTokens = 65536;
 
   std::int64_t max_new_tokens = 32;  ///< in [0, kMaxNewTokens]
@@ -34,6 +36,7 @@ struct GenerateOptions {
   std::uint64_t seed = 0;                  ///< the sampler's generator
   std::optional<std::int64_t> stop_token;  ///< stop after emitting it (it is returned)
   std::vector<std::int64_t> stop_tokens;   ///< more of them: stop after emitting any
+  bool use_cache = true;  ///< the key/value cache, where the model has one (forward_cached)
 };
 
 namespace detail {
@@ -48,6 +51,19 @@ void require_finite_logits(const T* logits, std::int64_t vocab, std::int64_t ste
                   (std::isnan(double(logits[v])) ? "NaN" : (logits[v] > 0 ? "+Inf" : "-Inf")) +
                   "): the model's weights or the adapter's scaling (e.g. lora_alpha) overflow");
 }
+
+/// The model's key/value cache type, where it has one.
+template <class Model>
+struct CacheOfModel {
+  using type = int;
+};
+template <class Model>
+requires requires { typename Model::KvCache; }
+struct CacheOfModel<Model> {
+  using type = typename Model::KvCache;
+};
+template <class Model>
+using CacheOf = typename CacheOfModel<Model>::type;
 
 /// A uniform double in [0, 1) from 53 random bits: the same on every standard library.
 inline double uniform01(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }
@@ -142,17 +158,43 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
   // Room left for the policy's virtual / prefix tokens is the policy's business: the decoder
   // throws a clear error if they do not fit.
   const std::int64_t window = model.config().max_positions;
-  for (std::int64_t n = 0; n < options.max_new_tokens; ++n) {
-    if (static_cast<std::int64_t>(context.size()) > window)
-      context.erase(context.begin(), context.end() - window);
+  constexpr bool has_cache = requires(detail::CacheOf<Model> & c, const Batch& b) {
+    model.forward_cached(b, c);
+  };
+  auto one_row = [](const std::vector<std::int64_t>& ids) {
     Batch batch;
     batch.batch = 1;
-    batch.seq = static_cast<std::int64_t>(context.size());
-    batch.input_ids = context;
-    Tape<T> tape(false);
-    const ForwardResult<T> out = model.forward(tape, batch, false);
-    const std::int64_t last = out.logits.shape()[1] - 1;
-    const T* row = out.logits.value().data() + last * vocab;
+    batch.seq = static_cast<std::int64_t>(ids.size());
+    batch.input_ids = ids;
+    return batch;
+  };
+  [[maybe_unused]] detail::CacheOf<Model> cache{};
+  Tensor<T> logits;
+  for (std::int64_t n = 0; n < options.max_new_tokens; ++n) {
+    bool slid = false;
+    if (static_cast<std::int64_t>(context.size()) > window) {
+      context.erase(context.begin(), context.end() - window);
+      slid = true;
+    }
+    const T* row = nullptr;
+    if constexpr (has_cache) {
+      if (options.use_cache) {
+        // Past the window the context slides, every position moves, and the cache is rebuilt
+        // from the new context: the uncached path's cost, for its result.
+        if (slid || cache.empty()) {
+          cache.clear();
+          logits = model.forward_cached(one_row(context), cache);
+        } else {
+          logits = model.forward_cached(one_row({context.back()}), cache);
+        }
+        row = logits.data();
+      }
+    }
+    if (!row) {
+      Tape<T> tape(false);
+      logits = model.forward(tape, one_row(context), false).logits.value();
+      row = logits.data() + (logits.shape()[1] - 1) * vocab;
+    }
     detail::require_finite_logits(row, vocab, n);
     const std::int64_t token = detail::pick_token(row, vocab, options, rng);
     generated.push_back(token);

@@ -47,7 +47,7 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   const auto usage = [&] {
     err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)\n"
            "                     [--max-new N] [--temperature T] [--top-k K] [--top-p P]\n"
-           "                     [--stop ID1,ID2,...] [--seed N]\n"
+           "                     [--stop ID1,ID2,...] [--seed N] [--no-cache]\n"
            "                     [--base-dtype fp32|bf16|nf4]\n";
     return 2;
   };
@@ -59,6 +59,10 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   BaseFormat base = BaseFormat::fp32;
   for (std::size_t i = 1; i < args.size(); ++i) {
     const std::string& flag = args[i];
+    if (flag == "--no-cache") {  // the one flag without a value
+      options.use_cache = false;
+      continue;
+    }
     static const char* const kFlags[] = {"--adapter", "--prompt",      "--ids",  "--max-new",
                                          "--top-k",   "--temperature", "--seed", "--base-dtype",
                                          "--top-p",   "--stop"};

@@ -361,12 +361,7 @@ class Decoder {
       result.logits = std::move(logits);
       result.loss = std::move(loss);
     } else {
-      if (config_.tie_word_embeddings && frozen_embedding_)
-        result.logits = ops::frozen_linear(tape, h, frozen_embedding_, Var<T>{});
-      else if (config_.tie_word_embeddings)
-        result.logits = ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
-      else
-        result.logits = project(tape, lm_head_, h);
+      result.logits = head_logits(tape, h);
       // cross_entropy reads [B, T, V] as B·T rows: no flattened copy of the logits.
       if (with_loss)
         result.loss =
@@ -375,6 +370,74 @@ class Decoder {
     if constexpr (HasExtraLoss<Adapter, T>)
       if (with_loss) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
     return result;
+  }
+
+  /// Keys and values of every layer for the positions a forward_cached sequence has processed:
+  /// the prefix's (prefix tuning), the virtual tokens' (prompt tuning, P-tuning) and the
+  /// tokens'. One per sequence being generated; empty before its first step.
+  struct KvCache {
+    std::vector<Tensor<T>> keys, values;  ///< per layer [B, S, kv_dim], S = prefix + past
+    std::int64_t batch = 0;
+    std::int64_t past = 0;  ///< positions processed after the prefix (virtual tokens included)
+    bool empty() const { return keys.empty(); }
+    void clear() { *this = KvCache{}; }
+  };
+
+  /// Generation with a key/value cache: runs `batch`'s tokens after the positions `cache` holds
+  /// (all of them on the first call, the prefill: virtual tokens and the prefix then), extends
+  /// the cache, and returns the logits of the last position only, [B, 1, V]. Each token then
+  /// costs one position's work instead of the whole context's. Evaluation only (no tape, no
+  /// dropout); no attention mask (every row of the batch has the same length). Every policy
+  /// hook sees the new positions as the full forward shows them, so the logits are those of
+  /// forward() over the whole context (tests/test_additive.cpp, "key/value cache").
+  Tensor<T> forward_cached(const Batch& batch, KvCache& cache) {
+    batch.validate();
+    if (training_)
+      throw ConfigError("forward_cached: the model is in training mode (generation evaluates)");
+    if (!batch.attention_mask.empty())
+      throw ShapeError("forward_cached: an attention mask is not supported (rows of one length)");
+    if (!cache.empty() && cache.batch != batch.batch)
+      throw ShapeError("forward_cached: the cache holds " + std::to_string(cache.batch) +
+                       " rows, the batch " + std::to_string(batch.batch));
+    Tape<T> tape(false);
+    const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
+    Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
+                                 : ops::embedding(tape, token_embedding_, batch.input_ids);
+    h = ops::reshape(tape, h, Shape{B, T0, d});
+    std::int64_t Tn = T0;
+    if constexpr (HasVirtualTokens<Adapter, T>) {
+      const std::int64_t virtual_tokens = adapter_.num_virtual_tokens();
+      if (cache.empty() && virtual_tokens > 0) {
+        h = adapter_.prepend_virtual_tokens(tape, h);
+        Tn += virtual_tokens;
+      }
+    }
+    std::int64_t prefix = 0;
+    if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
+    const std::int64_t first = prefix + cache.past;  // position of the step's first token
+    if (first + Tn > config_.max_positions && Arch::learned_positions)
+      throw ShapeError("sequence of " + std::to_string(first + Tn) + " positions exceeds " +
+                       std::to_string(config_.max_positions));
+    if constexpr (Arch::learned_positions) {
+      std::vector<std::int64_t> positions(static_cast<std::size_t>(Tn));
+      for (std::int64_t t = 0; t < Tn; ++t) positions[static_cast<std::size_t>(t)] = first + t;
+      Var<T> pos = ops::embedding(tape, position_embedding_, positions);
+      h = ops::add(tape, h, ops::reshape(tape, pos, Shape{1, Tn, d}));
+    }
+    ops::AttentionSpec spec;
+    spec.heads = config_.num_heads;
+    spec.kv_heads = config_.num_kv_heads;
+    spec.head_dim = config_.head_dim;
+    spec.causal = true;
+    spec.query_offset = first;
+    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer)
+      h = block_forward(tape, blocks_[static_cast<std::size_t>(layer)], layer, h, spec, prefix, B,
+                        CacheStep{&cache, first});
+    cache.batch = B;
+    cache.past += Tn;
+    h = ops::slice(tape, h, 1, Tn - 1, 1);  // the last position: what the next token needs
+    h = final_norm_.forward(tape, h);
+    return head_logits(tape, h).value();
   }
 
   /// Logits without recording anything for backward.
@@ -598,6 +661,15 @@ class Decoder {
   // The block run without keeping its activations; one closure runs it again on an inner tape
   // in backward and back-propagates through that. Gradients reach x and the trainable tensors
   // directly, since the re-run reads the same Vars.
+  /// The output head: the tied embedding (frozen or not) or lm_head.
+  Var<T> head_logits(Tape<T>& tape, const Var<T>& h) {
+    if (config_.tie_word_embeddings && frozen_embedding_)
+      return ops::frozen_linear(tape, h, frozen_embedding_, Var<T>{});
+    if (config_.tie_word_embeddings)
+      return ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
+    return project(tape, lm_head_, h);
+  }
+
   Var<T> checkpointed_block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
                                     const ops::AttentionSpec& spec, std::int64_t prefix,
                                     std::int64_t batch) {
@@ -618,8 +690,16 @@ class Decoder {
     return result;
   }
 
+  /// One layer of a forward_cached step: the keys and values of the positions before it, which
+  /// the step extends (null: an ordinary forward).
+  struct CacheStep {
+    KvCache* cache = nullptr;
+    std::int64_t rope_offset = 0;  ///< position of the step's first token (prefix + past)
+  };
+
   Var<T> block_forward(Tape<T>& tape, Block& b, int layer, const Var<T>& x,
-                       const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch) {
+                       const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch,
+                       CacheStep step = {}) {
     Var<T> a = b.attention_norm.forward(tape, x);
     if constexpr (HasBeforeAttention<Adapter, T>) adapter_.before_attention(tape, layer, a);
     Var<T> q, k, v;
@@ -635,15 +715,31 @@ class Decoder {
       k = project(tape, b.k, a);
       v = project(tape, b.v, a);
     }
+    const std::int64_t rope_offset = step.cache ? step.rope_offset : prefix;
     if constexpr (!Arch::learned_positions) {
-      q = ops::rope(tape, q, rope_frequencies_, prefix);
-      k = ops::rope(tape, k, rope_frequencies_, prefix);
+      q = ops::rope(tape, q, rope_frequencies_, rope_offset);
+      k = ops::rope(tape, k, rope_frequencies_, rope_offset);
     }
+    const auto cached = static_cast<std::size_t>(layer);
+    const bool has_past = step.cache && step.cache->keys.size() > cached;
     if constexpr (HasPrefix<Adapter, T>) {
-      if (prefix > 0) {
+      // The prefix is computed once, with the first step, and then read from the cache.
+      if (prefix > 0 && !has_past) {
         auto [pk, pv] = adapter_.prefix_key_values(tape, layer, batch);
         k = ops::concat(tape, {pk, k}, 1);
         v = ops::concat(tape, {pv, v}, 1);
+      }
+    }
+    if (step.cache) {
+      KvCache& c = *step.cache;
+      if (has_past) {
+        k = ops::concat(tape, {Var<T>(c.keys[cached]), k}, 1);
+        v = ops::concat(tape, {Var<T>(c.values[cached]), v}, 1);
+        c.keys[cached] = k.value();
+        c.values[cached] = v.value();
+      } else {
+        c.keys.push_back(k.value());
+        c.values.push_back(v.value());
       }
     }
     Var<T> attn = ops::attention(tape, q, k, v, spec);
