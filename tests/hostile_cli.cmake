@@ -99,6 +99,12 @@ _peft_hostile_test(generate_max_new_trailing 2 "--max-new: .*found '5x'" 30
   generate "${_gpt2}" --ids 1 --max-new 5x)
 _peft_hostile_test(generate_top_k_negative 2 "--top-k: expected an integer in \\[0, .*found '-3'" 30
   generate "${_gpt2}" --ids 1 --top-k -3)
+_peft_hostile_test(generate_top_p_zero 2 "--top-p: expected a finite number in \\(0, 1\\], found '0'" 30
+  generate "${_gpt2}" --ids 1 --top-p 0)
+_peft_hostile_test(generate_stop_not_a_number 2 "--stop item 2 of 2: .*found 'x'" 30
+  generate "${_gpt2}" --ids 1 --stop 3,x)
+_peft_hostile_test(generate_no_cache 0 "[0-9]+ [0-9]+ [0-9]+" 60
+  generate "${_gpt2}" --ids 1,2,3 --max-new 3 --no-cache --temperature 0.7 --top-p 0.9 --seed 4)
 _peft_hostile_test(generate_seed_negative 2 "--seed: expected an integer in \\[0, .*found '-1'" 30
   generate "${_gpt2}" --ids 1 --seed -1)
 _peft_hostile_test(generate_unknown_option 2 "unknown option '--bogus'" 30
@@ -197,3 +203,20 @@ if(EXISTS "${PEFT_GPT2_TOKENIZER_DIR}/vocab.json")
   _peft_hostile_test(tokenize_flag 2 "unknown flag --bogus" 30
     tokenize "${PEFT_GPT2_TOKENIZER_DIR}" "${_h}/tokenize_hello.txt" --bogus)
 endif()
+
+# merge: bad combinations and adapters are errors before the output folder exists
+set(_merge "${CMAKE_CURRENT_SOURCE_DIR}/data/weighted_merge/adapters")
+_peft_hostile_test(merge_valid 0 "merged 2 adapters \\(ties\\)" 60
+  merge --adapters "${_merge}/a,${_merge}/b" --weights 0.7,-0.3 --combination ties --density 0.5
+  --out "${_h}/merged")
+_peft_hostile_test(merge_unknown_combination 2 "--combination: combination type: expected one of linear, cat, svd" 30
+  merge --adapters "${_merge}/a,${_merge}/b" --weights 1,1 --combination mean --out "${_h}/never")
+_peft_hostile_test(merge_rank_mismatch 1 "needs adapters of one rank" 30
+  merge --adapters "${_merge}/a,${_merge}/c" --weights 1,1 --combination linear --out "${_h}/never")
+_peft_hostile_test(merge_svd_rank_too_high 1 "svd rank 99 is above the rank 16" 30
+  merge --adapters "${_merge}/a,${_merge}/c" --weights 1,1 --rank 99 --out "${_h}/never")
+_peft_hostile_test(merge_weights_count 2 "--weights: 1 weights for 2 adapters" 30
+  merge --adapters "${_merge}/a,${_merge}/b" --weights 1 --out "${_h}/never")
+_peft_hostile_test(merge_not_lora 1 "peft_type 'PREFIX_TUNING', expected 'LORA'" 30
+  merge --adapters "${_merge}/a,${PEFT_GOLDEN_DIR}/gpt2_prefix/adapter" --weights 1,1
+  --out "${_h}/never")

@@ -102,8 +102,12 @@ inline std::filesystem::path without_trailing_separator(const std::filesystem::p
 
 inline std::filesystem::path sibling_name(const std::filesystem::path& target,
                                           std::string_view marker) {
-  return parent_folder(target) /
-         ("." + target.filename().string() + std::string(marker) + random_suffix());
+  // Appended piece by piece: GCC 12 warns falsely about `"." + std::string` at -O3 (PR 105329).
+  std::string name = ".";
+  name += target.filename().string();
+  name += marker;
+  name += random_suffix();
+  return parent_folder(target) / name;
 }
 
 /// fsync of a folder, so the names it holds (a rename's result) reach the disk.

@@ -233,7 +233,11 @@ struct WeightedMergeOptions {
 namespace detail {
 
 inline std::string shape_text(const Matrix& m) {
-  return "[" + std::to_string(m.rows()) + ", " + std::to_string(m.cols()) + "]";
+  std::string text = "[";  // appended: GCC 12 warns falsely about `"[" + std::string` at -O3
+  text += std::to_string(m.rows());
+  text += ", ";
+  text += std::to_string(m.cols());
+  return text + "]";
 }
 
 inline constexpr std::string_view kKeyPrefix = "base_model.model.";
