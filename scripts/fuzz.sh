@@ -62,7 +62,11 @@ while [ $# -gt 0 ]; do
     *) echo "fuzz.sh: unknown argument '$1' (harnesses: safetensors model_config adapter_config golden_case tokenizer; --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#harnesses[@]} -gt 0 ] || harnesses=(safetensors model_config adapter_config golden_case tokenizer)
+all_harnesses=0
+if [ ${#harnesses[@]} -eq 0 ]; then
+  harnesses=(safetensors model_config adapter_config golden_case tokenizer)
+  all_harnesses=1
+fi
 [ "$jobs" -ge 1 ] || { echo "fuzz.sh: --jobs must be at least 1" >&2; exit 2; }
 [ "$runs" -gt 0 ] || [ "$time_limit" -gt 0 ] || { echo "fuzz.sh: give --runs or --time" >&2; exit 2; }
 if [ "$keep_going" -eq 1 ]; then
@@ -80,8 +84,13 @@ if [ "$do_build" -eq 1 ]; then
     -DPEFT_BUILD_FUZZERS=ON -DPEFT_BUILD_TESTS=OFF -DPEFT_BUILD_EXAMPLES=OFF \
     -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_CLI=OFF -DPEFT_WITH_CUDA=OFF -DPEFT_NATIVE_ARCH=OFF \
     "-DPEFT_GOLDEN_DIR=$golden" >/dev/null
-  targets=()
-  for h in "${harnesses[@]}"; do targets+=(--target "fuzz_$h"); done
+  # Every harness: one target that depends on them all, so that make builds them side by side
+  # (several --target are built one after the other, each a single file: serial).
+  targets=(--target fuzz_harnesses)
+  if [ "$all_harnesses" -eq 0 ]; then
+    targets=()
+    for h in "${harnesses[@]}"; do targets+=(--target "fuzz_$h"); done
+  fi
   cmake --build "$build" "${targets[@]}" -j"${FUZZ_BUILD_JOBS:-2}"
 fi
 
