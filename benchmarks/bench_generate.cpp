@@ -16,28 +16,13 @@ constexpr std::int64_t kPrompt = 256, kNewTokens = 64;
 
 using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, float>;
 
-peft::ModelConfig gpt2_small() {
-  peft::ModelConfig c;
-  c.model_type = "gpt2";
-  c.vocab_size = 50257;
-  c.hidden_size = 768;
-  c.num_layers = 12;
-  c.num_heads = c.num_kv_heads = 12;
-  c.head_dim = 64;
-  c.intermediate_size = 3072;
-  c.max_positions = 1024;
-  c.tie_word_embeddings = true;
-  c.attention_bias = c.mlp_bias = true;
-  return c;
-}
-
 Model& model() {
   static Model m = [] {
     peft::LoraConfig lora;
     lora.r = 8;
     lora.lora_alpha = 16;
     lora.targets = peft::TargetRules::from_json({{"target_modules", {"c_attn"}}}, "bench");
-    Model built(gpt2_small(), lora, 1);
+    Model built(peft::ModelConfig::gpt2(), lora, 1);  // GPT-2 124M sizes
     std::mt19937_64 rng(2);  // B away from 0, so that the low-rank path does work
     std::uniform_real_distribution<float> u(-0.01f, 0.01f);
     for (auto& p : built.adapter().parameters())

@@ -318,22 +318,9 @@ class Decoder {
     const std::int64_t Tn = T0 + virtual_tokens;  // sequence length through the blocks
     std::int64_t prefix = 0;
     if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
-    if (prefix + Tn > config_.max_positions && Arch::learned_positions)
-      throw ShapeError("sequence of " + std::to_string(prefix + Tn) + " positions exceeds " +
-                       std::to_string(config_.max_positions));
-    if constexpr (Arch::learned_positions) {
-      // Real tokens sit at positions prefix .. prefix + Tn − 1 (after a cache of the prefix).
-      std::vector<std::int64_t> positions(static_cast<std::size_t>(Tn));
-      for (std::int64_t t = 0; t < Tn; ++t) positions[static_cast<std::size_t>(t)] = prefix + t;
-      Var<T> pos = ops::embedding(tape, position_embedding_, positions);
-      h = ops::add(tape, h, ops::reshape(tape, pos, Shape{1, Tn, d}));  // broadcast over the batch
-    }
-    ops::AttentionSpec spec;
-    spec.heads = config_.num_heads;
-    spec.kv_heads = config_.num_kv_heads;
-    spec.head_dim = config_.head_dim;
-    spec.causal = true;
-    spec.query_offset = prefix;
+    // Real tokens sit at positions prefix .. prefix + Tn − 1 (after a cache of the prefix).
+    h = add_positions(tape, h, prefix, Tn);
+    ops::AttentionSpec spec = attention_spec(prefix);
     spec.key_visible = key_visibility(batch, prefix, virtual_tokens);
 
     for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer) {
@@ -415,21 +402,8 @@ class Decoder {
     std::int64_t prefix = 0;
     if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
     const std::int64_t first = prefix + cache.past;  // position of the step's first token
-    if (first + Tn > config_.max_positions && Arch::learned_positions)
-      throw ShapeError("sequence of " + std::to_string(first + Tn) + " positions exceeds " +
-                       std::to_string(config_.max_positions));
-    if constexpr (Arch::learned_positions) {
-      std::vector<std::int64_t> positions(static_cast<std::size_t>(Tn));
-      for (std::int64_t t = 0; t < Tn; ++t) positions[static_cast<std::size_t>(t)] = first + t;
-      Var<T> pos = ops::embedding(tape, position_embedding_, positions);
-      h = ops::add(tape, h, ops::reshape(tape, pos, Shape{1, Tn, d}));
-    }
-    ops::AttentionSpec spec;
-    spec.heads = config_.num_heads;
-    spec.kv_heads = config_.num_kv_heads;
-    spec.head_dim = config_.head_dim;
-    spec.causal = true;
-    spec.query_offset = first;
+    h = add_positions(tape, h, first, Tn);
+    const ops::AttentionSpec spec = attention_spec(first);
     for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer)
       h = block_forward(tape, blocks_[static_cast<std::size_t>(layer)], layer, h, spec, prefix, B,
                         CacheStep{&cache, first});
@@ -661,6 +635,33 @@ class Decoder {
   // The block run without keeping its activations; one closure runs it again on an inner tape
   // in backward and back-propagates through that. Gradients reach x and the trainable tensors
   // directly, since the re-run reads the same Vars.
+  /// h [B, Tn, d] plus the learned positions first .. first + Tn − 1 (GPT-2), broadcast over
+  /// the batch; a ShapeError past max_positions. Rotary architectures: h unchanged.
+  Var<T> add_positions(Tape<T>& tape, const Var<T>& h, std::int64_t first, std::int64_t Tn) {
+    if constexpr (!Arch::learned_positions) {
+      return h;
+    } else {
+      if (first + Tn > config_.max_positions)
+        throw ShapeError("sequence of " + std::to_string(first + Tn) + " positions exceeds " +
+                         std::to_string(config_.max_positions));
+      std::vector<std::int64_t> positions(static_cast<std::size_t>(Tn));
+      for (std::int64_t t = 0; t < Tn; ++t) positions[static_cast<std::size_t>(t)] = first + t;
+      Var<T> pos = ops::embedding(tape, position_embedding_, positions);
+      return ops::add(tape, h, ops::reshape(tape, pos, Shape{1, Tn, config_.hidden_size}));
+    }
+  }
+
+  /// Causal attention whose first query sits at key position `query_offset`.
+  ops::AttentionSpec attention_spec(std::int64_t query_offset) const {
+    ops::AttentionSpec spec;
+    spec.heads = config_.num_heads;
+    spec.kv_heads = config_.num_kv_heads;
+    spec.head_dim = config_.head_dim;
+    spec.causal = true;
+    spec.query_offset = query_offset;
+    return spec;
+  }
+
   /// The output head: the tied embedding (frozen or not) or lm_head.
   Var<T> head_logits(Tape<T>& tape, const Var<T>& h) {
     if (config_.tie_word_embeddings && frozen_embedding_)
