@@ -27,6 +27,14 @@ constexpr const char* kUsage =
 int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostream& /*err*/) {
   std::optional<std::string> adapters, weights, out_dir;
   merge::WeightedMergeOptions o;
+  // A name the library refuses (ConfigError) is a usage error here, prefixed with its flag.
+  const auto as_usage_error = [](const std::string& flag, const auto& parse) {
+    try {
+      return parse();
+    } catch (const ConfigError& e) {
+      throw io::ArgumentError(flag + ": " + e.what());
+    }
+  };
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& flag = args[i];
     if (flag == "--help" || flag == "-h") {
@@ -45,11 +53,7 @@ int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostr
     } else if (flag == "--out") {
       out_dir = value;
     } else if (flag == "--combination") {
-      try {
-        o.combination = merge::parse_combination(value);
-      } catch (const ConfigError& e) {
-        throw io::ArgumentError(std::string("--combination: ") + e.what());
-      }
+      o.combination = as_usage_error(flag, [&] { return merge::parse_combination(value); });
     } else if (flag == "--density") {
       o.density = io::parse_number(value, "--density", {.min = 0, .max = 1});
     } else if (flag == "--rank") {
@@ -57,11 +61,7 @@ int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostr
     } else if (flag == "--svd-clamp") {
       o.svd_clamp = io::parse_number(value, "--svd-clamp", {.min = 0, .max = 1});
     } else if (flag == "--majority-sign") {
-      try {
-        o.majority_sign = merge::parse_majority_sign(value);
-      } catch (const ConfigError& e) {
-        throw io::ArgumentError(std::string("--majority-sign: ") + e.what());
-      }
+      o.majority_sign = as_usage_error(flag, [&] { return merge::parse_majority_sign(value); });
     } else if (flag == "--seed") {
       o.seed = io::parse_unsigned(value, "--seed");
     } else {

@@ -91,6 +91,7 @@ def main():
         model.load_state_dict(base_state)
         peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **options))
         peft_model.save_pretrained(os.path.join(OUT, "adapters", name))
+        os.remove(os.path.join(OUT, "adapters", name, "README.md"))  # peft's empty model card
 
     torch.set_default_dtype(torch.float64)
     for case, (names, weights, combination, extra) in CASES.items():

@@ -113,6 +113,17 @@ Matrix plain_combine(const std::vector<Matrix>& t, const std::vector<double>& w,
 
 Matrix product(const LoraFactors& f) { return f.B * f.A; }
 
+/// svd_clamp's bound: the q-quantile (linear interpolation) of B's and A's entries together.
+double plain_clamp_bound(const LoraFactors& f, double q) {
+  std::vector<double> all(f.B.data(), f.B.data() + f.B.size());
+  all.insert(all.end(), f.A.data(), f.A.data() + f.A.size());
+  std::sort(all.begin(), all.end());
+  const double position = q * static_cast<double>(all.size() - 1);
+  const auto lo = static_cast<std::size_t>(position);
+  const std::size_t up = std::min(lo + 1, all.size() - 1);
+  return all[lo] + (position - static_cast<double>(lo)) * (all[up] - all[lo]);
+}
+
 /// Best rank-k approximation of m (Jacobi SVD, another algorithm than the library's).
 Matrix rank_k(const Matrix& m, int k) {
   Eigen::JacobiSVD<Eigen::MatrixXd> svd(m, Eigen::ComputeFullU | Eigen::ComputeFullV);
@@ -217,12 +228,7 @@ TEST_CASE("weighted merge: svd_clamp clamps both factors at the quantile of thei
   const LoraAdapter clamped = peft::merge::add_weighted_adapter(in, {0.5, 0.5}, o);
   for (const char* m : {"m0", "m1"}) {
     const LoraFactors& p = plain.modules.at(m);
-    std::vector<double> all(p.B.data(), p.B.data() + p.B.size());
-    all.insert(all.end(), p.A.data(), p.A.data() + p.A.size());
-    std::sort(all.begin(), all.end());
-    const double position = 0.8 * static_cast<double>(all.size() - 1);
-    const auto lo = static_cast<std::size_t>(position);
-    const double hi = all[lo] + (position - static_cast<double>(lo)) * (all[lo + 1] - all[lo]);
+    const double hi = plain_clamp_bound(p, 0.8);
     const Matrix A = p.A.cwiseMin(hi).cwiseMax(-hi), B = p.B.cwiseMin(hi).cwiseMax(-hi);
     CHECK(max_abs_diff(clamped.modules.at(m).A, A) == 0);
     CHECK(max_abs_diff(clamped.modules.at(m).B, B) == 0);
@@ -478,13 +484,7 @@ TEST_CASE("weighted merge: the reference cases (tests/data/weighted_merge)") {
             p.A.row(k) *= -1;
             p.B.col(k) *= -1;
           }
-        std::vector<double> all(p.B.data(), p.B.data() + p.B.size());
-        all.insert(all.end(), p.A.data(), p.A.data() + p.A.size());
-        std::sort(all.begin(), all.end());
-        const double position = *o.svd_clamp * static_cast<double>(all.size() - 1);
-        const auto lo = static_cast<std::size_t>(position);
-        const std::size_t up = std::min(lo + 1, all.size() - 1);
-        const double hi = all[lo] + (position - static_cast<double>(lo)) * (all[up] - all[lo]);
+        const double hi = plain_clamp_bound(p, *o.svd_clamp);
         CHECK(max_abs_diff(p.A.cwiseMin(hi).cwiseMax(-hi), f.A) < 1e-12);
         CHECK(max_abs_diff(p.B.cwiseMin(hi).cwiseMax(-hi), f.B) < 1e-12);
       } else if (svd) {
