@@ -35,6 +35,11 @@ _peft_hostile_model(layers_2e4 n_layer 20000)
 string(REPLACE "\"lora_alpha\": 8" "\"lora_alpha\": 1e308" _text "${_lora_config}")
 file(WRITE "${_h}/alpha_1e308/adapter_config.json" "${_text}")
 file(COPY "${_lora}/adapter/adapter_model.safetensors" DESTINATION "${_h}/alpha_1e308")
+# A second LoRA adapter of the same shapes (lora_alpha 4): a folder of its own for
+# --adapter-per-row.
+string(REPLACE "\"lora_alpha\": 8" "\"lora_alpha\": 4" _text "${_lora_config}")
+file(WRITE "${_h}/alpha_4/adapter_config.json" "${_text}")
+file(COPY "${_lora}/adapter/adapter_model.safetensors" DESTINATION "${_h}/alpha_4")
 
 # Golden cases made hostile: a copy of gpt2_lora with one thing changed.
 function(_peft_hostile_case name case_text adapter_config adapter_dir)
@@ -111,6 +116,20 @@ _peft_hostile_test(generate_unknown_option 2 "unknown option '--bogus'" 30
   generate "${_gpt2}" --ids 1 --bogus 1)
 _peft_hostile_test(generate_prompt_and_ids 2 "--prompt and --ids: expected one of them, found both" 30
   generate "${_gpt2}" --ids 1 --prompt a)
+# Several prompts in one batch, each row with its own adapter folder (or the base)
+# (one line a row: the expectation sees newlines, the pass check the " | " it prints)
+_peft_hostile_test(generate_adapter_per_row 0 "[0-9]+ [0-9]+ [0-9]+[^0-9]+[0-9]+ [0-9]+ [0-9]+[^0-9]+[0-9]+ [0-9]+ [0-9]+" 60
+  generate "${_gpt2}" --adapter-per-row "${_lora}/adapter" --adapter-per-row base
+  --adapter-per-row "${_h}/alpha_4" --ids 1,2,3 --ids 4,5,6 --ids 1,2,3 --max-new 3 --seed 1)
+_peft_hostile_test(generate_adapter_per_row_count 2 "--adapter-per-row: expected one per prompt \\(2\\), found 1" 30
+  generate "${_gpt2}" --adapter-per-row base --ids 1,2 --ids 3,4)
+_peft_hostile_test(generate_rows_of_two_lengths 2 "--ids: the rows have 2 and 1 tokens.*rows generated together need one length" 30
+  generate "${_gpt2}" --ids 1,2 --ids 3)
+_peft_hostile_test(generate_adapter_and_per_row 2 "--adapter and --adapter-per-row: expected one of them, found both" 30
+  generate "${_gpt2}" --adapter "${_lora}/adapter" --adapter-per-row base --ids 1)
+_peft_hostile_test(generate_adapter_per_row_two_methods 1 "gpt2_ia3/adapter/adapter_config.json: not an adapter of this model's method \\(LoRA\\)" 60
+  generate "${_gpt2}" --adapter-per-row "${_lora}/adapter" --adapter-per-row "${PEFT_GOLDEN_DIR}/gpt2_ia3/adapter"
+  --ids 1,2 --ids 3,4)
 _peft_hostile_test(generate_nan_adapter 1 "NaN|not finite|non-finite" 60
   generate "${_gpt2}" --adapter "${_hsrc}/nan_adapter" --ids 1,2,3 --max-new 3)
 _peft_hostile_test(generate_alpha_1e308 1 "not finite|lora_alpha" 60

@@ -235,6 +235,33 @@ struct Transpose {
     return peft::ops::transpose(t, x[0], 0, 2);
   }
 };
+struct GatherRows {
+  static constexpr const char* name = "gather_rows (a row twice, one left out)";
+  static Inputs inputs() { return {input({4, 2, 3}, 58)}; }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::gather_rows(t, x[0], {2, 0, 2});
+  }
+};
+struct IndexAddRows {
+  static constexpr const char* name = "index_add_rows (two parts, a row twice)";
+  static Inputs inputs() {
+    return {input({4, 2, 3}, 59), input({3, 2, 3}, 60), input({1, 2, 3}, 61)};
+  }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::index_add_rows(t, x[0], {{3, 1, 3}, {0}}, {x[1], x[2]});
+  }
+};
+struct GroupedLowRankAdd {
+  static constexpr const char* name = "grouped_low_rank_add (two groups, ranks 2 and 1)";
+  static Inputs inputs() {
+    return {input({4, 2, 3}, 62), input({4, 2, 5}, 63), input({2, 5}, 64), input({3, 2}, 65),
+            input({1, 5}, 66), input({3, 1}, 67)};
+  }
+  static Var<double> apply(Tape<double>& t, Inputs& x) {
+    return peft::ops::grouped_low_rank_add<double>(
+        t, x[0], x[1], {{{2, 0}, x[2], x[3], 0.5}, {{3, 2}, x[4], x[5], -2.0}});
+  }
+};
 struct CrossEntropy {
   static constexpr const char* name = "cross_entropy with ignore index";
   static Inputs inputs() { return {input({4, 6}, 57, -2, 2)}; }
@@ -250,7 +277,8 @@ TEST_CASE_TEMPLATE("op gradient matches finite differences (double)", Op, Matmul
                    LinearInOut, LoraLinear, AddSame, AddBias, AddOverBatch, MulSame, MulBroadcast,
                    Scale, Sum, Gelu, Silu, Tanh, Sigmoid, Relu, LayerNorm, RmsNorm, Softmax,
                    AttentionCausalPadded, AttentionGroupedPrefix, Rope, Embedding, Concat, Split,
-                   Reshape, Transpose, CrossEntropy) {
+                   Reshape, Transpose, GatherRows, IndexAddRows, GroupedLowRankAdd,
+                   CrossEntropy) {
   CAPTURE(Op::name);
   const peft::testing::GradCheckResult result = peft::testing::check_gradients(
       [](Tape<double>& tape, Inputs& x) { return Op::apply(tape, x); }, Op::inputs());

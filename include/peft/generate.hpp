@@ -123,13 +123,10 @@ std::int64_t pick_token(const T* logits, std::int64_t vocab, const GenerateOptio
 }
 }  // namespace detail
 
-/// Continues `prompt` (token ids) by up to max_new_tokens tokens; returns the new tokens only.
-/// The context is cut from the left to the model's max_positions.
+namespace detail {
 template <class Model>
-std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> prompt,
-                                   const GenerateOptions& options = {}) {
-  using T = typename Model::Scalar;
-  const EvaluationScope<Model> no_dropout(model);
+void check_generate_request(const Model& model, const std::vector<std::int64_t>& prompt,
+                            const GenerateOptions& options) {
   if (prompt.empty()) throw ConfigError("generate: the prompt is empty (give at least one token)");
   const std::int64_t vocab = model.config().vocab_size;
   for (std::int64_t t : prompt)
@@ -153,58 +150,114 @@ std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> promp
   if (!std::isfinite(options.temperature) || options.temperature < 0)
     throw ConfigError("generate: temperature: expected a finite number ≥ 0 (0: greedy), found " +
                       std::to_string(options.temperature));
-  std::mt19937_64 rng(options.seed);
-  std::vector<std::int64_t> context = std::move(prompt), generated;
+}
+}  // namespace detail
+
+/// Continues several prompts of one length together, one row of a batch each. `adapter_names`
+/// (one per row, or empty: the active adapter for every row) names each row's adapter as
+/// Batch::adapter_names does (kBaseAdapterName: the base model), so that one batch serves
+/// requests for different adapters. Each row's tokens are those generate() gives its prompt alone
+/// with its adapter: sampling draws from a generator of its own per row, seeded `seed` as alone;
+/// a row ends at a stop token (the others go on) and the call when every row has ended. Returns
+/// the new tokens of each row. The rows must have one length (the cached decoder takes no
+/// padding mask).
+template <class Model>
+std::vector<std::vector<std::int64_t>> generate_batch(
+    Model& model, const std::vector<std::vector<std::int64_t>>& prompts,
+    const std::vector<std::string>& adapter_names = {}, const GenerateOptions& options = {}) {
+  using T = typename Model::Scalar;
+  const EvaluationScope<Model> no_dropout(model);
+  if (prompts.empty()) throw ConfigError("generate: no prompt (give at least one row)");
+  for (const std::vector<std::int64_t>& prompt : prompts) {
+    detail::check_generate_request(model, prompt, options);
+    if (prompt.size() != prompts.front().size())
+      throw ConfigError("generate: the prompts have " + std::to_string(prompts.front().size()) +
+                        " and " + std::to_string(prompt.size()) +
+                        " tokens; rows generated together need one length");
+  }
+  const auto rows = static_cast<std::int64_t>(prompts.size());
+  if (!adapter_names.empty() && adapter_names.size() != prompts.size())
+    throw ConfigError("generate: " + std::to_string(adapter_names.size()) +
+                      " adapter names for " + std::to_string(rows) + " prompts (one per row)");
+  const std::int64_t vocab = model.config().vocab_size;
+  std::vector<std::mt19937_64> rng(prompts.size(), std::mt19937_64(options.seed));
+  std::vector<std::vector<std::int64_t>> contexts = prompts, generated(prompts.size());
+  std::vector<bool> ended(prompts.size(), false);
   // Room left for the policy's virtual / prefix tokens is the policy's business: the decoder
   // throws a clear error if they do not fit.
   const std::int64_t window = model.config().max_positions;
   constexpr bool has_cache = requires(detail::CacheOf<Model> & c, const Batch& b) {
     model.forward_cached(b, c);
   };
-  auto one_row = [](const std::vector<std::int64_t>& ids) {
+  // The batch of each row's last `length` tokens of context.
+  auto batch_of = [&](std::size_t length) {
     Batch batch;
-    batch.batch = 1;
-    batch.seq = static_cast<std::int64_t>(ids.size());
-    batch.input_ids = ids;
+    batch.batch = rows;
+    batch.seq = static_cast<std::int64_t>(length);
+    for (const std::vector<std::int64_t>& c : contexts)
+      batch.input_ids.insert(batch.input_ids.end(), c.end() - static_cast<std::ptrdiff_t>(length),
+                             c.end());
+    batch.adapter_names = adapter_names;
     return batch;
   };
   [[maybe_unused]] detail::CacheOf<Model> cache{};
   Tensor<T> logits;
   for (std::int64_t n = 0; n < options.max_new_tokens; ++n) {
     bool slid = false;
-    if (static_cast<std::int64_t>(context.size()) > window) {
-      context.erase(context.begin(), context.end() - window);
+    if (static_cast<std::int64_t>(contexts.front().size()) > window) {
+      for (std::vector<std::int64_t>& c : contexts) c.erase(c.begin(), c.end() - window);
       slid = true;
     }
-    const T* row = nullptr;
+    const std::size_t length = contexts.front().size();
+    std::int64_t row_stride = 0;  // elements between rows' last-position logits
+    const T* first_row = nullptr;
     if constexpr (has_cache) {
       if (options.use_cache) {
         // Past the window the context slides, every position moves, and the cache is rebuilt
         // from the new context: the uncached path's cost, for its result.
         if (slid || cache.empty()) {
           cache.clear();
-          logits = model.forward_cached(one_row(context), cache);
+          logits = model.forward_cached(batch_of(length), cache);
         } else {
-          logits = model.forward_cached(one_row({context.back()}), cache);
+          logits = model.forward_cached(batch_of(1), cache);
         }
-        row = logits.data();
+        first_row = logits.data();
+        row_stride = vocab;
       }
     }
-    if (!row) {
+    if (!first_row) {
       Tape<T> tape(false);
-      logits = model.forward(tape, one_row(context), false).logits.value();
-      row = logits.data() + (logits.shape()[1] - 1) * vocab;
+      logits = model.forward(tape, batch_of(length), false).logits.value();
+      row_stride = logits.shape()[1] * vocab;
+      first_row = logits.data() + (logits.shape()[1] - 1) * vocab;
     }
-    detail::require_finite_logits(row, vocab, n);
-    const std::int64_t token = detail::pick_token(row, vocab, options, rng);
-    generated.push_back(token);
-    context.push_back(token);
-    if (options.stop_token && token == *options.stop_token) break;
-    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), token) !=
-        options.stop_tokens.end())
-      break;
+    bool all_ended = true;
+    for (std::size_t r = 0; r < prompts.size(); ++r) {
+      // An ended row still rides in the batch (one length for all); its tokens are not kept.
+      const T* row = first_row + static_cast<std::int64_t>(r) * row_stride;
+      std::int64_t token = contexts[r].back();
+      if (!ended[r]) {
+        detail::require_finite_logits(row, vocab, n);
+        token = detail::pick_token(row, vocab, options, rng[r]);
+        generated[r].push_back(token);
+        ended[r] = (options.stop_token && token == *options.stop_token) ||
+                   std::find(options.stop_tokens.begin(), options.stop_tokens.end(), token) !=
+                       options.stop_tokens.end();
+      }
+      contexts[r].push_back(token);
+      all_ended = all_ended && ended[r];
+    }
+    if (all_ended) break;
   }
   return generated;
+}
+
+/// Continues `prompt` (token ids) by up to max_new_tokens tokens; returns the new tokens only.
+/// The context is cut from the left to the model's max_positions.
+template <class Model>
+std::vector<std::int64_t> generate(Model& model, std::vector<std::int64_t> prompt,
+                                   const GenerateOptions& options = {}) {
+  return std::move(generate_batch(model, {std::move(prompt)}, {}, options).front());
 }
 
 }  // namespace peft

@@ -46,6 +46,7 @@
 #include "peft/methods/hybrid/compose.hpp"
 #include "peft/methods/hybrid/mam_adapter.hpp"
 #include "peft/methods/hybrid/unipelt.hpp"
+#include "peft/methods/named_adapters.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/registry.hpp"
 #include "peft/methods/reparameterized/adalora.hpp"

@@ -1,10 +1,13 @@
 #pragma once
-// `peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3) [--max-new N]
-//                [--temperature T] [--top-k K] [--seed N]`, as a library function over a method
-// registry (the `peft` binary: BuiltinMethods; a program with its own methods: its registry, or
+// `peft generate MODEL_DIR [--adapter DIR | --adapter-per-row DIR|base ...]
+//                (--prompt TEXT | --ids 1,2,3)... [--max-new N] [--temperature T] ...`, as a
+// library function over a method registry (the `peft` binary: BuiltinMethods; a program with its own methods: its registry, or
 // peft::commands::main<Registry>, main.hpp). Opt-in: not in <peft/peft.hpp>.
 // Continues a prompt with a model folder (config.json + model.safetensors: a reference
 // checkpoint, or the base `peft study` caches), optionally with an adapter folder applied.
+// Several prompts (each --prompt / --ids a row, of one length) are generated as one batch; with
+// --adapter-per-row each row runs with its own adapter folder (or `base`), all of one method:
+// one base model serves them all in a mixed-adapter batch (generate_batch).
 // Byte-level models (vocabulary 256, as the study's text base) take and print text; others take
 // and print token ids. Every flag is parsed strictly (io/parse_text.hpp); the prompt is checked
 // against the model's vocabulary, and Decoder::load checks the model's size against this
@@ -27,15 +30,21 @@
 namespace peft::commands {
 
 namespace detail {
+/// Generates every row (one batch; `names`: each row's adapter, or empty) and prints one line a
+/// row: text for byte-level models, token ids otherwise.
 template <class Model>
-void print_generation(Model& model, const std::vector<std::int64_t>& prompt,
-                      const GenerateOptions& options, std::ostream& out) {
-  const std::vector<std::int64_t> tokens = generate(model, prompt, options);
-  if (model.config().vocab_size == data::kByteVocabSize) {
-    out << data::printable_bytes(prompt) << data::printable_bytes(tokens) << '\n';
-  } else {
-    for (std::size_t i = 0; i < tokens.size(); ++i) out << (i ? " " : "") << tokens[i];
-    out << '\n';
+void print_generation(Model& model, const std::vector<std::vector<std::int64_t>>& prompts,
+                      const std::vector<std::string>& names, const GenerateOptions& options,
+                      std::ostream& out) {
+  const auto rows = generate_batch(model, prompts, names, options);
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    const std::vector<std::int64_t>& tokens = rows[r];
+    if (model.config().vocab_size == data::kByteVocabSize) {
+      out << data::printable_bytes(prompts[r]) << data::printable_bytes(tokens) << '\n';
+    } else {
+      for (std::size_t i = 0; i < tokens.size(); ++i) out << (i ? " " : "") << tokens[i];
+      out << '\n';
+    }
   }
 }
 }  // namespace detail
@@ -45,8 +54,9 @@ void print_generation(Model& model, const std::vector<std::int64_t>& prompt,
 template <class Registry = BuiltinMethods>
 int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   const auto usage = [&] {
-    err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)\n"
-           "                     [--max-new N] [--temperature T] [--top-k K] [--top-p P]\n"
+    err << "usage: peft generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids 1,2,3)...\n"
+           "                     [--adapter-per-row DIR|base]... [--max-new N]\n"
+           "                     [--temperature T] [--top-k K] [--top-p P]\n"
            "                     [--stop ID1,ID2,...] [--seed N] [--no-cache]\n"
            "                     [--base-dtype fp32|bf16|nf4]\n";
     return 2;
@@ -54,7 +64,7 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
   if (args.empty() || args[0].rfind("--", 0) == 0) return usage();
   const std::filesystem::path model_dir = args[0];
   std::filesystem::path adapter_dir;
-  std::optional<std::string> prompt_text, ids_text;
+  std::vector<std::string> prompt_texts, ids_texts, row_adapters;
   GenerateOptions options;
   BaseFormat base = BaseFormat::fp32;
   for (std::size_t i = 1; i < args.size(); ++i) {
@@ -65,7 +75,7 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
     }
     static const char* const kFlags[] = {"--adapter", "--prompt",      "--ids",  "--max-new",
                                          "--top-k",   "--temperature", "--seed", "--base-dtype",
-                                         "--top-p",   "--stop"};
+                                         "--top-p",   "--stop",        "--adapter-per-row"};
     if (std::find(std::begin(kFlags), std::end(kFlags), flag) == std::end(kFlags)) {
       err << "peft generate: error: unknown option '" << flag << "'\n";
       return usage();
@@ -77,10 +87,12 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
     const std::string& value = args[++i];
     if (flag == "--adapter")
       adapter_dir = value;
+    else if (flag == "--adapter-per-row")
+      row_adapters.push_back(value);
     else if (flag == "--prompt")
-      prompt_text = value;
+      prompt_texts.push_back(value);
     else if (flag == "--ids")
-      ids_text = value;
+      ids_texts.push_back(value);
     else if (flag == "--max-new")
       options.max_new_tokens =
           io::parse_integer(value, flag, {.min = 0, .max = GenerateOptions::kMaxNewTokens});
@@ -103,51 +115,82 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
       }
     }
   }
-  if (prompt_text && ids_text)
+  if (!prompt_texts.empty() && !ids_texts.empty())
     throw io::ArgumentError("--prompt and --ids: expected one of them, found both");
-  std::vector<std::int64_t> prompt;
-  if (ids_text) {
-    prompt = io::parse_integer_list(*ids_text, "--ids", {.min = 0});
-  } else if (prompt_text) {
-    if (prompt_text->empty())
-      throw io::ArgumentError("--prompt: expected at least one byte, found ''");
-    for (unsigned char c : *prompt_text)
-      prompt.push_back(c);  // bytes: the byte-level models' tokens
-  } else {
+  const bool ids = !ids_texts.empty();
+  std::vector<std::vector<std::int64_t>> prompts;
+  for (const std::string& text : ids_texts)
+    prompts.push_back(io::parse_integer_list(text, "--ids", {.min = 0}));
+  for (const std::string& text : prompt_texts) {
+    if (text.empty()) throw io::ArgumentError("--prompt: expected at least one byte, found ''");
+    std::vector<std::int64_t>& bytes = prompts.emplace_back();  // the byte-level models' tokens
+    for (unsigned char c : text) bytes.push_back(c);
+  }
+  if (prompts.empty()) {
     err << "peft generate: error: expected a prompt (--prompt TEXT or --ids 1,2,3)\n";
     return usage();
   }
+  for (const std::vector<std::int64_t>& p : prompts)
+    if (p.size() != prompts.front().size())
+      throw io::ArgumentError(std::string(ids ? "--ids" : "--prompt") + ": the rows have " +
+                              std::to_string(prompts.front().size()) + " and " +
+                              std::to_string(p.size()) +
+                              " tokens; rows generated together need one length");
+  if (!row_adapters.empty() && !adapter_dir.empty())
+    throw io::ArgumentError("--adapter and --adapter-per-row: expected one of them, found both");
+  if (!row_adapters.empty() && row_adapters.size() != prompts.size())
+    throw io::ArgumentError("--adapter-per-row: expected one per prompt (" +
+                            std::to_string(prompts.size()) + "), found " +
+                            std::to_string(row_adapters.size()));
+  // Each distinct folder becomes one named adapter; the first is the model's own ("default").
+  std::vector<std::filesystem::path> folders;
+  std::vector<std::string> names;
+  for (const std::string& a : row_adapters) {
+    if (a == "base") {
+      names.emplace_back(kBaseAdapterName);
+      continue;
+    }
+    auto it = std::find(folders.begin(), folders.end(), std::filesystem::path(a));
+    if (it == folders.end()) {
+      folders.emplace_back(a);
+      it = folders.end() - 1;
+    }
+    const auto k = static_cast<std::size_t>(it - folders.begin());
+    names.push_back(k == 0 ? std::string(kDefaultAdapterName) : "row_adapter_" + std::to_string(k));
+  }
+  if (!adapter_dir.empty()) folders = {adapter_dir};
 
   const std::filesystem::path config_path = model_dir / "config.json";
   const nlohmann::json config_json = io::load_json(config_path);
   const ModelConfig config = ModelConfig::from_json(config_json, config_path.string());
   // Checked before any weight is allocated.
-  for (std::size_t i = 0; i < prompt.size(); ++i)
-    if (prompt[i] >= config.vocab_size)
-      throw io::ArgumentError((ids_text ? "--ids item " : "--prompt byte ") +
-                              std::to_string(i + 1) + ": expected a token id below the model's " +
-                              "vocab_size " + std::to_string(config.vocab_size) + " (" +
-                              config_path.string() + "), found " + std::to_string(prompt[i]));
+  for (const std::vector<std::int64_t>& prompt : prompts)
+    for (std::size_t i = 0; i < prompt.size(); ++i)
+      if (prompt[i] >= config.vocab_size)
+        throw io::ArgumentError((ids ? "--ids item " : "--prompt byte ") + std::to_string(i + 1) +
+                                ": expected a token id below the model's " + "vocab_size " +
+                                std::to_string(config.vocab_size) + " (" + config_path.string() +
+                                "), found " + std::to_string(prompt[i]));
   // Decoder::load checks the sizes against this machine's memory, then the checkpoint's header
   // against the config, before it allocates any weight.
   try {
     visit_arch_for(config.model_type, [&]<class Arch>() {
-      if (adapter_dir.empty()) {
+      if (folders.empty()) {
         auto model = Decoder<Arch, NoPeft, float>::load(model_dir, {}, 0, base);
-        detail::print_generation(model, prompt, options, out);
+        detail::print_generation(model, prompts, {}, options, out);
         return;
       }
-      const std::filesystem::path adapter_config = adapter_dir / "adapter_config.json";
+      const std::filesystem::path adapter_config = folders.front() / "adapter_config.json";
       const nlohmann::json adapter_json = io::load_json(adapter_config);
       const bool known = Registry::visit_for(adapter_json, [&]<class Policy>() {
         auto model = Decoder<Arch, Policy, float>::load(
             model_dir,
             config_from_json<typename Policy::Config>(adapter_json, adapter_config.string()), 0,
             base);
-        io::load_adapter_tensors(
-            model.adapter().parameters(),
-            io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors"));
-        detail::print_generation(model, prompt, options, out);
+        load_adapter_state<Policy>(folders.front(), model.adapter(), model.linear_modules());
+        for (std::size_t k = 1; k < folders.size(); ++k)
+          load_adapter(model, folders[k], "row_adapter_" + std::to_string(k));
+        detail::print_generation(model, prompts, names, options, out);
       });
       if (!known)
         throw ConfigError(adapter_config.string() + ": peft_type '" + peft_type_text(adapter_json) +

@@ -8,6 +8,7 @@
 #include "peft/core/ops/low_rank.hpp"
 #include "peft/core/ops/normalization.hpp"
 #include "peft/core/ops/reparameterized.hpp"
+#include "peft/core/ops/rows.hpp"
 #include "peft/core/ops/shape.hpp"
 #include "peft/core/ops/slice.hpp"
 #include "peft/core/ops/sparse.hpp"

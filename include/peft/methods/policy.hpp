@@ -77,8 +77,11 @@
 //     only through a read-only dequantized view (nn::Linear::weight_out_in()).
 //   - Devices: State<T> gains the decoder's device parameter; contributions are device
 //     tensors, computed by the device's Projection::compute().
-//   - Named adapters on one model: a model holds several P::State<T> by name; a per-row adapter
-//     index turns a projection's contributions into a grouped product (one term per group).
+//   - Named adapters on one model (built): a model holds several P::State<T> by name
+//     (Decoder::add_adapter, set_adapter; methods/named_adapters.hpp); a batch's per-row adapter
+//     names turn a projection's contributions into a grouped product (one term per group,
+//     nn/projection.hpp's grouped_projection). A state needs nothing more for it; mixed batches
+//     take the methods whose only per-forward hook is adapt().
 //   - Train/eval mode and randomness (built): Decoder::set_training, and a seeded dropout
 //     generator the Projection draws masks from, in order (nn/projection.hpp); running values
 //     through HasRunningState. For N data-parallel ranks to reproduce one process, the masks

@@ -7,6 +7,7 @@
 // rotary (LLaMA) → [policy: prefix keys/values] → attention → output projection [linear] →
 // [policy: after_attention] → residual → norm → MLP [linear at each projection] →
 // [policy: after_mlp] → residual → final norm → head → logits → cross-entropy.
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -38,6 +39,10 @@ struct Batch {
   std::vector<std::int64_t> attention_mask;  ///< [B·T], 1 = token, 0 = padding; empty: all 1
   std::vector<std::int64_t>
       labels;  ///< [B·T], −100 = ignored; empty: input_ids with −100 at padding
+  /// [B] or empty: the adapter each row runs with, by name (Decoder::add_adapter), or
+  /// kBaseAdapterName for the base model alone — the reference's `adapter_names` argument.
+  /// Empty: every row runs with the active adapter.
+  std::vector<std::string> adapter_names;
 
   void validate() const {
     const auto n = static_cast<std::size_t>(batch * seq);
@@ -47,8 +52,16 @@ struct Batch {
     if (!attention_mask.empty() && attention_mask.size() != n)
       throw ShapeError("batch: attention_mask size != batch·seq");
     if (!labels.empty() && labels.size() != n) throw ShapeError("batch: labels size != batch·seq");
+    if (!adapter_names.empty() && adapter_names.size() != static_cast<std::size_t>(batch))
+      throw ShapeError("batch: adapter_names has " + std::to_string(adapter_names.size()) +
+                       " entries, expected one per row (" + std::to_string(batch) + ")");
   }
 };
+
+/// The first adapter's name, as the reference names it.
+inline constexpr std::string_view kDefaultAdapterName = "default";
+/// In Batch::adapter_names: the row runs the base model without any adapter (the reference's).
+inline constexpr std::string_view kBaseAdapterName = "__base__";
 
 /// Puts a model in evaluation mode (no dropout) for a scope and restores its mode after:
 /// evaluate() and generate() use it, so that they are deterministic whatever the caller's mode.
@@ -72,6 +85,23 @@ class EvaluationScope {
   bool was_training_ = false;
 };
 
+/// Runs the base model without any adapter for a scope (the reference's `with
+/// model.disable_adapter():`) and restores the previous setting after.
+template <class Model>
+class DisableAdapterScope {
+ public:
+  explicit DisableAdapterScope(Model& model) : model_(model), was_(model.adapters_disabled()) {
+    model_.set_adapters_disabled(true);
+  }
+  ~DisableAdapterScope() { model_.set_adapters_disabled(was_); }
+  DisableAdapterScope(const DisableAdapterScope&) = delete;
+  DisableAdapterScope& operator=(const DisableAdapterScope&) = delete;
+
+ private:
+  Model& model_;
+  bool was_;
+};
+
 template <class T>
 struct ForwardResult {
   Var<T> logits;  ///< [B, P + T, V] (P virtual tokens of prompt tuning)
@@ -88,6 +118,8 @@ class Decoder {
 
  public:
   using Scalar = T;
+  using Architecture = Arch;
+  using AdapterPolicy = Policy;  /// the method (NoPeft when the given one fails the contract)
   using Adapter = typename Policy::template State<T>;
   using Norm = typename Arch::template Norm<T>;
 
@@ -181,8 +213,74 @@ class Decoder {
       if (lin->frozen) bytes += lin->frozen->bytes();
     return bytes;
   }
-  Adapter& adapter() { return adapter_; }
-  const Adapter& adapter() const { return adapter_; }
+  /// The active adapter's state (the one forward, training and saving use).
+  Adapter& adapter() { return adapters_[active_]->state; }
+  const Adapter& adapter() const { return adapters_[active_]->state; }
+
+  // NAMED ADAPTERS (the reference's multi-adapter API). A model starts with one adapter named
+  // kDefaultAdapterName, built from the config it was given; more of the same method (P) are
+  // added by name, each with its own tensors, and one is active at a time. The others are left
+  // untouched, bit for bit, by whatever the active one does. A batch may also name an adapter
+  // per row (Batch::adapter_names). Composites (Compose<...>) are one method here: each named
+  // adapter is then a whole composite.
+
+  /// Every adapter's name, in the order they were added.
+  std::vector<std::string> adapter_names() const {
+    std::vector<std::string> out;
+    for (const auto& a : adapters_) out.push_back(a->name);
+    return out;
+  }
+  const std::string& active_adapter() const { return adapters_[active_]->name; }
+  bool has_adapter(std::string_view name) const { return find_adapter(name) < adapters_.size(); }
+  /// An adapter's state by name; ConfigError naming the adapters there are if none is called so.
+  Adapter& adapter(std::string_view name) { return adapters_[adapter_index(name)]->state; }
+  const Adapter& adapter(std::string_view name) const {
+    return adapters_[adapter_index(name)]->state;
+  }
+
+  /// Adds an adapter called `name` with fresh tensors initialised from `seed` (as the model's
+  /// own adapter is from the model's seed), attached to the same modules its config selects.
+  /// It is not made active (set_adapter). The name must be new, not kBaseAdapterName, and usable
+  /// as a folder name (save_adapters writes it in a sub-folder so called).
+  Adapter& add_adapter(const std::string& name, const typename Policy::Config& config,
+                       std::uint64_t seed = 0) {
+    check_new_adapter_name(name);
+    auto added = std::make_unique<NamedAdapter>(name, config);
+    std::mt19937_64 rng(seed);
+    AttachContext<T> ctx{config_, linear_modules(), rng, base_parameters()};
+    added->state.attach(ctx);
+    adapters_.push_back(std::move(added));
+    return adapters_.back()->state;
+  }
+  /// Makes `name` the active adapter. Refused while the active one is merged into the weights
+  /// (the base the other adapters see would include it): unmerge first.
+  void set_adapter(std::string_view name) {
+    const std::size_t i = adapter_index(name);
+    if (i != active_ && adapters_[active_]->merged)
+      throw ConfigError("set_adapter: adapter '" + active_adapter() +
+                        "' is merged into the base weights; unmerge() it before switching to '" +
+                        std::string(name) + "'");
+    active_ = i;
+  }
+  /// Removes an adapter and its tensors. The last adapter cannot be deleted; deleting the
+  /// active one makes the first remaining one active (as the reference does). A merged adapter
+  /// is unmerged first by the caller (refused otherwise).
+  void delete_adapter(std::string_view name) {
+    const std::size_t i = adapter_index(name);
+    if (adapters_.size() == 1)
+      throw ConfigError("delete_adapter: '" + std::string(name) +
+                        "' is the model's only adapter (a model keeps at least one)");
+    if (adapters_[i]->merged)
+      throw ConfigError("delete_adapter: adapter '" + std::string(name) +
+                        "' is merged into the base weights; unmerge() it first");
+    const std::string active = active_adapter();
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+    active_ = i == active_ ? 0 : find_adapter(active);
+  }
+  /// Runs the base model alone while on (DisableAdapterScope sets it for a scope); the
+  /// adapters are kept as they are.
+  void set_adapters_disabled(bool on) { adapters_disabled_ = on; }
+  bool adapters_disabled() const { return adapters_disabled_; }
   std::vector<Block>& blocks() { return blocks_; }
 
   /// Activation checkpointing: a training forward keeps only each block's input; the block is
@@ -237,7 +335,7 @@ class Decoder {
   /// full fine-tuning is on.
   std::vector<NamedParameter<T>> trainable_parameters() {
     std::vector<NamedParameter<T>> out;
-    for (NamedParameter<T>& p : adapter_.parameters())
+    for (NamedParameter<T>& p : adapter().parameters())
       if (p.var.requires_grad()) out.push_back(p);
     const std::size_t from_adapter = out.size();
     for (NamedParameter<T>& p : base_parameters()) {
@@ -289,7 +387,7 @@ class Decoder {
   void base_weights_changed() {
     if constexpr (DependsOnBaseWeights<Adapter, T>) {
       std::vector<nn::Linear<T>*> modules = linear_modules();
-      adapter_.on_base_weights_loaded(modules);
+      for (auto& a : adapters_) a->state.on_base_weights_loaded(modules);
     }
   }
 
@@ -306,18 +404,22 @@ class Decoder {
   /// logits[:, t] against labels[:, t + 1] over labels that are not −100.
   ForwardResult<T> forward(Tape<T>& tape, const Batch& batch, bool with_loss = true) {
     batch.validate();
+    const RowGroupsGuard groups = resolve_row_groups(batch);
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
     Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
                                  : ops::embedding(tape, token_embedding_, batch.input_ids);
     h = ops::reshape(tape, h, Shape{B, T0, d});
     std::int64_t virtual_tokens = 0;
     if constexpr (HasVirtualTokens<Adapter, T>) {
-      virtual_tokens = adapter_.num_virtual_tokens();
-      if (virtual_tokens > 0) h = adapter_.prepend_virtual_tokens(tape, h);
+      if (Adapter* a = hooked()) {
+        virtual_tokens = a->num_virtual_tokens();
+        if (virtual_tokens > 0) h = a->prepend_virtual_tokens(tape, h);
+      }
     }
     const std::int64_t Tn = T0 + virtual_tokens;  // sequence length through the blocks
     std::int64_t prefix = 0;
-    if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
+    if constexpr (HasPrefix<Adapter, T>)
+      if (Adapter* a = hooked()) prefix = a->num_prefix_tokens();
     // Real tokens sit at positions prefix .. prefix + Tn − 1 (after a cache of the prefix).
     h = add_positions(tape, h, prefix, Tn);
     ops::AttentionSpec spec = attention_spec(prefix);
@@ -355,7 +457,8 @@ class Decoder {
             ops::cross_entropy(tape, result.logits, shifted_targets(batch, virtual_tokens));
     }
     if constexpr (HasExtraLoss<Adapter, T>)
-      if (with_loss) result.loss = ops::add(tape, result.loss, adapter_.extra_loss(tape));
+      if (Adapter* a = hooked(); a && with_loss)
+        result.loss = ops::add(tape, result.loss, a->extra_loss(tape));
     return result;
   }
 
@@ -386,6 +489,7 @@ class Decoder {
     if (!cache.empty() && cache.batch != batch.batch)
       throw ShapeError("forward_cached: the cache holds " + std::to_string(cache.batch) +
                        " rows, the batch " + std::to_string(batch.batch));
+    const RowGroupsGuard groups = resolve_row_groups(batch);
     Tape<T> tape(false);
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
     Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
@@ -393,14 +497,15 @@ class Decoder {
     h = ops::reshape(tape, h, Shape{B, T0, d});
     std::int64_t Tn = T0;
     if constexpr (HasVirtualTokens<Adapter, T>) {
-      const std::int64_t virtual_tokens = adapter_.num_virtual_tokens();
+      const std::int64_t virtual_tokens = hooked() ? hooked()->num_virtual_tokens() : 0;
       if (cache.empty() && virtual_tokens > 0) {
-        h = adapter_.prepend_virtual_tokens(tape, h);
+        h = hooked()->prepend_virtual_tokens(tape, h);
         Tn += virtual_tokens;
       }
     }
     std::int64_t prefix = 0;
-    if constexpr (HasPrefix<Adapter, T>) prefix = adapter_.num_prefix_tokens();
+    if constexpr (HasPrefix<Adapter, T>)
+      if (Adapter* a = hooked()) prefix = a->num_prefix_tokens();
     const std::int64_t first = prefix + cache.past;  // position of the step's first token
     h = add_positions(tape, h, first, Tn);
     const ops::AttentionSpec spec = attention_spec(first);
@@ -420,20 +525,24 @@ class Decoder {
     return forward(tape, batch, false).logits.value();
   }
 
+  /// Folds the active adapter into the base weights (and back). While merged, the model runs
+  /// as the adapted model without the adapter's product, and switching or mixing adapters is
+  /// refused.
   void merge() requires Mergeable<Adapter, T> {
     auto modules = linear_modules();
-    adapter_.merge(modules);
+    adapter().merge(modules);
+    adapters_[active_]->merged = true;
   }
   void unmerge() requires Mergeable<Adapter, T> {
     auto modules = linear_modules();
-    adapter_.unmerge(modules);
+    adapter().unmerge(modules);
+    adapters_[active_]->merged = false;
   }
 
  private:
   Decoder(ModelConfig config, typename Policy::Config peft_config, std::uint64_t seed,
           BaseFormat base, const std::string& source, bool initialise)
       : config_(std::move(config)),
-        adapter_(peft_config),
         rng_(seed),
         dropout_rng_(seed ^ 0xD5A61266F0C9392Cull),
         base_format_(base) {
@@ -444,6 +553,7 @@ class Decoder {
     check_plausible_size<Arch>(config_, source, base_element_bytes(base, sizeof(T)));
     build_modules();
     if (initialise) initialise_base_weights();
+    adapters_.push_back(std::make_unique<NamedAdapter>(std::string(kDefaultAdapterName), peft_config));
     attach_adapter();
   }
 
@@ -582,14 +692,101 @@ class Decoder {
 
   void attach_adapter() {
     AttachContext<T> ctx{config_, linear_modules(), rng_, base_parameters()};
-    adapter_.attach(ctx);
+    adapter().attach(ctx);
+  }
+
+  struct NamedAdapter {
+    NamedAdapter(std::string n, const typename Policy::Config& c) : name(std::move(n)), state(c) {}
+    std::string name;
+    Adapter state;
+    bool merged = false;
+  };
+
+  std::size_t find_adapter(std::string_view name) const {
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i]->name == name) return i;
+    return adapters_.size();
+  }
+  std::string adapter_list() const {
+    std::string list;
+    for (const auto& a : adapters_) list += (list.empty() ? "'" : ", '") + a->name + "'";
+    return list;
+  }
+  std::size_t adapter_index(std::string_view name) const {
+    const std::size_t i = find_adapter(name);
+    if (i == adapters_.size())
+      throw ConfigError("no adapter named '" + std::string(name) + "' (the model has " +
+                        adapter_list() + ")");
+    return i;
+  }
+  void check_new_adapter_name(const std::string& name) const {
+    const bool printable = std::all_of(name.begin(), name.end(), [](char c) {
+      return static_cast<unsigned char>(c) >= 0x20 && c != 0x7f;
+    });
+    if (name.empty() || name.size() > 128 || !printable || name == "." || name == ".." ||
+        name.find_first_of("/\\") != std::string::npos || name == kBaseAdapterName)
+      throw ConfigError("add_adapter: adapter name '" + name +
+                        "' is not usable (expected 1 to 128 printable characters, no '/' or "
+                        "'\\', not '.', '..' or '" + std::string(kBaseAdapterName) + "')");
+    if (has_adapter(name))
+      throw ConfigError("add_adapter: the model already has an adapter named '" + name + "'");
+  }
+
+  /// The adapter the hooks of a forward call: the active one, or none while disabled or for a
+  /// mixed batch (whose projections are grouped; its other hooks are refused up front).
+  Adapter* hooked() { return adapters_disabled_ || !row_groups_.empty() ? nullptr : &adapter(); }
+
+  /// Resolves a batch's adapter_names into groups of rows (row_groups_), for the forward that
+  /// follows; clears them after (the returned guard).
+  struct RowGroupsGuard {
+    Decoder* model;
+    ~RowGroupsGuard() { if (model) model->row_groups_.clear(); }
+  };
+  [[nodiscard]] RowGroupsGuard resolve_row_groups(const Batch& batch) {
+    if (batch.adapter_names.empty()) return {nullptr};
+    constexpr bool projections_only =
+        !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> &&
+        !HasBeforeAttention<Adapter, T> && !HasAfterAttention<Adapter, T> &&
+        !HasAfterMlp<Adapter, T> && !HasExtraLoss<Adapter, T>;
+    if (!projections_only)
+      throw ConfigError(std::string("batch: adapter_names: mixed-adapter batches need a method "
+                                    "that only adapts projections (LoRA and its family, IA3, "
+                                    "SSF, ...); ") +
+                        std::string(method_title<Policy>()) +
+                        " also changes the sequence or the blocks");
+    for (const auto& a : adapters_)
+      if (a->merged)
+        throw ConfigError("batch: adapter_names: adapter '" + a->name +
+                          "' is merged into the base weights; unmerge() it for mixed batches");
+    std::vector<RowGroup<Adapter>> groups;
+    std::vector<std::string> names;
+    for (std::int64_t r = 0; r < batch.batch; ++r) {
+      const std::string& name = batch.adapter_names[static_cast<std::size_t>(r)];
+      Adapter* state = name == kBaseAdapterName || adapters_disabled_
+                                 ? nullptr
+                                 : &adapters_[adapter_index(name)]->state;
+      auto it = std::find(names.begin(), names.end(), state ? name : std::string(kBaseAdapterName));
+      if (it == names.end()) {
+        names.push_back(state ? name : std::string(kBaseAdapterName));
+        groups.push_back({state, {}});
+        it = names.end() - 1;
+      }
+      groups[static_cast<std::size_t>(it - names.begin())].rows.push_back(r);
+    }
+    row_groups_ = std::move(groups);
+    return {this};
   }
 
   // The one product path of a projection site: the methods contribute, Projection computes.
   Var<T> project(Tape<T>& tape, const nn::Linear<T>& lin, const Var<T>& x) {
     if constexpr (HasProjectionHook<Adapter, T>) {
-      Projection<T> p(tape, lin, x, training_ ? &dropout_rng_ : nullptr);
-      adapter_.adapt(p);
+      std::mt19937_64* dropout = training_ ? &dropout_rng_ : nullptr;
+      if (!row_groups_.empty())
+        return grouped_projection(tape, lin, x, row_groups_, dropout,
+                                  [](Adapter& a, Projection<T>& p) { a.adapt(p); });
+      if (adapters_disabled_) return lin.forward_base(tape, x);
+      Projection<T> p(tape, lin, x, dropout);
+      adapter().adapt(p);
       return p.compute();
     } else {
       return lin.forward_base(tape, x);
@@ -683,7 +880,15 @@ class Decoder {
     }
     if (!out.requires_grad()) return out;
     Var<T> result(std::move(out.value()), true);
-    tape.record([this, &b, layer, x, result, spec, prefix, batch]() {
+    // The re-run must see the adapters this forward saw, whatever the caller changed since
+    // (the active adapter, DisableAdapterScope, a mixed batch's row groups).
+    tape.record([this, &b, layer, x, result, spec, prefix, batch, seen = hook_selection()]() {
+      struct Restore {
+        Decoder* model;
+        HookSelection saved;
+        ~Restore() { model->set_hook_selection(std::move(saved)); }
+      } restore{this, hook_selection()};
+      set_hook_selection(seen);
       Tape<T> inner;
       Var<T> again = block_forward(inner, b, layer, x, spec, prefix, batch);
       inner.backward(again, std::as_const(result.grad()));
@@ -702,7 +907,8 @@ class Decoder {
                        const ops::AttentionSpec& spec, std::int64_t prefix, std::int64_t batch,
                        CacheStep step = {}) {
     Var<T> a = b.attention_norm.forward(tape, x);
-    if constexpr (HasBeforeAttention<Adapter, T>) adapter_.before_attention(tape, layer, a);
+    if constexpr (HasBeforeAttention<Adapter, T>)
+      if (Adapter* ad = hooked()) ad->before_attention(tape, layer, a);
     Var<T> q, k, v;
     if constexpr (Arch::fused_qkv) {
       Var<T> qkv = project(tape, b.qkv, a);
@@ -726,7 +932,7 @@ class Decoder {
     if constexpr (HasPrefix<Adapter, T>) {
       // The prefix is computed once, with the first step, and then read from the cache.
       if (prefix > 0 && !has_past) {
-        auto [pk, pv] = adapter_.prefix_key_values(tape, layer, batch);
+        auto [pk, pv] = hooked()->prefix_key_values(tape, layer, batch);
         k = ops::concat(tape, {pk, k}, 1);
         v = ops::concat(tape, {pv, v}, 1);
       }
@@ -745,7 +951,8 @@ class Decoder {
     }
     Var<T> attn = ops::attention(tape, q, k, v, spec);
     Var<T> o = project(tape, b.attention_out, attn);
-    if constexpr (HasAfterAttention<Adapter, T>) o = adapter_.after_attention(tape, layer, o);
+    if constexpr (HasAfterAttention<Adapter, T>)
+      if (Adapter* ad = hooked()) o = ad->after_attention(tape, layer, o);
     Var<T> h = ops::add(tape, x, o);
     Var<T> m = b.mlp_norm.forward(tape, h);
     Var<T> mlp;
@@ -756,13 +963,30 @@ class Decoder {
     } else {
       mlp = project(tape, b.mlp_out, ops::gelu_tanh(tape, project(tape, b.mlp_in, m)));
     }
-    if constexpr (HasAfterMlp<Adapter, T>) mlp = adapter_.after_mlp(tape, layer, m, mlp);
+    if constexpr (HasAfterMlp<Adapter, T>)
+      if (Adapter* ad = hooked()) mlp = ad->after_mlp(tape, layer, m, mlp);
     return ops::add(tape, h, mlp);
   }
 
   ModelConfig config_;
   std::vector<float> rope_frequencies_ = rope_inverse_frequencies(config_);  // LLaMA
-  Adapter adapter_;
+  std::vector<std::unique_ptr<NamedAdapter>> adapters_;  ///< by name; stable addresses
+  std::size_t active_ = 0;
+  bool adapters_disabled_ = false;
+  std::vector<RowGroup<Adapter>> row_groups_;  ///< a mixed batch's rows, during its forward
+
+  // What the hooks see, as one value (a checkpointed block's re-run restores it).
+  struct HookSelection {
+    std::size_t active = 0;
+    bool disabled = false;
+    std::vector<RowGroup<Adapter>> groups;
+  };
+  HookSelection hook_selection() const { return {active_, adapters_disabled_, row_groups_}; }
+  void set_hook_selection(HookSelection s) {
+    active_ = s.active;
+    adapters_disabled_ = s.disabled;
+    row_groups_ = std::move(s.groups);
+  }
   std::mt19937_64 rng_;
   bool training_ = false;
   std::mt19937_64 dropout_rng_;  ///< the adapters' dropout masks (training mode only)

@@ -29,6 +29,9 @@
 //     module's product on its storage (core/frozen_weight.hpp); the contributions above do not
 //     change. Methods that read W read the dequantized view (weight_out_in()); a replacement
 //     that needs the dense tensor asks for dense_weight(), a clear error for bf16/NF4.
+//   - Named adapters and mixed batches (built): the decoder holds several states by name
+//     (Decoder::add_adapter) and, for a batch whose rows name their adapters, hands each group
+//     of rows its own Projection (grouped_projection below).
 //   - Devices: compute() is the only place that runs the product; a CUDA specialisation fuses
 //     the low-rank terms into its GEMM as the CPU one does.
 //
@@ -141,10 +144,41 @@ class Projection {
     return y;
   }
 
+  /// True when every contribution is a low-rank term or a delta (y += ...): the product is
+  /// then x Wᵀ + b plus additive_terms(), which a mixed-adapter batch computes once for all
+  /// rows and adds each group's terms to (RowGroups below).
+  bool additive_only() const {
+    for (const Contribution& c : contributions_)
+      if (c.kind != Kind::LowRank && c.kind != Kind::Delta) return false;
+    return true;
+  }
+  /// True when every contribution is a low-rank term without an active dropout: a mixed
+  /// batch then adds every group's terms in one grouped product (ops::grouped_low_rank_add).
+  bool low_rank_only() const {
+    for (const Contribution& c : contributions_)
+      if (c.kind != Kind::LowRank || drops(c)) return false;
+    return true;
+  }
+  /// The sum of the low-rank terms and deltas on the input (each with its dropout in training),
+  /// without the product; undefined when there is none.
+  Var<T> additive_terms() const {
+    Tape<T>& tape = *tape_;
+    Var<T> sum;
+    for (const Contribution& c : contributions_) {
+      if (c.kind != Kind::LowRank && c.kind != Kind::Delta) continue;
+      const Var<T> input = drops(c) ? dropped(tape, x_, c.dropout, *dropout_) : x_;
+      Var<T> term = c.kind == Kind::LowRank ? low_rank(tape, input, c) : c.function(tape, input);
+      sum = sum ? ops::add(tape, sum, term) : term;
+    }
+    return sum;
+  }
+
   /// s · (x Aᵀ) Bᵀ on its own (a gate wrapping a low-rank term needs the term alone).
   static Var<T> low_rank(Tape<T>& tape, const Var<T>& x, const Contribution& c) {
-    Var<T> h = ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn);
-    return ops::scale(tape, ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn), c.scale);
+    // The scale on the narrow [..., r] product: one pass over r columns, not over out.
+    Var<T> h = ops::scale(tape, ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn),
+                          c.scale);
+    return ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn);
   }
 
   /// x ⊙ m / (1 − p) with m ~ Bernoulli(1 − p) per element, drawn from `rng` in element order
@@ -178,5 +212,75 @@ class Projection {
   std::mt19937_64* dropout_ = nullptr;
   std::vector<Contribution> contributions_;
 };
+
+/// A mixed-adapter batch's rows, grouped by the adapter each names (Batch::adapter_names): the
+/// group's adapter state (null: the base model alone) and its rows (indices of the first axis).
+template <class State>
+struct RowGroup {
+  State* state = nullptr;
+  std::vector<std::int64_t> rows;
+};
+
+/// One projection site's product for a mixed-adapter batch x [B, ...]: every row gets what it
+/// would get alone with its group's adapter. When every group only adds low-rank terms (the LoRA
+/// family), the product x Wᵀ + b runs once over all B rows and one op adds each group's terms at
+/// its rows (ops::grouped_low_rank_add: the grouped product of Punica/S-LoRA on the CPU, two
+/// small products per group). When the groups only add (deltas too, or a dropout in training),
+/// each group's terms are computed on its gathered rows and added back at them. Otherwise (input
+/// or output scales, a replacement) each group computes its whole projection on its own rows.
+/// `adapt(state, projection)` asks a state for its contributions.
+template <class T, class State, class Adapt>
+Var<T> grouped_projection(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x,
+                          const std::vector<RowGroup<State>>& groups, std::mt19937_64* dropout,
+                          Adapt&& adapt) {
+  if (groups.size() == 1) {  // every row with one adapter (or none): the ordinary product
+    Projection<T> p(tape, module, x, dropout);
+    if (groups.front().state) adapt(*groups.front().state, p);
+    return p.compute();
+  }
+  // Each group's contributions (data: they do not depend on the input yet).
+  std::vector<Projection<T>> parts;
+  parts.reserve(groups.size());
+  bool low_rank = true;
+  for (const RowGroup<State>& g : groups) {
+    parts.emplace_back(tape, module, x, dropout);
+    if (g.state) adapt(*g.state, parts.back());
+    low_rank = low_rank && parts.back().low_rank_only();
+  }
+  if (low_rank) {  // the LoRA family: one base product, one grouped op for every group's terms
+    std::vector<ops::LowRankGroup<T>> terms;
+    for (std::size_t i = 0; i < groups.size(); ++i)
+      for (const auto& c : parts[i].contributions())
+        terms.push_back({groups[i].rows, c.a, c.b, c.scale});
+    Var<T> y = module.forward_base(tape, x);
+    return terms.empty() ? y : ops::grouped_low_rank_add(tape, y, x, terms);
+  }
+  // Otherwise each group's Projection on its own rows.
+  bool additive = true;
+  parts.clear();
+  for (const RowGroup<State>& g : groups) {
+    parts.emplace_back(tape, module, ops::gather_rows(tape, x, g.rows), dropout);
+    if (g.state) adapt(*g.state, parts.back());
+    additive = additive && parts.back().additive_only();
+  }
+  std::vector<std::vector<std::int64_t>> rows;
+  std::vector<Var<T>> terms;
+  if (additive) {
+    for (std::size_t i = 0; i < groups.size(); ++i)
+      if (Var<T> t = parts[i].additive_terms()) {
+        rows.push_back(groups[i].rows);
+        terms.push_back(std::move(t));
+      }
+    Var<T> y = module.forward_base(tape, x);
+    return terms.empty() ? y : ops::index_add_rows(tape, y, rows, terms);
+  }
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    rows.push_back(groups[i].rows);
+    terms.push_back(parts[i].compute());
+  }
+  Shape s = terms.front().shape();
+  s[0] = x.shape()[0];
+  return ops::index_add_rows(tape, Var<T>(Tensor<T>::zeros(s)), rows, terms);
+}
 
 }  // namespace peft

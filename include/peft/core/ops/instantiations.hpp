@@ -70,6 +70,12 @@
                                       std::size_t);                                              \
   PREFIX Var<T> embedding<T>(Tape<T>&, const Var<T>&, const std::vector<std::int64_t>&);         \
   PREFIX Var<T> slice<T>(Tape<T>&, const Var<T>&, std::size_t, std::int64_t, std::int64_t);      \
+  PREFIX Var<T> gather_rows<T>(Tape<T>&, const Var<T>&, const std::vector<std::int64_t>&);      \
+  PREFIX Var<T> index_add_rows<T>(Tape<T>&, const Var<T>&,                                       \
+                                  const std::vector<std::vector<std::int64_t>>&,                \
+                                  const std::vector<Var<T>>&);                                  \
+  PREFIX Var<T> grouped_low_rank_add<T>(Tape<T>&, const Var<T>&, const Var<T>&,                 \
+                                        const std::vector<LowRankGroup<T>>&);                   \
   PREFIX Var<T> delta_linear<T>(Tape<T>&, const Var<T>&, const Var<T>&, const Var<T>&,           \
                                 WeightLayout, const WeightDelta<T>&, double);                    \
   PREFIX Var<T> hard_concrete_gate<T>(Tape<T>&, const Var<T>&, const Tensor<T>&, T, T, T);       \

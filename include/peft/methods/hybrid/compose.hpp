@@ -463,34 +463,45 @@ void load_component(const std::filesystem::path& dir, State& state,
 
 }  // namespace detail
 
-/// Saves a model's composite adapter into `dir`: the manifest adapter_config.json and one
-/// sub-folder per component (see the layout at the top of this file).
-template <class Model>
-void save_composite(const std::filesystem::path& dir, Model& model) {
-  auto& adapter = model.adapter();
-  const nlohmann::json manifest = adapter.config().to_json(model.config());
-  // The whole composite (manifest and every component) replaces the folder as one unit.
+/// Writes a composite state into `dir`: the manifest adapter_config.json and one sub-folder
+/// per component (see the layout at the top of this file), replacing the folder as one unit.
+template <class State>
+void save_composite_state(const std::filesystem::path& dir, State& adapter,
+                          const ModelConfig& model) {
+  const nlohmann::json manifest = adapter.config().to_json(model);
   io::replace_directory_atomically(dir, [&](const std::filesystem::path& fresh) {
     adapter.for_each_indexed([&]<class Q>(auto& state, std::size_t i) {
-      detail::save_component<Q>(fresh / detail::component_folder<Q>(i), state, model.config());
+      detail::save_component<Q>(fresh / detail::component_folder<Q>(i), state, model);
     });
     io::write_file_atomically(fresh / "adapter_config.json", manifest.dump(2) + "\n");
   });
 }
 
-/// Loads every component's tensors from a folder written by save_composite into `model`, whose
-/// composite must have the same components (checked against the manifest).
-template <class Model>
-void load_composite(const std::filesystem::path& dir, Model& model) {
-  using Policy = typename detail::ComposeOf<std::decay_t<decltype(model.adapter().config())>>::type;
+/// Reads every component's tensors from a folder written by save_composite_state into `adapter`,
+/// whose composite must have the same components (checked against the manifest).
+template <class State, class T>
+void load_composite_state(const std::filesystem::path& dir, State& adapter,
+                          const std::vector<nn::Linear<T>*>& linears) {
+  using Policy = typename detail::ComposeOf<std::decay_t<decltype(adapter.config())>>::type;
   const std::filesystem::path manifest_path = dir / "adapter_config.json";
   const nlohmann::json manifest = io::load_json(manifest_path);
   if (!Policy::accepts(manifest))
     throw ConfigError(manifest_path.string() + ": not a composite of this model's components");
-  auto linears = model.linear_modules();
-  model.adapter().for_each_indexed([&]<class Q>(auto& state, std::size_t i) {
+  adapter.for_each_indexed([&]<class Q>(auto& state, std::size_t i) {
     detail::load_component(dir / detail::component_folder<Q>(i), state, linears);
   });
+}
+
+/// Saves a model's (active) composite adapter into `dir` (save_composite_state).
+template <class Model>
+void save_composite(const std::filesystem::path& dir, Model& model) {
+  save_composite_state(dir, model.adapter(), model.config());
+}
+
+/// Loads a folder written by save_composite into the model's (active) composite adapter.
+template <class Model>
+void load_composite(const std::filesystem::path& dir, Model& model) {
+  load_composite_state(dir, model.adapter(), model.linear_modules());
 }
 
 }  // namespace peft
