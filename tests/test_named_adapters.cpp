@@ -3,6 +3,8 @@
 // (Batch::adapter_names, nn/projection.hpp's grouped_projection; generate_batch).
 #include <doctest/doctest.h>
 
+#include "scratch_dir.hpp"
+
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -22,11 +24,7 @@ using peft::Tensor;
 using test_support::tiny_config;
 
 std::filesystem::path scratch_dir(const std::string& purpose) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("peft_test_named_adapters_" + purpose + "_" +
-                    std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
-  std::filesystem::create_directories(dir);
-  return dir;
+  return test_support::scratch_dir("named_adapters", purpose);
 }
 
 peft::LoraConfig lora_config(int r = 2) {

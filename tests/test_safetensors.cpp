@@ -3,6 +3,8 @@
 // so each test shows that exactly that defect is caught and named.
 #include <doctest/doctest.h>
 
+#include "scratch_dir.hpp"
+
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -116,11 +118,7 @@ std::uint32_t float_bits(float value) { return std::bit_cast<std::uint32_t>(valu
 
 /// A fresh directory per test case (ctest may run cases in parallel processes).
 std::filesystem::path scratch_dir(const std::string& purpose) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("peft_test_safetensors_" + purpose + "_" +
-                    std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
-  std::filesystem::create_directories(dir);
-  return dir;
+  return test_support::scratch_dir("safetensors", purpose);
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 // (scripts/gen_merge_cases.py).
 #include <doctest/doctest.h>
 
+#include "scratch_dir.hpp"
+
 #include <Eigen/SVD>
 #include <algorithm>
 #include <chrono>
@@ -31,11 +33,7 @@ using peft::merge::Matrix;
 using peft::merge::WeightedMergeOptions;
 
 std::filesystem::path scratch_dir(const std::string& purpose) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("peft_test_weighted_merge_" + purpose + "_" +
-                    std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
-  std::filesystem::create_directories(dir);
-  return dir;
+  return test_support::scratch_dir("weighted_merge", purpose);
 }
 
 Matrix random_matrix(std::int64_t rows, std::int64_t cols, std::mt19937_64& rng) {

@@ -18,7 +18,6 @@
 #include <iostream>
 #include <limits>
 #include <new>
-#include <optional>
 #include <string>
 #include <vector>
 

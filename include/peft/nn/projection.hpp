@@ -255,13 +255,13 @@ Var<T> grouped_projection(Tape<T>& tape, const nn::Linear<T>& module, const Var<
     Var<T> y = module.forward_base(tape, x);
     return terms.empty() ? y : ops::grouped_low_rank_add(tape, y, x, terms);
   }
-  // Otherwise each group's Projection on its own rows.
+  // Otherwise each group's contributions on its own rows (the same data, a gathered input).
   bool additive = true;
-  parts.clear();
-  for (const RowGroup<State>& g : groups) {
-    parts.emplace_back(tape, module, ops::gather_rows(tape, x, g.rows), dropout);
-    if (g.state) adapt(*g.state, parts.back());
-    additive = additive && parts.back().additive_only();
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    Projection<T> on_rows(tape, module, ops::gather_rows(tape, x, groups[i].rows), dropout);
+    for (const auto& c : parts[i].contributions()) on_rows.add(c);
+    parts[i] = std::move(on_rows);
+    additive = additive && parts[i].additive_only();
   }
   std::vector<std::vector<std::int64_t>> rows;
   std::vector<Var<T>> terms;
