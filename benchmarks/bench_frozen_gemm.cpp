@@ -7,7 +7,8 @@
 //
 //   build/bin/peft_bench --benchmark_filter='Frozen|Peak'
 //
-// Threads: OMP_NUM_THREADS. Rows: BM_Frozen<format>/<path>/out/in/backward.
+// Threads: OMP_NUM_THREADS. Rows: BM_Frozen<format>/<path>/out/in/backward (format Fp32, Bf16,
+// Fp16, Nf4; the fp16 and NF4 products run on fp32 panels on every path but portable).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -96,6 +97,23 @@ void BM_FrozenBf16(benchmark::State& state) {
 }
 
 template <KernelPath Path>
+void BM_FrozenFp16(benchmark::State& state) {
+  if (!path_runs(state, Path)) return;
+  Product p(state);
+  std::vector<std::uint16_t> bits(p.w.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = peft::float16::f16_bits_from(p.w[i]);
+  const peft::ops::Fp16Matrix w{bits.data(), p.out, p.in, p.in, "bench"};
+  for (auto _ : state) {
+    if (p.backward)
+      peft::ops::frozen_backward(p.a.data(), p.k, kTokens, w, p.c.data(), p.cols, false, Path);
+    else
+      peft::ops::frozen_forward(p.a.data(), p.k, kTokens, w, p.c.data(), p.cols, false, Path);
+    benchmark::DoNotOptimize(p.c.data());
+  }
+  set_flops(state, 2.0 * double(kTokens) * double(p.out) * double(p.in));
+}
+
+template <KernelPath Path>
 void BM_FrozenNf4(benchmark::State& state) {
   if (!path_runs(state, Path)) return;
   Product p(state);
@@ -123,8 +141,11 @@ void step_shapes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_FrozenFp32)->Apply(step_shapes);
+BENCHMARK(BM_FrozenBf16<KernelPath::amx>)->Apply(step_shapes);
 BENCHMARK(BM_FrozenBf16<KernelPath::avx512bf16>)->Apply(step_shapes);
 BENCHMARK(BM_FrozenBf16<KernelPath::portable>)->Apply(step_shapes);
+BENCHMARK(BM_FrozenFp16<KernelPath::avx512bf16>)->Apply(step_shapes);
+BENCHMARK(BM_FrozenFp16<KernelPath::portable>)->Apply(step_shapes);
 BENCHMARK(BM_FrozenNf4<KernelPath::avx512bf16>)->Apply(step_shapes);
 BENCHMARK(BM_FrozenNf4<KernelPath::portable>)->Apply(step_shapes);
 
@@ -185,6 +206,43 @@ void BM_PeakBf16Dot(benchmark::State& state) {
   set_flops(state, double(steps) * 24 * 32 * 2);  // 16 lanes, two multiply-adds each
 }
 BENCHMARK(BM_PeakBf16Dot)->UseRealTime();
+
+// tdpbf16ps on four independent 16 x 16 accumulator tiles from operand tiles loaded once: the
+// tile unit's peak (16 x 16 x 32 multiply-adds per instruction).
+__attribute__((target("amx-tile,amx-bf16"), noinline)) void amx_chains(float* out,
+                                                                       std::int64_t steps) {
+  alignas(64) static const std::uint16_t operand[16 * 32] = {};
+  const peft::ops::frozen_detail::AmxTileConfig config;
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, operand, 64);
+  _tile_loadd(5, operand, 64);
+  _tile_loadd(6, operand, 64);
+  _tile_loadd(7, operand, 64);
+  for (std::int64_t s = 0; s < steps; ++s) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+}
+
+void BM_PeakAmxBf16(benchmark::State& state) {
+  if (!path_runs(state, KernelPath::amx)) return;
+  alignas(64) float out[16 * 16];
+  const std::int64_t steps = (1 << 14) / 4;
+  for (auto _ : state) {
+    amx_chains(out, steps);
+    benchmark::DoNotOptimize(out);
+  }
+  set_flops(state, double(steps) * 4 * 16 * 16 * 32 * 2);
+}
+BENCHMARK(BM_PeakAmxBf16)->UseRealTime();
 #endif
 
 }  // namespace

@@ -82,9 +82,9 @@ _peft_hostile_test(generate_base_bf16 0 "[0-9]+ [0-9]+ [0-9]+" 60
   generate "${_gpt2}" --ids 1,2,3 --max-new 3 --base-dtype bf16)
 _peft_hostile_test(generate_base_nf4 0 "[0-9]+ [0-9]+ [0-9]+" 60
   generate "${_gpt2}" --ids 1,2,3 --max-new 3 --base-dtype nf4)
-_peft_hostile_test(generate_base_dtype_unknown 2 "--base-dtype: expected fp32, bf16 or nf4, found 'int8'"
+_peft_hostile_test(generate_base_dtype_unknown 2 "--base-dtype: expected fp32, bf16, fp16 or nf4, found 'int8'"
   30 generate "${_gpt2}" --ids 1,2,3 --base-dtype int8)
-_peft_hostile_test(bench_step_base_dtype_unknown 2 "--base-dtype: expected fp32, bf16 or nf4, found 'fp8'"
+_peft_hostile_test(bench_step_base_dtype_unknown 2 "--base-dtype: expected fp32, bf16, fp16 or nf4, found 'fp8'"
   30 bench-step --base-dtype fp8)
 _peft_hostile_test(generate_ids_not_a_number 2 "--ids item 2 of 3: expected an integer.*found 'x'"
   30 generate "${_gpt2}" --ids 1,x,3)

@@ -148,8 +148,8 @@ Bf16Weights random_bf16(std::int64_t out, std::int64_t in, std::mt19937& rng) {
   return w;
 }
 
-std::vector<float> run_bf16(const Case& cs, const Operands& o, const Bf16Matrix& w,
-                            KernelPath path) {
+template <class W>  // Bf16Matrix, Fp16Matrix or Nf4Tensor
+std::vector<float> run_product(const Case& cs, const Operands& o, const W& w, KernelPath path) {
   std::vector<float> c = o.c0;
   if (cs.forward)
     peft::ops::frozen_forward(o.a.data(), o.lda, cs.n, w, c.data(), o.ldc, cs.accumulate, path);
@@ -158,21 +158,24 @@ std::vector<float> run_bf16(const Case& cs, const Operands& o, const Bf16Matrix&
   return c;
 }
 
+std::vector<float> run_bf16(const Case& cs, const Operands& o, const Bf16Matrix& w,
+                            KernelPath path) {
+  return run_product(cs, o, w, path);
+}
+
 std::vector<float> run_nf4(const Case& cs, const Operands& o, const Nf4Tensor& w, KernelPath path) {
-  std::vector<float> c = o.c0;
-  if (cs.forward)
-    peft::ops::frozen_forward(o.a.data(), o.lda, cs.n, w, c.data(), o.ldc, cs.accumulate, path);
-  else
-    peft::ops::frozen_backward(o.a.data(), o.lda, cs.n, w, c.data(), o.ldc, cs.accumulate, path);
-  return c;
+  return run_product(cs, o, w, path);
 }
 
 // n = 1, out = 1, in = 1; in odd, not a multiple of 32 or 64; depth past one block (256);
 // rows past one row block (144); columns past one column block (1024); NF4 blocks straddling
 // rows (in % 64 != 0).
-const std::vector<std::array<std::int64_t, 3>> kShapes = {
-    {1, 1, 1},     {1, 33, 70},   {3, 1, 97},    {5, 70, 33}, {13, 45, 300},
-    {37, 97, 513}, {150, 40, 64}, {2, 1100, 40}, {25, 64, 1}, {12, 32, 256}};
+const std::vector<std::array<std::int64_t, 3>>
+    kShapes = {{1, 1, 1},     {1, 33, 70},   {3, 1, 97},    {5, 70, 33},
+               {13, 45, 300}, {37, 97, 513}, {150, 40, 64}, {2, 1100, 40},
+               {25, 64, 1},   {12, 32, 256}, {33, 530, 600}};  // AMX: 16 + 16 + 1 rows, two
+                                                               // 512-deep and two 512-wide blocks
+                                                               // each way
 
 double bf16_input(float x) { return peft::ops::bf16::to_float(peft::ops::bf16::round(x)); }
 
@@ -272,6 +275,36 @@ TEST_CASE("bf16 W: every runnable path matches the double product of the bf16 op
   }
 }
 
+TEST_CASE("fp16 W: every runnable path matches the double product of fp32 x and W's values") {
+  std::mt19937 rng(13);
+  for (const auto& shape : kShapes) {
+    for (const bool forward : {true, false}) {
+      for (const bool accumulate : {false, true}) {
+        const Case cs{shape[0], shape[1], shape[2], forward, accumulate};
+        const Operands o = make_operands(cs, rng);
+        // Strided, the padding NaN (0x7E00), which must never be read; subnormals included.
+        const std::int64_t ld = cs.in + 7;
+        std::vector<std::uint16_t> bits(std::size_t(cs.out * ld), 0x7E00);
+        const std::vector<float> values = random_values(std::size_t(cs.out * cs.in), 0.05f, rng);
+        for (std::int64_t r = 0; r < cs.out; ++r)
+          for (std::int64_t q = 0; q < cs.in; ++q)
+            bits[std::size_t(r * ld + q)] = peft::float16::f16_bits_from(
+                (r + q) % 11 == 0 ? values[std::size_t(r * cs.in + q)] * 1e-4f
+                                  : values[std::size_t(r * cs.in + q)]);
+        const peft::ops::Fp16Matrix w{bits.data(), cs.out, cs.in, ld, "test.fp16"};
+        const auto weight = [&](std::int64_t r, std::int64_t q) {
+          return double(peft::float16::f16_bits_to_float(bits[std::size_t(r * ld + q)]));
+        };
+        const auto identity = [](float x) { return double(x); };
+        for (const KernelPath path : runnable_paths()) {
+          check_against_reference(cs, o, run_product(cs, o, w, path), weight, identity,
+                                  describe(cs, path, "fp16"));
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("NF4 W: every runnable path matches the double product of the dequantized weights") {
   std::mt19937 rng(11);
   for (const auto& shape : kShapes) {
@@ -338,6 +371,14 @@ TEST_CASE(
   const std::vector<float> three =
       run_bf16(big, ob, wb.view(big.out, big.in), KernelPath::avx512bf16);
   const std::vector<float> three_nf4 = run_nf4(big, ob, wn, KernelPath::avx512bf16);
+  if (peft::cpu::cpu_features().amx_usable()) {
+    omp_set_num_threads(1);
+    const std::vector<float> one_amx = run_bf16(big, ob, wb.view(big.out, big.in), KernelPath::amx);
+    omp_set_num_threads(3);
+    const std::vector<float> three_amx =
+        run_bf16(big, ob, wb.view(big.out, big.in), KernelPath::amx);
+    CHECK(one_amx == three_amx);
+  }
   omp_set_num_threads(before);
   CHECK(one == three);
   CHECK(one_nf4 == three_nf4);

@@ -1,14 +1,16 @@
-// Frozen base weights in bf16 and NF4 (core/frozen_weight.hpp, core/ops/frozen_linear.hpp) and
-// the Decoder built or loaded in them: the ops' gradients in double, the float kernels against
+// Frozen base weights in bf16, fp16 and NF4 (core/frozen_weight.hpp, core/ops/frozen_linear.hpp)
+// and the Decoder built or loaded in them: the ops' gradients in double, the float kernels against
 // the exact double products, a bf16 model equal to the fp32 model with its weights rounded, a
 // QLoRA-style training step on NF4, loading with conversion, and the clear errors for what a
 // bf16/NF4 base cannot do (dense-weight methods, merging, full fine-tuning, saving).
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <peft/io/model_file.hpp>
+#include <peft/io/safetensors.hpp>
 #include <peft/methods/reparameterized/dora.hpp>
 #include <peft/methods/reparameterized/lora.hpp>
 #include <peft/nn/decoder.hpp>
@@ -85,8 +87,8 @@ double max_abs_diff(const Tensor<double>& a, const Tensor<double>& b) {
 
 }  // namespace
 
-TEST_CASE("frozen_linear: gradients of x and the bias in double, for bf16 and NF4 weights") {
-  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+TEST_CASE("frozen_linear: gradients of x and the bias in double, for bf16, fp16 and NF4 weights") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16, BaseFormat::nf4}) {
     CAPTURE(peft::base_format_name(format));
     const auto w = frozen(format, 5, 70, 11);  // 70: more than one NF4 block, a partial one
     const peft::testing::DoubleFunction f = [&](peft::Tape<double>& tape,
@@ -101,7 +103,7 @@ TEST_CASE("frozen_linear: gradients of x and the bias in double, for bf16 and NF
 }
 
 TEST_CASE("frozen_lora_linear: gradients in double, and the value of the unfused sum") {
-  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16, BaseFormat::nf4}) {
     CAPTURE(peft::base_format_name(format));
     const auto w = frozen(format, 6, 70, 12);
     const double s = 1.75;
@@ -148,14 +150,14 @@ TEST_CASE("frozen_linear_cross_entropy: the gradient of x in double, and the los
 }
 
 TEST_CASE("FrozenWeight: the float products match the exact double products of their operands") {
-  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16, BaseFormat::nf4}) {
     CAPTURE(peft::base_format_name(format));
     const std::int64_t n = 7, out = 40, in = 130;
     const auto w = frozen(format, out, in, 21);
     const std::vector<float> x = random_floats(static_cast<std::size_t>(n * in), 22);
     std::vector<float> y(static_cast<std::size_t>(n * out));
     w->forward(x.data(), in, n, y.data(), out, false);
-    // bf16: the float path rounds x to bf16 first (as autocast does); NF4 keeps x in fp32.
+    // bf16: the float path rounds x to bf16 first (as autocast does); fp16 and NF4 keep x fp32.
     std::vector<double> xd(x.size()), yd(y.size());
     for (std::size_t i = 0; i < x.size(); ++i)
       xd[i] = format == BaseFormat::bf16 ? peft::ops::bf16::to_float(peft::ops::bf16::round(x[i]))
@@ -169,7 +171,7 @@ TEST_CASE("FrozenWeight: the float products match the exact double products of t
         for (std::int64_t i = 0; i < in; ++i)
           magnitude += std::abs(xd[static_cast<std::size_t>(r * in + i)] *
                                 wd[static_cast<std::size_t>(o * in + i)]);
-        // fp32 accumulation of `in` exact (bf16) or once-rounded (NF4) products.
+        // fp32 accumulation of `in` exact (bf16) or once-rounded (fp16, NF4) products.
         const double bound = 2.0 * double(in + 2) * std::ldexp(1.0, -24) * magnitude + 1e-30;
         const std::size_t k = static_cast<std::size_t>(r * out + o);
         CHECK(std::abs(double(y[k]) - yd[k]) <= bound);
@@ -177,29 +179,70 @@ TEST_CASE("FrozenWeight: the float products match the exact double products of t
   }
 }
 
-TEST_CASE("Decoder in bf16: the fp32 model of the same seed with its weights rounded to bf16") {
-  using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, double>;
-  Model rounded(tiny("gpt2"), lora_all_linear(), 3);
-  const auto round = [](double v) {
-    return double(peft::ops::bf16::to_float(peft::ops::bf16::round(static_cast<float>(v))));
-  };
-  for (peft::NamedParameter<double>& p : rounded.base_parameters()) {
-    const bool weight =
-        p.name.find("wte") != std::string::npos ||
-        (p.name.find(".weight") != std::string::npos && p.name.find("ln_") == std::string::npos &&
-         p.name.find("wpe") == std::string::npos);
-    if (!weight) continue;
-    for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
-      p.var.value()[i] = round(p.var.value()[i]);
+TEST_CASE("Decoder in bf16 / fp16: the fp32 model of the same seed with its weights rounded") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16}) {
+    CAPTURE(peft::base_format_name(format));
+    using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, double>;
+    Model rounded(tiny("gpt2"), lora_all_linear(), 3);
+    const auto round = [format](double v) {
+      const float f = static_cast<float>(v);
+      return format == BaseFormat::bf16
+                 ? double(peft::ops::bf16::to_float(peft::ops::bf16::round(f)))
+                 : double(peft::float16::f16_bits_to_float(peft::float16::f16_bits_from(f)));
+    };
+    for (peft::NamedParameter<double>& p : rounded.base_parameters()) {
+      const bool weight =
+          p.name.find("wte") != std::string::npos ||
+          (p.name.find(".weight") != std::string::npos && p.name.find("ln_") == std::string::npos &&
+           p.name.find("wpe") == std::string::npos);
+      if (!weight) continue;
+      for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
+        p.var.value()[i] = round(p.var.value()[i]);
+    }
+    Model half(tiny("gpt2"), lora_all_linear(), 3, format);
+    CHECK(half.base_format() == format);
+    const peft::Batch batch = tiny_batch(96);
+    CHECK(max_abs_diff(half.logits(batch), rounded.logits(batch)) < 1e-12);
+    // Same trainable tensors, same parameter counts; frozen weights a quarter of the bytes (two
+    // bytes against a double's eight), the norms and position embedding dense.
+    CHECK(peft::parameter_summary(half).all == peft::parameter_summary(rounded).all);
+    CHECK(peft::parameter_summary(half).trainable == peft::parameter_summary(rounded).trainable);
+    CHECK(half.base_weight_bytes() < rounded.base_weight_bytes() / 3);
   }
-  Model bf16(tiny("gpt2"), lora_all_linear(), 3, BaseFormat::bf16);
-  CHECK(bf16.base_format() == BaseFormat::bf16);
-  const peft::Batch batch = tiny_batch(96);
-  CHECK(max_abs_diff(bf16.logits(batch), rounded.logits(batch)) < 1e-12);
-  // Same trainable tensors, same parameter counts; frozen weights about half the bytes.
-  CHECK(peft::parameter_summary(bf16).all == peft::parameter_summary(rounded).all);
-  CHECK(peft::parameter_summary(bf16).trainable == peft::parameter_summary(rounded).trainable);
-  CHECK(bf16.base_weight_bytes() < rounded.base_weight_bytes() / 3);
+}
+
+TEST_CASE("FrozenWeight from fp16 bits: kept as stored, converted on demand, range errors") {
+  using peft::float16::f16_bits_from;
+  using peft::float16::f16_bits_to_float;
+  const std::vector<float> values = {1.0f, -2.5f, 65504.0f, 6.0e-8f, 0.1f, -0.0f};
+  std::vector<std::uint16_t> bits;
+  for (const float v : values) bits.push_back(f16_bits_from(v));
+  const FrozenWeight kept = FrozenWeight::from_fp16(BaseFormat::fp16, bits, 2, 3, "w16");
+  CHECK(std::vector<std::uint16_t>(kept.half_bits().begin(), kept.half_bits().end()) == bits);
+  CHECK(kept.bytes() == 12);
+  std::vector<float> widened(6);
+  kept.rows_as(0, 2, widened.data());
+  for (std::size_t i = 0; i < 6; ++i) CHECK(widened[i] == f16_bits_to_float(bits[i]));
+  // To bf16: each fp16 value (exact in fp32) rounded once.
+  const FrozenWeight to_bf16 = FrozenWeight::from_fp16(BaseFormat::bf16, bits, 2, 3, "w16");
+  for (std::size_t i = 0; i < 6; ++i)
+    CHECK(to_bf16.half_bits()[i] == peft::ops::bf16::round(f16_bits_to_float(bits[i])));
+  // From fp32: rounded to nearest even; beyond fp16's range or not finite: an error naming it.
+  const FrozenWeight from_floats = FrozenWeight::from_values(BaseFormat::fp16, values, 2, 3, "w");
+  CHECK(std::vector<std::uint16_t>(from_floats.half_bits().begin(),
+                                   from_floats.half_bits().end()) == bits);
+  const std::vector<float> too_big = {1.0f, 70000.0f};
+  CHECK_THROWS_WITH_AS(FrozenWeight::from_values(BaseFormat::fp16, too_big, 1, 2, "big"),
+                       doctest::Contains("fp16 weight 'big': element 1 = 70000.000000 is outside "
+                                         "fp16's range (|x| <= 65504)"),
+                       peft::ConfigError);
+  std::vector<std::uint16_t> with_inf = bits;
+  with_inf[4] = 0x7C00;
+  CHECK_THROWS_WITH_AS(FrozenWeight::from_fp16(BaseFormat::fp16, with_inf, 2, 3, "inf"),
+                       "fp16 weight 'inf': element 4 is not finite", peft::ConfigError);
+  const std::vector<std::uint16_t> bf16_big = {peft::ops::bf16::round(1.0e6f)};
+  CHECK_THROWS_AS(FrozenWeight::from_bf16(BaseFormat::fp16, bf16_big, 1, 1, "b"),
+                  peft::ConfigError);
 }
 
 TEST_CASE("Decoder in NF4 (float): a LoRA training step lowers the loss; only LoRA trains") {
@@ -224,7 +267,7 @@ TEST_CASE("Decoder in NF4 (float): a LoRA training step lowers the loss; only Lo
   CHECK(losses.back() < losses.front());
 }
 
-TEST_CASE("Decoder::load converts as it reads: bf16 and NF4 equal the model built in them") {
+TEST_CASE("Decoder::load converts as it reads: bf16, fp16 and NF4 equal the model built in them") {
   const std::filesystem::path dir =
       std::filesystem::temp_directory_path() / ("peft_frozen_load_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
@@ -242,13 +285,38 @@ TEST_CASE("Decoder::load converts as it reads: bf16 and NF4 equal the model buil
       for (std::int64_t i = 0; i < a.numel(); ++i) REQUIRE(a[i] == b[i]);
       std::filesystem::remove_all(dir);
     };
-    for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::nf4}) {
+    for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16, BaseFormat::nf4}) {
       if (type == "gpt2")
         check_format.template operator()<peft::arch::Gpt2>(format);
       else
         check_format.template operator()<peft::arch::Llama>(format);
     }
   }
+}
+
+TEST_CASE("an F16 checkpoint loaded as fp16 keeps its bytes; its logits are the fp32 model's") {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("peft_frozen_f16_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  using Model = peft::Decoder<peft::arch::Llama, peft::LoRA, float>;
+  Model dense(tiny("llama"), lora_all_linear(), 4);
+  peft::io::save_model(dense, dir, peft::io::Dtype::F16);
+  Model half = Model::load(dir, lora_all_linear(), 4, BaseFormat::fp16);
+  Model wide = Model::load(dir, lora_all_linear(), 4);  // the same F16 values, widened to fp32
+  const auto file = peft::io::SafetensorsFile::open(dir / "model.safetensors");
+  for (peft::nn::Linear<float>* lin : half.linear_modules()) {
+    CAPTURE(lin->name);
+    REQUIRE(lin->format() == BaseFormat::fp16);
+    const std::span<const std::uint8_t> bytes = file.raw_bytes(lin->name + ".weight");
+    const std::span<const std::uint16_t> bits = lin->frozen->half_bits();
+    REQUIRE(bytes.size() == 2 * bits.size());
+    CHECK(std::memcmp(bytes.data(), bits.data(), bytes.size()) == 0);
+  }
+  const peft::Batch batch = tiny_batch(96);
+  const Tensor<float> a = half.logits(batch), b = wide.logits(batch);
+  REQUIRE(a.numel() == b.numel());
+  for (std::int64_t i = 0; i < a.numel(); ++i) CHECK(a[i] == doctest::Approx(b[i]).epsilon(1e-4));
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and the format") {
@@ -269,9 +337,10 @@ TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and
                                                            BaseFormat::bf16)),
       doctest::Contains("DoRA needs a dense base weight, but this model holds it in bf16"),
       peft::ConfigError);
-  CHECK_THROWS_WITH_AS(peft::parse_base_format("int8", "--base-dtype"),
-                       doctest::Contains("--base-dtype: expected fp32, bf16 or nf4, found 'int8'"),
-                       peft::ConfigError);
+  CHECK_THROWS_WITH_AS(
+      peft::parse_base_format("int8", "--base-dtype"),
+      doctest::Contains("--base-dtype: expected fp32, bf16, fp16 or nf4, found 'int8'"),
+      peft::ConfigError);
 }
 
 }  // namespace test_frozen_weights

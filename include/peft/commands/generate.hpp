@@ -57,7 +57,7 @@ int run_generate(const std::vector<std::string>& args, std::ostream& out, std::o
            "                     [--adapter-per-row DIR|base]... [--max-new N]\n"
            "                     [--temperature T] [--top-k K] [--top-p P]\n"
            "                     [--stop ID1,ID2,...] [--seed N] [--no-cache]\n"
-           "                     [--base-dtype fp32|bf16|nf4]\n";
+           "                     [--base-dtype fp32|bf16|fp16|nf4]\n";
     return 2;
   };
   if (args.empty() || args[0].rfind("--", 0) == 0) return usage();

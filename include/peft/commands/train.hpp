@@ -72,7 +72,7 @@ inline constexpr const char* kTrainUsage =
     "                  [--lr X] [--schedule cosine|linear|constant] [--warmup N]\n"
     "                  [--min-lr-ratio X] [--weight-decay X] [--lora-plus-ratio X] [--clip X]\n"
     "                  [--val-fraction X] [--eval-every N] [--checkpoint-every N] [--resume]\n"
-    "                  [--base-dtype fp32|bf16|nf4] [--device cpu] [--threads N] [--seed N]\n"
+    "                  [--base-dtype fp32|bf16|fp16|nf4] [--device cpu] [--threads N] [--seed N]\n"
     "                  [--log FILE] [--no-progress]\n";
 
 /// Parses the command's arguments strictly; throws io::ArgumentError (exit 2) naming the flag.

@@ -372,7 +372,7 @@ class Decoder {
       p.var.value() = Tensor<T>(p.var.shape(), file.template read_finite<T>(p.name, p.var.shape()));
     if (base_format_ != BaseFormat::fp32) {
       const std::string embedding = Arch::token_embedding() + ".weight";
-      frozen_embedding_ = frozen_from_file(file, embedding, BaseFormat::bf16, config_.vocab_size,
+      frozen_embedding_ = frozen_from_file(file, embedding, embedding_format(), config_.vocab_size,
                                            config_.hidden_size, ops::WeightLayout::OutIn);
       for (nn::Linear<T>* lin : linear_modules())
         lin->store_frozen(frozen_from_file(file, lin->name + ".weight", storage_format(*lin),
@@ -553,7 +553,8 @@ class Decoder {
     check_plausible_size<Arch>(config_, source, base_element_bytes(base, sizeof(T)));
     build_modules();
     if (initialise) initialise_base_weights();
-    adapters_.push_back(std::make_unique<NamedAdapter>(std::string(kDefaultAdapterName), peft_config));
+    adapters_.push_back(
+        std::make_unique<NamedAdapter>(std::string(kDefaultAdapterName), peft_config));
     attach_adapter();
   }
 
@@ -563,10 +564,16 @@ class Decoder {
     if (base_format_ == BaseFormat::nf4 && &lin == &lm_head_) return BaseFormat::bf16;
     return base_format_;
   }
+  // The token embedding's storage (a format other than fp32): bf16 for bf16 and NF4 (as QLoRA
+  // keeps it), fp16 for fp16.
+  BaseFormat embedding_format() const {
+    return base_format_ == BaseFormat::fp16 ? BaseFormat::fp16 : BaseFormat::bf16;
+  }
 
-  // One checkpoint tensor as a FrozenWeight [rows, cols] = [out, in]: a BF16 tensor's bits used
-  // as they are (no fp32 copy), any other float dtype read as finite fp32; a tensor stored
-  // [in, out] (GPT-2's Conv1D) transposed first.
+  // One checkpoint tensor as a FrozenWeight [rows, cols] = [out, in]: a BF16 or F16 tensor's
+  // bits used as they are (no fp32 copy; FrozenWeight converts them where the format differs),
+  // any other float dtype read as finite fp32; a tensor stored [in, out] (GPT-2's Conv1D)
+  // transposed first.
   template <class File>
   static std::shared_ptr<const FrozenWeight> frozen_from_file(const File& file,
                                                               const std::string& name,
@@ -577,7 +584,8 @@ class Decoder {
     const std::vector<std::int64_t> stored =
         transpose ? std::vector<std::int64_t>{cols, rows} : std::vector<std::int64_t>{rows, cols};
     const std::string what = io::printable(file.name()) + ": " + name;
-    if (file.info(name).dtype == io::Dtype::BF16) {
+    const io::Dtype dtype = file.info(name).dtype;
+    if (dtype == io::Dtype::BF16 || dtype == io::Dtype::F16) {
       const std::span<const std::uint8_t> bytes = file.raw_bytes(name);
       std::vector<std::uint16_t> bits(static_cast<std::size_t>(rows * cols));
       for (std::int64_t r = 0; r < rows; ++r)
@@ -588,7 +596,9 @@ class Decoder {
           bits[static_cast<std::size_t>(r * cols + c)] = b;
         }
       return std::make_shared<const FrozenWeight>(
-          FrozenWeight::from_bf16(format, std::move(bits), rows, cols, what));
+          dtype == io::Dtype::BF16
+              ? FrozenWeight::from_bf16(format, std::move(bits), rows, cols, what)
+              : FrozenWeight::from_fp16(format, std::move(bits), rows, cols, what));
     }
     std::vector<float> values = file.template read_finite<float>(name, stored);
     if (transpose) values = transposed(values, cols, rows);
@@ -680,7 +690,7 @@ class Decoder {
     };
     const std::int64_t V = config_.vocab_size, d = config_.hidden_size;
     frozen_embedding_ = std::make_shared<const FrozenWeight>(FrozenWeight::from_values(
-        BaseFormat::bf16, draw(V, d, false), V, d, Arch::token_embedding() + ".weight"));
+        embedding_format(), draw(V, d, false), V, d, Arch::token_embedding() + ".weight"));
     if constexpr (Arch::learned_positions) fill(position_embedding_);
     for (nn::Linear<T>* lin : linear_modules()) {
       const bool transpose = lin->layout == ops::WeightLayout::InOut;
@@ -727,7 +737,8 @@ class Decoder {
         name.find_first_of("/\\") != std::string::npos || name == kBaseAdapterName)
       throw ConfigError("add_adapter: adapter name '" + name +
                         "' is not usable (expected 1 to 128 printable characters, no '/' or "
-                        "'\\', not '.', '..' or '" + std::string(kBaseAdapterName) + "')");
+                        "'\\', not '.', '..' or '" +
+                        std::string(kBaseAdapterName) + "')");
     if (has_adapter(name))
       throw ConfigError("add_adapter: the model already has an adapter named '" + name + "'");
   }
@@ -740,14 +751,16 @@ class Decoder {
   /// follows; clears them after (the returned guard).
   struct RowGroupsGuard {
     Decoder* model;
-    ~RowGroupsGuard() { if (model) model->row_groups_.clear(); }
+    ~RowGroupsGuard() {
+      if (model) model->row_groups_.clear();
+    }
   };
   [[nodiscard]] RowGroupsGuard resolve_row_groups(const Batch& batch) {
     if (batch.adapter_names.empty()) return {nullptr};
-    constexpr bool projections_only =
-        !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> &&
-        !HasBeforeAttention<Adapter, T> && !HasAfterAttention<Adapter, T> &&
-        !HasAfterMlp<Adapter, T> && !HasExtraLoss<Adapter, T>;
+    constexpr bool projections_only = !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> &&
+                                      !HasBeforeAttention<Adapter, T> &&
+                                      !HasAfterAttention<Adapter, T> && !HasAfterMlp<Adapter, T> &&
+                                      !HasExtraLoss<Adapter, T>;
     if (!projections_only)
       throw ConfigError(std::string("batch: adapter_names: mixed-adapter batches need a method "
                                     "that only adapts projections (LoRA and its family, IA3, "
@@ -763,8 +776,8 @@ class Decoder {
     for (std::int64_t r = 0; r < batch.batch; ++r) {
       const std::string& name = batch.adapter_names[static_cast<std::size_t>(r)];
       Adapter* state = name == kBaseAdapterName || adapters_disabled_
-                                 ? nullptr
-                                 : &adapters_[adapter_index(name)]->state;
+                           ? nullptr
+                           : &adapters_[adapter_index(name)]->state;
       auto it = std::find(names.begin(), names.end(), state ? name : std::string(kBaseAdapterName));
       if (it == names.end()) {
         names.push_back(state ? name : std::string(kBaseAdapterName));
