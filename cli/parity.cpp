@@ -8,6 +8,12 @@
 // tolerance. Merged logits are not compared on CUDA (merging is a host operation). Cases of
 // other methods print `SKIP <case> (method X not on CUDA yet)` and count as skipped.
 //
+// --base-dtype bf16|fp16|nf4 (CPU) loads each case's base model in that format and checks the
+// float run against the double run on the same stored weights (testing/golden.hpp,
+// run_case_in_format), within testing::base_format_tolerances (docs/quantization.md, "Parity
+// on a bf16 base"); a case whose method refuses the format prints `SKIP <case> (... refused:
+// why)` and counts as skipped.
+//
 // On the CPU each case runs in a child process (parity_detail::run_isolated): a case that
 // throws, crashes or runs past --timeout is a FAIL line naming why, and the batch always ends
 // with its summary line (exit 1 when any case failed).
@@ -270,21 +276,33 @@ int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ost
   std::vector<std::string> cases;
   std::string device = "cpu";
   double timeout_s = 0;
+  BaseFormat format = BaseFormat::fp32;
   for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--device" || args[i] == "--timeout") {
+    if (args[i] == "--device" || args[i] == "--timeout" || args[i] == "--base-dtype") {
       if (i + 1 >= args.size()) {
         err << "peft parity: error: " << args[i] << " needs a value ("
-            << (args[i] == "--device" ? "cpu or cuda" : "seconds") << ")\n";
+            << (args[i] == "--device"    ? "cpu or cuda"
+                : args[i] == "--timeout" ? "seconds"
+                                         : "fp32, bf16, fp16 or nf4")
+            << ")\n";
         return 2;
       }
-      if (args[i] == "--device")
-        device = args[++i];
-      else
-        timeout_s = io::parse_number(args[++i], "--timeout", {.min = 0, .max = 86400 * 7});
+      try {
+        if (args[i] == "--device")
+          device = args[++i];
+        else if (args[i] == "--timeout")
+          timeout_s = io::parse_number(args[++i], "--timeout", {.min = 0, .max = 86400 * 7});
+        else
+          format = parse_base_format(args[++i], "--base-dtype");
+      } catch (const Error& e) {
+        err << "peft parity: error: " << e.what() << '\n';
+        return 2;
+      }
       continue;
     }
     if (args[i].starts_with("--")) {
-      err << "peft parity: error: unknown option '" << args[i] << "' (--device, --timeout)\n";
+      err << "peft parity: error: unknown option '" << args[i]
+          << "' (--device, --timeout, --base-dtype)\n";
       return 2;
     }
     cases.push_back(args[i]);
@@ -294,10 +312,16 @@ int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ost
     return 2;
   }
   if (cases.empty()) {
-    err << "usage: peft parity [--device cpu|cuda] [--timeout SECONDS] CASE_DIR...   (a folder "
-           "of cases runs them all)\n";
+    err << "usage: peft parity [--device cpu|cuda] [--timeout SECONDS] [--base-dtype "
+           "fp32|bf16|fp16|nf4] CASE_DIR...   (a folder of cases runs them all)\n";
     return 2;
   }
+  if (device == "cuda" && format != BaseFormat::fp32) {
+    err << "peft parity: error: --base-dtype " << base_format_name(format)
+        << " runs on the CPU only (--device cpu); the CUDA decoder holds fp32 weights\n";
+    return 2;
+  }
+  const testing::GoldenTolerances tolerances = testing::base_format_tolerances(format);
   if (device == "cuda") {
 #if defined(PEFT_WITH_CUDA)
     if (cuda_commands::device_count() == 0) {
@@ -350,15 +374,19 @@ int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ost
       outcome = parity_detail::run_isolated(
           dir, timeout_s,
           [&] {
-            const testing::GoldenReport report = testing::run_golden_case<double>(dir);
-            return parity_detail::CaseOutcome{report.line(), report.passed};
+            const testing::GoldenReport report =
+                testing::run_golden_case<double>(dir, tolerances, format);
+            return parity_detail::CaseOutcome{report.line(), report.passed, report.skipped};
           },
           out);
     out << outcome.line << '\n' << std::flush;
-    (outcome.passed ? passed : failed)++;
+    if (outcome.skipped)
+      ++skipped;
+    else
+      (outcome.passed ? passed : failed)++;
   }
   out << passed << " passed, " << failed << " failed";
-  if (device == "cuda") out << ", " << skipped << " skipped";
+  if (device == "cuda" || skipped > 0) out << ", " << skipped << " skipped";
   out << '\n';
   return failed == 0 ? 0 : 1;
 }

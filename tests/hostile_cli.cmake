@@ -162,6 +162,10 @@ _peft_hostile_test(parity_batch_continues 1
 _peft_hostile_test(parity_unknown_option 2 "unknown option '--bogus'" 30 parity --bogus "${_lora}")
 _peft_hostile_test(parity_timeout_not_a_number 2 "--timeout: expected a finite number.*found 'soon'" 30
   parity --timeout soon "${_lora}")
+_peft_hostile_test(parity_base_dtype_unknown 2 "--base-dtype: expected fp32, bf16, fp16 or nf4, found 'int4'" 30
+  parity --base-dtype int4 "${_lora}")
+_peft_hostile_test(parity_base_dtype_cuda 2 "--base-dtype bf16 runs on the CPU only|this build has no CUDA" 30
+  parity --device cuda --base-dtype bf16 "${_lora}")
 
 # study and search: arguments and output folders checked before any training
 _peft_hostile_test(study_out_proc 1 "--out /proc: cannot write in the output folder" 30

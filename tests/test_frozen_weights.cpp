@@ -13,6 +13,7 @@
 #include <peft/io/safetensors.hpp>
 #include <peft/methods/reparameterized/dora.hpp>
 #include <peft/methods/reparameterized/lora.hpp>
+#include <peft/methods/reparameterized/vera.hpp>
 #include <peft/nn/decoder.hpp>
 #include <peft/nn/summary.hpp>
 #include <peft/testing/gradcheck.hpp>
@@ -319,6 +320,61 @@ TEST_CASE("an F16 checkpoint loaded as fp16 keeps its bytes; its logits are the 
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE(
+    "DoRA on a bf16 / fp16 base: the dense DoRA model of the same weights, values and grads") {
+  for (const BaseFormat format : {BaseFormat::bf16, BaseFormat::fp16}) {
+    CAPTURE(peft::base_format_name(format));
+    using Model = peft::Decoder<peft::arch::Gpt2, peft::DoRA, double>;
+    peft::DoraConfig dora;
+    dora.r = 4;
+    dora.lora_alpha = 8;
+    dora.targets.target_modules.all_linear = true;
+    Model half(tiny("gpt2"), dora, 3, format);
+    Model dense(tiny("gpt2"), dora, 3);
+    // The dense model's base weights rounded as the half model stores them.
+    for (peft::NamedParameter<double>& p : dense.base_parameters()) {
+      const bool weight =
+          p.name.find("wte") != std::string::npos ||
+          (p.name.find(".weight") != std::string::npos && p.name.find("ln_") == std::string::npos &&
+           p.name.find("wpe") == std::string::npos);
+      if (!weight) continue;
+      for (std::int64_t i = 0; i < p.var.value().numel(); ++i) {
+        const float f = static_cast<float>(p.var.value()[i]);
+        p.var.value()[i] =
+            format == BaseFormat::bf16
+                ? double(peft::ops::bf16::to_float(peft::ops::bf16::round(f)))
+                : double(peft::float16::f16_bits_to_float(peft::float16::f16_bits_from(f)));
+      }
+    }
+    dense.base_weights_changed();
+    // A non-trivial adapter (B != 0, m != ‖W‖), the same in both.
+    std::vector<peft::NamedParameter<double>> ph = half.trainable_parameters(),
+                                              pd = dense.trainable_parameters();
+    REQUIRE(ph.size() == pd.size());
+    for (std::size_t k = 0; k < ph.size(); ++k) {
+      REQUIRE(ph[k].name == pd[k].name);
+      const Tensor<double> r = peft::testing::random_tensor(ph[k].var.shape(), 40 + k);
+      for (std::int64_t i = 0; i < r.numel(); ++i) {
+        const double v = ph[k].name.find("magnitude") != std::string::npos
+                             ? ph[k].var.value()[i] * (1.0 + 0.1 * r[i])
+                             : 0.3 * r[i];
+        ph[k].var.value()[i] = v;
+        pd[k].var.value()[i] = v;
+      }
+    }
+    const peft::Batch batch = tiny_batch(96);
+    peft::Tape<double> th, td;
+    peft::ForwardResult<double> rh = half.forward(th, batch), rd = dense.forward(td, batch);
+    CHECK(max_abs_diff(rh.logits.value(), rd.logits.value()) < 1e-12);
+    th.backward(rh.loss);
+    td.backward(rd.loss);
+    for (std::size_t k = 0; k < ph.size(); ++k) {
+      CAPTURE(ph[k].name);
+      CHECK(max_abs_diff(ph[k].var.grad(), pd[k].var.grad()) < 1e-12);
+    }
+  }
+}
+
 TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and the format") {
   using Model = peft::Decoder<peft::arch::Llama, peft::LoRA, float>;
   Model model(tiny("llama"), lora_all_linear(), 1, BaseFormat::nf4);
@@ -330,13 +386,22 @@ TEST_CASE("a bf16/NF4 base refuses what needs dense weights, with the module and
   CHECK_THROWS_WITH_AS(peft::io::save_model(model, "/tmp/peft_never_written"),
                        doctest::Contains("saving a base held in nf4"), peft::ConfigError);
   CHECK_FALSE(std::filesystem::exists("/tmp/peft_never_written"));
+  peft::VeraConfig vera;
+  vera.targets.target_modules.names = {"q_proj"};
+  peft::Decoder<peft::arch::Llama, peft::VeRA, float> vera_model(tiny("llama"), vera, 1,
+                                                                 BaseFormat::bf16);
+  CHECK_THROWS_WITH_AS(
+      vera_model.logits(tiny_batch(96)),
+      doctest::Contains("VeRA needs a dense base weight, but this model holds it in bf16"),
+      peft::BaseFormatError);
   peft::DoraConfig dora;
   dora.targets.target_modules.names = {"q_proj"};
-  CHECK_THROWS_WITH_AS(
-      (peft::Decoder<peft::arch::Llama, peft::DoRA, float>(tiny("llama"), dora, 1,
-                                                           BaseFormat::bf16)),
-      doctest::Contains("DoRA needs a dense base weight, but this model holds it in bf16"),
-      peft::ConfigError);
+  peft::Decoder<peft::arch::Llama, peft::DoRA, float> dora_model(tiny("llama"), dora, 1,
+                                                                 BaseFormat::bf16);
+  CHECK_THROWS_WITH_AS(dora_model.merge(),
+                       doctest::Contains("DoRA needs a dense base weight, but this model holds "
+                                         "it in bf16"),
+                       peft::BaseFormatError);
   CHECK_THROWS_WITH_AS(
       peft::parse_base_format("int8", "--base-dtype"),
       doctest::Contains("--base-dtype: expected fp32, bf16, fp16 or nf4, found 'int8'"),

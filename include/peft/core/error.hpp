@@ -30,4 +30,13 @@ class ConfigError : public Error {
   using Error::Error;
 };
 
+/// What a model's base format cannot do: a method or an operation that needs the dense fp32
+/// weight (DoRA's norms, a selective method's sparse delta, merging) on a base held in bf16,
+/// fp16 or NF4. A ConfigError, so code that catches those keeps working; `peft parity
+/// --base-dtype` reports such a case as skipped, with this message.
+class BaseFormatError : public ConfigError {
+ public:
+  using ConfigError::ConfigError;
+};
+
 }  // namespace peft

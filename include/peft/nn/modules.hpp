@@ -50,14 +50,14 @@ struct Linear {
   bool dense() const { return frozen == nullptr; }
 
   /// The dense weight Var, for a method whose math needs it (`method` names it in the error).
-  /// ConfigError when the weight is stored in bf16 or NF4.
+  /// BaseFormatError (a ConfigError) when the weight is stored in bf16, fp16 or NF4.
   const Var<T>& dense_weight(std::string_view method) const {
     if (frozen)
-      throw ConfigError(name + ": " + std::string(method) +
-                        " needs a dense base weight, but this "
-                        "model holds it in " +
-                        std::string(base_format_name(frozen->format())) +
-                        " (build or load the model with base format fp32)");
+      throw BaseFormatError(name + ": " + std::string(method) +
+                            " needs a dense base weight, but this "
+                            "model holds it in " +
+                            std::string(base_format_name(frozen->format())) +
+                            " (build or load the model with base format fp32)");
     return weight;
   }
 
@@ -90,9 +90,9 @@ struct Linear {
                        std::to_string(delta_out_in.cols()) + "], expected [" +
                        std::to_string(out_features) + ", " + std::to_string(in_features) + "]");
     if (frozen)
-      throw ConfigError(name + ": cannot merge into a base weight held in " +
-                        std::string(base_format_name(frozen->format())) +
-                        " (it would be requantized); load the base in fp32 to merge");
+      throw BaseFormatError(name + ": cannot merge into a base weight held in " +
+                            std::string(base_format_name(frozen->format())) +
+                            " (it would be requantized); load the base in fp32 to merge");
     if (layout == ops::WeightLayout::OutIn)
       weight.value().matrix() += delta_out_in;
     else

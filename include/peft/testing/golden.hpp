@@ -31,11 +31,14 @@ struct QuantityCheck {
 struct GoldenReport {
   std::string case_name;
   bool passed = false;
+  bool skipped =
+      false;  ///< the case's method refuses the base format asked for (`failure` says why)
   std::string failure;  ///< why the case could not run, when it could not
   std::vector<QuantityCheck> checks;
 
   /// "PASS gpt2_lora  logits 2.1e-08/1e-05  loss ..." (worst of each group of quantities).
   std::string line() const {
+    if (skipped) return "SKIP " + case_name + "  " + failure;
     std::string out = (passed ? "PASS " : "FAIL ") + case_name;
     if (!failure.empty()) return out + "  " + failure;
     std::map<std::string, QuantityCheck> worst;  // grad.* → "grads", trained.* → "trained"
@@ -68,6 +71,27 @@ struct GoldenTolerances {
   double logits = 1e-5, loss = 1e-5, grad = 1e-4, train_losses = 1e-4, trained = 1e-3;
 };
 
+/// The tolerances of a case run on a `format` base: for fp32 the golden README's, against the
+/// reference's numbers; otherwise those of the float run against the double run on the same
+/// stored weights (docs/quantization.md, "Parity on a bf16 base", derives them). A bf16 product
+/// rounds its other operand to bf16, a relative change of at most u = 2^-8 per element, and to
+/// first order each quantity moves by u times its sensitivity to those inputs: logits 4u, loss
+/// u/2, each gradient 16u (the backward rounds dy too, on top of the forward's change),
+/// train_losses 2u. fp16 and NF4 keep x fp32, but an NF4 model's token embedding and head are
+/// bf16, so it gets bf16's; fp16 gets them too (its errors are fp32 rounding, about 1e-6). The
+/// trained tensors are checked against trained_tolerance(), an absolute bound from AdamW's step.
+inline GoldenTolerances base_format_tolerances(BaseFormat format) {
+  if (format == BaseFormat::fp32) return {};
+  constexpr double u = 1.0 / 256.0;  // bf16's unit roundoff
+  GoldenTolerances t;
+  t.logits = 4 * u;
+  t.loss = u / 2;
+  t.grad = 16 * u;
+  t.train_losses = 2 * u;
+  t.trained = 0;  // unused: trained_tolerance()
+  return t;
+}
+
 /// The AdamW recipe of a case.json's "train" object, every field checked: a hostile case (10^9
 /// steps, a negative learning rate, a string where a number belongs) is an error naming the file
 /// and the field, never an unbounded or meaningless run.
@@ -89,6 +113,18 @@ struct GoldenTraining {
     return o;
   }
 };
+
+/// Max |θ_float − θ_double| of a trained tensor after `t.steps` AdamW steps from the same start,
+/// on a base whose products round their inputs: AdamW normalises each gradient element, so a
+/// rounding that changes an element's gradient in sign or size can move it by a whole step the
+/// other way. With bias correction and β2 near 1, step k's update is at most lr·√k in size
+/// (|m̂| ≤ max |g|, √v̂ ≥ max |g| / √k), so two runs part by at most 2·lr·Σ_{k=1..steps} √k, plus
+/// the decoupled weight decay's lr·wd of that difference per step (a factor 1 + lr·wd·steps).
+inline double trained_tolerance(const GoldenTraining& t) {
+  double steps = 0;
+  for (int k = 1; k <= t.steps; ++k) steps += std::sqrt(double(k));
+  return 2 * t.lr * steps * (1 + t.lr * t.weight_decay * t.steps);
+}
 
 namespace detail {
 inline double case_number(const nlohmann::json& j, const std::string& field, double fallback,
@@ -202,6 +238,27 @@ std::vector<double> as_doubles(const Tensor<T>& t) {
   return std::vector<double>(t.values().begin(), t.values().end());
 }
 
+// What one run of a case computes, as doubles: logits, loss, the gradient of every trainable
+// tensor ("grad.<key>"), and with a trajectory the losses and the trained tensors.
+struct CaseRun {
+  std::vector<double> logits, train_losses;
+  double loss = 0;
+  std::vector<std::pair<std::string, std::vector<double>>> grads, trained;
+};
+
+// Reads the case's batch (input_ids, attention_mask, labels) from expected.safetensors.
+inline Batch read_case_batch(const io::SafetensorsFile& expected) {
+  Batch batch;
+  const auto& ids_info = expected.info("input_ids");
+  if (ids_info.shape.size() != 2) throw FileError(expected.name() + ": input_ids must be [B, T]");
+  batch.batch = ids_info.shape[0];
+  batch.seq = ids_info.shape[1];
+  batch.input_ids = expected.read<std::int64_t>("input_ids");
+  batch.attention_mask = expected.read<std::int64_t>("attention_mask", ids_info.shape);
+  batch.labels = expected.read<std::int64_t>("labels", ids_info.shape);
+  return batch;
+}
+
 template <class Arch, class Policy, class T>
 void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_json,
               const nlohmann::json& adapter_json, const std::filesystem::path& model_dir,
@@ -216,14 +273,7 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   auto load_adapter = [&] { io::load_adapter_tensors(model.adapter().parameters(), adapter_file); };
   load_adapter();
 
-  Batch batch;
-  const auto& ids_info = expected.info("input_ids");
-  if (ids_info.shape.size() != 2) throw FileError(expected.name() + ": input_ids must be [B, T]");
-  batch.batch = ids_info.shape[0];
-  batch.seq = ids_info.shape[1];
-  batch.input_ids = expected.read<std::int64_t>("input_ids");
-  batch.attention_mask = expected.read<std::int64_t>("attention_mask", ids_info.shape);
-  batch.labels = expected.read<std::int64_t>("labels", ids_info.shape);
+  const Batch batch = read_case_batch(expected);
   auto check = [&](const std::string& name, double error, double tolerance) {
     report.checks.push_back({name, error, tolerance});
   };
@@ -311,6 +361,88 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
     }
   }
 }
+
+// Runs a case on its base model loaded in `format`, in precision T: forward and backward, and
+// the AdamW trajectory when `training` is given (the adapter reloaded first, as run_case does).
+template <class Arch, class Policy, class T>
+CaseRun run_in_format(const std::filesystem::path& model_dir, const typename Policy::Config& config,
+                      const io::SafetensorsFile& adapter_file, const Batch& batch,
+                      const GoldenTraining* training, BaseFormat format) {
+  auto model = Decoder<Arch, Policy, T>::load(model_dir, config, 0, format);
+  io::load_adapter_tensors(model.adapter().parameters(), adapter_file);
+  CaseRun run;
+  {
+    Tape<T> tape;
+    ForwardResult<T> out = model.forward(tape, batch);
+    require_finite(out.logits.value(), "logits");
+    require_finite(out.loss.value(), "loss");
+    run.logits = as_doubles(out.logits.value());
+    run.loss = double(out.loss.value()[0]);
+    tape.backward(out.loss);
+    for (NamedParameter<T>& p : model.trainable_parameters())
+      run.grads.emplace_back(
+          "grad." + p.name,
+          as_doubles(p.var.has_grad() ? p.var.grad() : Tensor<T>::zeros(p.var.shape())));
+  }
+  if (training != nullptr) {
+    io::load_adapter_tensors(model.adapter().parameters(), adapter_file);
+    for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
+    AdamW<T> optimizer(model.trainable_parameters(), training->adamw());
+    for (int step = 0; step <= training->steps; ++step) {
+      Tape<T> tape(step < training->steps);
+      ForwardResult<T> out = model.forward(tape, batch);
+      run.train_losses.push_back(double(out.loss.value()[0]));
+      if (step == training->steps) break;
+      optimizer.zero_grad();
+      tape.backward(out.loss);
+      optimizer.step();
+    }
+    for (NamedParameter<T>& p : model.trainable_parameters())
+      run.trained.emplace_back("trained." + p.name, as_doubles(p.var.value()));
+  }
+  return run;
+}
+
+// The float run of a case on a `format` base against the double run on the same base (the
+// same stored weights, exact products): logits, loss, every gradient, the trajectory.
+template <class Arch, class Policy>
+void run_case_in_format(const std::filesystem::path& case_dir, const nlohmann::json& case_json,
+                        const nlohmann::json& adapter_json, const std::filesystem::path& model_dir,
+                        BaseFormat format, GoldenReport& report, const GoldenTolerances& tol) {
+  const std::filesystem::path adapter_dir = case_dir / "adapter";
+  const io::SafetensorsFile expected = io::SafetensorsFile::open(case_dir / "expected.safetensors");
+  const io::SafetensorsFile adapter_file =
+      io::SafetensorsFile::open(adapter_dir / "adapter_model.safetensors");
+  const auto config = config_from_json<typename Policy::Config>(
+      adapter_json, (adapter_dir / "adapter_config.json").string());
+  const Batch batch = read_case_batch(expected);
+  const GoldenTraining training = read_training(case_json, (case_dir / "case.json").string());
+  const GoldenTraining* trajectory = expected.contains("train_losses") ? &training : nullptr;
+  const CaseRun ours = run_in_format<Arch, Policy, float>(model_dir, config, adapter_file, batch,
+                                                          trajectory, format);
+  const CaseRun reference = run_in_format<Arch, Policy, double>(model_dir, config, adapter_file,
+                                                                batch, trajectory, format);
+  auto check = [&](const std::string& name, double error, double tolerance) {
+    report.checks.push_back({name, error, tolerance});
+  };
+  check("logits", relative_error(ours.logits, reference.logits), tol.logits);
+  check("loss", max_abs_error({ours.loss}, {reference.loss}), tol.loss);
+  const auto compare = [&](const auto& mine, const auto& theirs, double tolerance, auto measure) {
+    for (std::size_t i = 0; i < mine.size(); ++i)
+      check(mine[i].first,
+            i < theirs.size() && theirs[i].first == mine[i].first
+                ? measure(mine[i].second, theirs[i].second)
+                : std::numeric_limits<double>::infinity(),
+            tolerance);
+  };
+  compare(ours.grads, reference.grads, tol.grad, relative_error);
+  if (trajectory != nullptr) {
+    check("train_losses", max_abs_error(ours.train_losses, reference.train_losses),
+          tol.train_losses);
+    // Absolute (trained_tolerance), not relative: the bound is on each element's drift.
+    compare(ours.trained, reference.trained, trained_tolerance(training), max_abs_error);
+  }
+}
 }  // namespace detail
 
 /// Runs one case folder with the methods of Registry and fills `report`; throws what reading
@@ -318,9 +450,15 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
 /// Returns false when Registry has no method for the case's adapter config (nothing was run).
 /// run_golden_case is this behind a catch-all; the golden-case fuzzer calls it directly so that
 /// an exception that is not a peft::Error stays visible.
+///
+/// `format` other than fp32 runs the case on its base model loaded in that format
+/// (`peft parity --base-dtype`): the float run against the double run on the same stored
+/// weights (detail::run_case_in_format; the reference's numbers are for the fp32 base and do
+/// not apply), within `tol` (base_format_tolerances(format) for the derived ones); T is unused.
 template <class Registry = BuiltinMethods, class T = double>
 bool run_golden_case_throwing(const std::filesystem::path& case_dir, GoldenReport& report,
-                              const GoldenTolerances& tol = {}) {
+                              const GoldenTolerances& tol = {},
+                              BaseFormat format = BaseFormat::fp32) {
   const nlohmann::json case_json = io::load_json(case_dir / "case.json");
   const std::string case_source = (case_dir / "case.json").string();
   const std::filesystem::path model_dir = case_model_dir(case_dir, case_json, case_source);
@@ -334,7 +472,12 @@ bool run_golden_case_throwing(const std::filesystem::path& case_dir, GoldenRepor
                                      : std::string();
   const bool supported = visit_policy_for<Registry>(adapter_json, [&]<class Policy>() {
     visit_arch_for(model_type, [&]<class Arch>() {
-      detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report, tol);
+      if (format == BaseFormat::fp32)
+        detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report,
+                                          tol);
+      else
+        detail::run_case_in_format<Arch, Policy>(case_dir, case_json, adapter_json, model_dir,
+                                                 format, report, tol);
     });
   });
   if (!supported) {
@@ -352,15 +495,23 @@ bool run_golden_case_throwing(const std::filesystem::path& case_dir, GoldenRepor
   return true;
 }
 
-/// Runs one case folder; never throws (a case that cannot run is a FAIL saying why).
+/// Runs one case folder; never throws (a case that cannot run is a FAIL saying why; with a
+/// `format` its method refuses, a BaseFormatError, a SKIP saying why).
 template <class T = double>
 GoldenReport run_golden_case(const std::filesystem::path& case_dir,
-                             const GoldenTolerances& tol = {}) {
+                             const GoldenTolerances& tol = {},
+                             BaseFormat format = BaseFormat::fp32) {
   GoldenReport report;
   report.case_name = case_dir.filename().string();
   if (report.case_name.empty()) report.case_name = case_dir.parent_path().filename().string();
   try {
-    run_golden_case_throwing<BuiltinMethods, T>(case_dir, report, tol);
+    run_golden_case_throwing<BuiltinMethods, T>(case_dir, report, tol, format);
+  } catch (const BaseFormatError& e) {
+    report.passed = false;
+    report.skipped = true;
+    report.checks.clear();
+    report.failure = std::string("(") + std::string(base_format_name(format)) +
+                     " base refused: " + e.what() + ")";
   } catch (const std::bad_alloc&) {
     report.passed = false;
     report.checks.clear();

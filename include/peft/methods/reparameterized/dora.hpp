@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "peft/core/ops.hpp"
+#include "peft/core/ops/frozen_linear.hpp"
 #include "peft/methods/reparameterized/common.hpp"
 #include "peft/methods/reparameterized/lora.hpp"
 
@@ -21,21 +22,49 @@ namespace detail {
 /// ‖w_o‖² + 2s Σ_k B_ok (W Aᵀ)_ok + s² Σ_k (B (A Aᵀ))_ok B_ok.
 template <class T>
 Tensor<T> dora_weight_norm(const nn::Linear<T>& lin, const Tensor<T>& a, const Tensor<T>& b, T s) {
-  ConstMatrixMap<T> w = lin.dense_weight("DoRA").value().matrix();
   ConstMatrixMap<T> am = a.matrix();
   ConstMatrixMap<T> bm = b.matrix();
-  const bool out_in = lin.layout == ops::WeightLayout::OutIn;
-  const RowMatrix<T> wa = out_in ? RowMatrix<T>(w * am.transpose())
-                                 : RowMatrix<T>(w.transpose() * am.transpose());  // [out, r]
-  const RowMatrix<T> gram = am * am.transpose();                                  // [r, r]
-  const RowMatrix<T> bg = bm * gram;                                              // [out, r]
+  const RowMatrix<T> gram = am * am.transpose();  // [r, r]
+  const RowMatrix<T> bg = bm * gram;              // [out, r]
   Tensor<T> norm(Shape{lin.out_features});
-  for (std::int64_t o = 0; o < lin.out_features; ++o) {
-    const T w2 = out_in ? w.row(o).squaredNorm() : w.col(o).squaredNorm();
-    const T squared = w2 + T(2) * s * bm.row(o).dot(wa.row(o)) + s * s * bg.row(o).dot(bm.row(o));
-    norm[o] = std::sqrt(std::max(squared, T(0)));
+  // ‖W_o + s B_o A‖² = ‖W_o‖² + 2 s B_o · (W_o Aᵀ) + s² B_o (A Aᵀ) B_oᵀ, for rows of W [out, in]
+  // given as `w` (rows o0 ..), wa = w Aᵀ.
+  const auto rows = [&](std::int64_t o0, const auto& w, const RowMatrix<T>& wa) {
+    for (std::int64_t i = 0; i < wa.rows(); ++i) {
+      const std::int64_t o = o0 + i;
+      const T squared = w.row(i).squaredNorm() + T(2) * s * bm.row(o).dot(wa.row(i)) +
+                        s * s * bg.row(o).dot(bm.row(o));
+      norm[o] = std::sqrt(std::max(squared, T(0)));
+    }
+  };
+  if (lin.frozen) {
+    // A bf16, fp16 or NF4 base: its read-only view, 256 rows at a time (no full-size copy).
+    constexpr std::int64_t kRows = 256;
+    RowMatrix<T> w;
+    for (std::int64_t o0 = 0; o0 < lin.out_features; o0 += kRows) {
+      const std::int64_t o1 = std::min(lin.out_features, o0 + kRows);
+      w.resize(o1 - o0, lin.in_features);
+      lin.frozen->template rows_as<T>(o0, o1, w.data());
+      rows(o0, w, RowMatrix<T>(w * am.transpose()));
+    }
+    return norm;
   }
+  // Before a loaded model's weights arrive (Decoder::load attaches first), there is no weight:
+  // the norms are recomputed once they are in (on_base_weights_loaded).
+  if (!lin.weight.defined()) return norm;
+  ConstMatrixMap<T> w = lin.weight.value().matrix();
+  if (lin.layout == ops::WeightLayout::OutIn)
+    rows(0, w, RowMatrix<T>(w * am.transpose()));
+  else
+    rows(0, w.transpose(), RowMatrix<T>(w.transpose() * am.transpose()));
   return norm;
+}
+
+/// x Wᵀ for the module's base weight, dense or frozen (bf16, fp16, NF4), without the bias.
+template <class T>
+Var<T> dora_base_product(Tape<T>& tape, const Var<T>& x, const nn::Linear<T>& m) {
+  if (m.frozen) return ops::frozen_linear(tape, x, m.frozen, Var<T>{});
+  return ops::linear(tape, x, m.dense_weight("DoRA"), Var<T>{}, m.layout);
 }
 
 /// Sets W from an [out, in] matrix, whatever the storage layout.
@@ -134,8 +163,7 @@ struct DoRA {
                 Tape<T>& t, const Var<T>& xd) {
               const std::int64_t out = module.out_features;
               const Var<T> c = ops::mul(t, Projection<T>::flat(t, (*s)[2], out), inverse);
-              const Var<T> base =
-                  ops::linear(t, xd, module.dense_weight("DoRA"), Var<T>{}, module.layout);
+              const Var<T> base = detail::dora_base_product(t, xd, module);
               const typename Projection<T>::Contribution term{
                   Projection<T>::Kind::LowRank, (*s)[0], (*s)[1], s->extra.scale, {}, {}, 0};
               return ops::add(t, ops::mul(t, base, ops::add(t, c, minus_one)),
@@ -147,8 +175,21 @@ struct DoRA {
         const Slot& slot = *s;
         const T scale = slot.extra.scale;
         const Tensor<T> norm = detail::dora_weight_norm(m, slot[0].value(), slot[1].value(), scale);
-        return ops::dora_linear(tape, x, m.dense_weight("DoRA"), m.bias, m.layout, slot[0], slot[1],
-                                slot[2], norm, scale);
+        if (!m.frozen)
+          return ops::dora_linear(tape, x, m.dense_weight("DoRA"), m.bias, m.layout, slot[0],
+                                  slot[1], slot[2], norm, scale);
+        // A frozen base: the same function from the frozen product, n a constant as above.
+        Tensor<T> inverse(norm.shape());
+        for (std::int64_t i = 0; i < norm.numel(); ++i) inverse[i] = T(1) / norm[i];
+        const Var<T> c =
+            ops::mul(tape, Projection<T>::flat(tape, slot[2], m.out_features), Var<T>(inverse));
+        const typename Projection<T>::Contribution term{
+            Projection<T>::Kind::LowRank, slot[0], slot[1], scale, {}, {}, 0};
+        const Var<T> y = ops::mul(tape,
+                                  ops::add(tape, detail::dora_base_product(tape, x, m),
+                                           Projection<T>::low_rank(tape, x, term)),
+                                  c);
+        return m.bias ? ops::add(tape, y, m.bias) : y;
       });
     }
     std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
