@@ -759,12 +759,14 @@ PEFT_TARGET_AMX inline void amx_columns(const PackedRows& a, std::int64_t m, std
 #undef PEFT_TARGET_AVX512BF16
 #endif  // __x86_64__
 
-/// The portable bf16 product on output columns [jb, je): W's columns widened to fp32
-/// portable_cols(k) at a time, then detail::gemm_serial with the rounded operand `ar` [m, k].
-template <class F>
-void bf16_columns_portable(const F* ar, std::int64_t m, std::int64_t k, const Bf16Matrix& w,
-                           bool forward, F* c, std::int64_t ldc, std::int64_t jb, std::int64_t je,
-                           bool accumulate) {
+/// The portable product of a 16-bit W (bf16 or fp16 bit patterns, `widen` one to fp32) on
+/// output columns [jb, je): W widened portable_cols(k) columns at a time, then
+/// detail::gemm_serial with a [m, k] (row stride lda; for bf16 W the already rounded operand).
+template <class F, class Widen>
+void half_columns_portable(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k,
+                           const std::uint16_t* w_data, std::int64_t w_ld, bool forward, F* c,
+                           std::int64_t ldc, std::int64_t jb, std::int64_t je, bool accumulate,
+                           Widen widen) {
   AlignedVector<float>& block = Scratch::local().block;
   const std::int64_t width = portable_cols(k);
   block.resize(static_cast<std::size_t>(width * k));
@@ -773,14 +775,14 @@ void bf16_columns_portable(const F* ar, std::int64_t m, std::int64_t k, const Bf
     if (forward) {  // block [nc, k]: rows j0.. of W
       for (std::int64_t j = 0; j < nc; ++j)
         for (std::int64_t p = 0; p < k; ++p)
-          block[std::size_t(j * k + p)] = bf16::to_float(w.data[(j0 + j) * w.ld + p]);
-      detail::gemm_serial(ar, k, false, block.data(), k, true, c + j0, ldc, m, nc, k, 1.0f,
+          block[std::size_t(j * k + p)] = widen(w_data[(j0 + j) * w_ld + p]);
+      detail::gemm_serial(a, lda, false, block.data(), k, true, c + j0, ldc, m, nc, k, 1.0f,
                           accumulate);
     } else {  // block [k, nc]: columns j0.. of W
       for (std::int64_t p = 0; p < k; ++p)
         for (std::int64_t j = 0; j < nc; ++j)
-          block[std::size_t(p * nc + j)] = bf16::to_float(w.data[p * w.ld + j0 + j]);
-      detail::gemm_serial(ar, k, false, block.data(), nc, false, c + j0, ldc, m, nc, k, 1.0f,
+          block[std::size_t(p * nc + j)] = widen(w_data[p * w_ld + j0 + j]);
+      detail::gemm_serial(a, lda, false, block.data(), nc, false, c + j0, ldc, m, nc, k, 1.0f,
                           accumulate);
     }
   }
@@ -895,8 +897,31 @@ void bf16_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k, 
     for (std::int64_t p = 0; p < k; ++p)
       rounded[std::size_t(i * k + p)] = bf16::to_float(bf16::round(a[i * lda + p]));
   for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-    bf16_columns_portable<F>(rounded.data(), m, k, w, forward, c, ldc, jb, je, accumulate);
+    half_columns_portable(rounded.data(), k, m, k, w.data, w.ld, forward, c, ldc, jb, je,
+                          accumulate, bf16::to_float);
   });
+}
+
+// c [m, cols] (+)= a [m, k] · op(W) for a W multiplied on fp32 panels (NF4, fp16) on `path`:
+// pack_panel(p0, kc, j0, nc, segment, panel) for the packed paths (f32_panel_columns; x86
+// only, so `pack_panel` is unused elsewhere), portable(jb, je) otherwise.
+template <class F, class PackPanel, class Portable>
+void f32_panel_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k, F* c,
+                       std::int64_t ldc, std::int64_t cols, bool accumulate, cpu::KernelPath path,
+                       const PackPanel& pack_panel, const Portable& portable) {
+  if (empty_product(c, ldc, m, k, cols, accumulate)) return;
+  const double work = double(m) * double(k) * double(cols);
+#if defined(__x86_64__)
+  if (path != cpu::KernelPath::portable) {
+    for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
+      f32_panel_columns(a, lda, m, k, pack_panel, c, ldc, jb, je, accumulate);
+    });
+    return;
+  }
+#endif
+  (void)path;
+  (void)pack_panel;
+  for_column_blocks(cols, work, portable);
 }
 
 // c [m, cols] (+)= a [m, k] · op(W) for an NF4 W on `path`.
@@ -904,51 +929,17 @@ template <class F>
 void nf4_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k,
                  const quant::Nf4Tensor& w, bool forward, F* c, std::int64_t ldc, std::int64_t cols,
                  bool accumulate, cpu::KernelPath path) {
-  if (empty_product(c, ldc, m, k, cols, accumulate)) return;
-  const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
-  if (path != cpu::KernelPath::portable) {
-    for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-      const auto pack = [&](std::int64_t p0, std::int64_t kc, std::int64_t j0, std::int64_t nc,
-                            float* segment, float* panel) {
-        pack_w_nf4(w, forward, p0, kc, j0, nc, segment, panel);
-      };
-      f32_panel_columns(a, lda, m, k, pack, c, ldc, jb, je, accumulate);
-    });
-    return;
-  }
+  const auto pack = [&](std::int64_t p0, std::int64_t kc, std::int64_t j0, std::int64_t nc,
+                        float* segment,
+                        float* panel) { pack_w_nf4(w, forward, p0, kc, j0, nc, segment, panel); };
+#else
+  const int pack = 0;
 #endif
-  (void)path;
-  for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-    nf4_columns_portable(a, lda, m, k, w, forward, c, ldc, jb, je, accumulate);
-  });
-}
-
-/// The portable fp16 product on output columns [jb, je): W widened portable_cols(k) columns at
-/// a time, then detail::gemm_serial with a as it is (fp32).
-template <class F>
-void fp16_columns_portable(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k,
-                           const Fp16Matrix& w, bool forward, F* c, std::int64_t ldc,
-                           std::int64_t jb, std::int64_t je, bool accumulate) {
-  AlignedVector<float>& block = Scratch::local().block;
-  const std::int64_t width = portable_cols(k);
-  block.resize(static_cast<std::size_t>(width * k));
-  for (std::int64_t j0 = jb; j0 < je; j0 += width) {
-    const std::int64_t nc = std::min(width, je - j0);
-    if (forward) {  // block [nc, k]: rows j0.. of W
-      for (std::int64_t j = 0; j < nc; ++j)
-        for (std::int64_t p = 0; p < k; ++p)
-          block[std::size_t(j * k + p)] = float16::f16_bits_to_float(w.data[(j0 + j) * w.ld + p]);
-      detail::gemm_serial(a, lda, false, block.data(), k, true, c + j0, ldc, m, nc, k, 1.0f,
-                          accumulate);
-    } else {  // block [k, nc]: columns j0.. of W
-      for (std::int64_t p = 0; p < k; ++p)
-        for (std::int64_t j = 0; j < nc; ++j)
-          block[std::size_t(p * nc + j)] = float16::f16_bits_to_float(w.data[p * w.ld + j0 + j]);
-      detail::gemm_serial(a, lda, false, block.data(), nc, false, c + j0, ldc, m, nc, k, 1.0f,
-                          accumulate);
-    }
-  }
+  f32_panel_product(a, lda, m, k, c, ldc, cols, accumulate, path, pack,
+                    [&](std::int64_t jb, std::int64_t je) {
+                      nf4_columns_portable(a, lda, m, k, w, forward, c, ldc, jb, je, accumulate);
+                    });
 }
 
 // c [m, cols] (+)= a [m, k] · op(W) for an fp16 W on `path` (x stays fp32: the product is an
@@ -957,24 +948,18 @@ template <class F>
 void fp16_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k, const Fp16Matrix& w,
                   bool forward, F* c, std::int64_t ldc, std::int64_t cols, bool accumulate,
                   cpu::KernelPath path) {
-  if (empty_product(c, ldc, m, k, cols, accumulate)) return;
-  const double work = double(m) * double(k) * double(cols);
 #if defined(__x86_64__)
-  if (path != cpu::KernelPath::portable) {
-    for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-      const auto pack = [&](std::int64_t p0, std::int64_t kc, std::int64_t j0, std::int64_t nc,
-                            float* segment, float* panel) {
-        pack_w_fp16(w, forward, p0, kc, j0, nc, segment, panel);
-      };
-      f32_panel_columns(a, lda, m, k, pack, c, ldc, jb, je, accumulate);
-    });
-    return;
-  }
+  const auto pack = [&](std::int64_t p0, std::int64_t kc, std::int64_t j0, std::int64_t nc,
+                        float* segment,
+                        float* panel) { pack_w_fp16(w, forward, p0, kc, j0, nc, segment, panel); };
+#else
+  const int pack = 0;
 #endif
-  (void)path;
-  for_column_blocks(cols, work, [&](std::int64_t jb, std::int64_t je) {
-    fp16_columns_portable(a, lda, m, k, w, forward, c, ldc, jb, je, accumulate);
-  });
+  f32_panel_product(a, lda, m, k, c, ldc, cols, accumulate, path, pack,
+                    [&](std::int64_t jb, std::int64_t je) {
+                      half_columns_portable(a, lda, m, k, w.data, w.ld, forward, c, ldc, jb, je,
+                                            accumulate, float16::f16_bits_to_float);
+                    });
 }
 
 }  // namespace frozen_detail
