@@ -37,12 +37,14 @@ using Shape = std::vector<std::int64_t>;
 /// Alignment of every tensor's storage, in bytes: a cache line, and one AVX-512 packet.
 inline constexpr std::size_t tensor_alignment = 64;
 
-/// Buffers of at least huge_page_threshold bytes (a step's activations, logits, gradients) are
-/// aligned to huge_page_bytes and offered to Linux as transparent huge pages (madvise
-/// MADV_HUGEPAGE, which Debian's default THP mode "madvise" waits for): one page fault per
-/// 2 MiB instead of 512 (docs/performance.md, "The bf16 step on AMX", has the measured gain).
+/// Buffers of at least huge_page_threshold bytes (a step's logits and their gradient; smaller
+/// activations stay on 4 KiB pages, where a partly used huge page would count whole in the
+/// resident size) are aligned to huge_page_bytes and offered to Linux as transparent huge pages
+/// (madvise MADV_HUGEPAGE, which Debian's default THP mode "madvise" waits for): one page fault
+/// per 2 MiB instead of 512 (docs/performance.md, "The bf16 step on AMX", has the measured gain
+/// and why the threshold is 32 MiB).
 inline constexpr std::size_t huge_page_bytes = std::size_t(2) << 20;
-inline constexpr std::size_t huge_page_threshold = std::size_t(4) << 20;
+inline constexpr std::size_t huge_page_threshold = std::size_t(32) << 20;
 
 /// A std::allocator that returns `Alignment`-aligned storage.
 ///
