@@ -79,13 +79,14 @@ void BM_FrozenFp32(benchmark::State& state) {
   set_flops(state, 2.0 * double(kTokens) * double(p.out) * double(p.in));
 }
 
-template <KernelPath Path>
-void BM_FrozenBf16(benchmark::State& state) {
+// A 16-bit W (Matrix: Bf16Matrix or Fp16Matrix) from the fp32 values through `encode`.
+template <class Matrix, KernelPath Path, std::uint16_t (*Encode)(float)>
+void frozen_half(benchmark::State& state) {
   if (!path_runs(state, Path)) return;
   Product p(state);
   std::vector<std::uint16_t> bits(p.w.size());
-  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = peft::ops::bf16::round(p.w[i]);
-  const peft::ops::Bf16Matrix w{bits.data(), p.out, p.in, p.in, "bench"};
+  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = Encode(p.w[i]);
+  const Matrix w{bits.data(), p.out, p.in, p.in, "bench"};
   for (auto _ : state) {
     if (p.backward)
       peft::ops::frozen_backward(p.a.data(), p.k, kTokens, w, p.c.data(), p.cols, false, Path);
@@ -97,20 +98,13 @@ void BM_FrozenBf16(benchmark::State& state) {
 }
 
 template <KernelPath Path>
+void BM_FrozenBf16(benchmark::State& state) {
+  frozen_half<peft::ops::Bf16Matrix, Path, peft::ops::bf16::round>(state);
+}
+
+template <KernelPath Path>
 void BM_FrozenFp16(benchmark::State& state) {
-  if (!path_runs(state, Path)) return;
-  Product p(state);
-  std::vector<std::uint16_t> bits(p.w.size());
-  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = peft::float16::f16_bits_from(p.w[i]);
-  const peft::ops::Fp16Matrix w{bits.data(), p.out, p.in, p.in, "bench"};
-  for (auto _ : state) {
-    if (p.backward)
-      peft::ops::frozen_backward(p.a.data(), p.k, kTokens, w, p.c.data(), p.cols, false, Path);
-    else
-      peft::ops::frozen_forward(p.a.data(), p.k, kTokens, w, p.c.data(), p.cols, false, Path);
-    benchmark::DoNotOptimize(p.c.data());
-  }
-  set_flops(state, 2.0 * double(kTokens) * double(p.out) * double(p.in));
+  frozen_half<peft::ops::Fp16Matrix, Path, peft::float16::f16_bits_from>(state);
 }
 
 template <KernelPath Path>

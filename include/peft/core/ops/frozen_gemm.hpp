@@ -37,6 +37,7 @@
 //     product (detail::gemm_serial: Eigen, or the packed AVX-512 kernel in -mavx512f builds).
 #include <algorithm>
 #include <array>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -969,11 +970,16 @@ void fp16_product(const F* a, std::int64_t lda, std::int64_t m, std::int64_t k, 
 // Eigen's product in every translation unit that includes this header (1.3 s and 200 MB of
 // compiler memory for <peft/peft.hpp> alone), used or not.
 
-/// y[n, out] (+)= bf16(x)[n, in] · Wᵀ, W = w [out, in]; x has row stride ldx, y row stride ldy.
-/// `accumulate` false overwrites y. ShapeError on inconsistent strides, ConfigError when `path`
-/// cannot run on this CPU.
-template <class F = float>
-void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const Bf16Matrix& w, F* y,
+/// A 16-bit W: bf16 (the other operand rounded to bf16, as autocast does) or fp16 (the other
+/// operand kept fp32, W widened exactly).
+template <class W>
+concept HalfMatrix = std::same_as<W, Bf16Matrix> || std::same_as<W, Fp16Matrix>;
+
+/// y[n, out] (+)= x[n, in] · Wᵀ, W = w [out, in] in bf16 (x rounded to bf16) or fp16 (x as it
+/// is); x has row stride ldx, y row stride ldy; fp32 accumulation. `accumulate` false overwrites
+/// y. ShapeError on inconsistent strides, ConfigError when `path` cannot run on this CPU.
+template <class F = float, HalfMatrix W>
+void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const W& w, F* y,
                     std::int64_t ldy, bool accumulate = false,
                     cpu::KernelPath path = cpu::kernel_path()) {
   static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
@@ -981,12 +987,16 @@ void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const Bf16Matr
   frozen_detail::check_operands("frozen_forward", w.name, w.rows, w.cols, n, x, ldx, w.cols, "x", y,
                                 ldy, w.rows, "y");
   frozen_detail::check_path("frozen_forward", path);
-  frozen_detail::bf16_product(x, ldx, n, w.cols, w, true, y, ldy, w.rows, accumulate, path);
+  if constexpr (std::same_as<W, Bf16Matrix>)
+    frozen_detail::bf16_product(x, ldx, n, w.cols, w, true, y, ldy, w.rows, accumulate, path);
+  else
+    frozen_detail::fp16_product(x, ldx, n, w.cols, w, true, y, ldy, w.rows, accumulate, path);
 }
 
-/// dx[n, in] (+)= bf16(dy)[n, out] · W, W = w [out, in]. As frozen_forward otherwise.
-template <class F = float>
-void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const Bf16Matrix& w, F* dx,
+/// dx[n, in] (+)= dy[n, out] · W, W = w [out, in] in bf16 (dy rounded to bf16) or fp16. As
+/// frozen_forward otherwise.
+template <class F = float, HalfMatrix W>
+void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const W& w, F* dx,
                      std::int64_t lddx, bool accumulate = false,
                      cpu::KernelPath path = cpu::kernel_path()) {
   static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
@@ -994,34 +1004,10 @@ void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const Bf16M
   frozen_detail::check_operands("frozen_backward", w.name, w.rows, w.cols, n, dy, lddy, w.rows,
                                 "dy", dx, lddx, w.cols, "dx");
   frozen_detail::check_path("frozen_backward", path);
-  frozen_detail::bf16_product(dy, lddy, n, w.rows, w, false, dx, lddx, w.cols, accumulate, path);
-}
-
-/// y[n, out] (+)= x[n, in] · Wᵀ for an fp16 W [out, in]: x stays fp32, W's values are widened
-/// exactly, fp32 accumulation. As the bf16 overload otherwise.
-template <class F = float>
-void frozen_forward(const F* x, std::int64_t ldx, std::int64_t n, const Fp16Matrix& w, F* y,
-                    std::int64_t ldy, bool accumulate = false,
-                    cpu::KernelPath path = cpu::kernel_path()) {
-  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
-  frozen_detail::check_half("frozen_forward", w);
-  frozen_detail::check_operands("frozen_forward", w.name, w.rows, w.cols, n, x, ldx, w.cols, "x", y,
-                                ldy, w.rows, "y");
-  frozen_detail::check_path("frozen_forward", path);
-  frozen_detail::fp16_product(x, ldx, n, w.cols, w, true, y, ldy, w.rows, accumulate, path);
-}
-
-/// dx[n, in] (+)= dy[n, out] · W for an fp16 W [out, in].
-template <class F = float>
-void frozen_backward(const F* dy, std::int64_t lddy, std::int64_t n, const Fp16Matrix& w, F* dx,
-                     std::int64_t lddx, bool accumulate = false,
-                     cpu::KernelPath path = cpu::kernel_path()) {
-  static_assert(std::is_same_v<F, float>, "the frozen products take fp32 operands");
-  frozen_detail::check_half("frozen_backward", w);
-  frozen_detail::check_operands("frozen_backward", w.name, w.rows, w.cols, n, dy, lddy, w.rows,
-                                "dy", dx, lddx, w.cols, "dx");
-  frozen_detail::check_path("frozen_backward", path);
-  frozen_detail::fp16_product(dy, lddy, n, w.rows, w, false, dx, lddx, w.cols, accumulate, path);
+  if constexpr (std::same_as<W, Bf16Matrix>)
+    frozen_detail::bf16_product(dy, lddy, n, w.rows, w, false, dx, lddx, w.cols, accumulate, path);
+  else
+    frozen_detail::fp16_product(dy, lddy, n, w.rows, w, false, dx, lddx, w.cols, accumulate, path);
 }
 
 /// y[n, out] (+)= x[n, in] · dequant(W)ᵀ for an NF4 W [out, in] (fp32 x, fp32 accumulation).
