@@ -6,6 +6,10 @@
 #include <string>
 #include <vector>
 
+namespace peft {
+class ProcessGroup;
+}
+
 namespace peft::cli {
 
 int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
@@ -17,7 +21,12 @@ int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostr
 int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
-int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+/// `peft train` as one rank of `group` (cli/train.cpp).
+int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+              const ProcessGroup& group);
+/// `peft train` as started: alone, or as one of the ranks of `mpirun -np N` (MPI initialised,
+/// rank 0 prints, an error on any rank ends the job); reports its own errors (cli/train_ranks.cpp).
+int run_train_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_tokenize(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
 }  // namespace peft::cli

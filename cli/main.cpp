@@ -52,6 +52,8 @@ int main(int argc, char** argv) {
     print_usage(std::cout);
     return 0;
   }
+  // train reports its own errors: under mpirun an error on one rank must end the others too.
+  if (command == "train") return peft::cli::run_train_command(args, std::cout, std::cerr);
   return peft::commands::report_errors(command, std::cerr, [&] {
     if (command == "inspect") return peft::cli::run_inspect(args, std::cout, std::cerr);
     if (command == "merge") return peft::cli::run_merge(args, std::cout, std::cerr);
@@ -62,7 +64,6 @@ int main(int argc, char** argv) {
     if (command == "search") return peft::cli::run_search(args, std::cout, std::cerr);
     if (command == "study") return peft::cli::run_study(args, std::cout, std::cerr);
     if (command == "demo") return peft::cli::run_demo(args, std::cout, std::cerr);
-    if (command == "train") return peft::cli::run_train(args, std::cout, std::cerr);
     if (command == "tokenize") return peft::cli::run_tokenize(args, std::cout, std::cerr);
     std::cerr << "peft: unknown command '" << command << "'\n";
     print_usage(std::cerr);

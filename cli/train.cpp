@@ -5,8 +5,9 @@
 
 namespace peft::cli {
 
-int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
-  return commands::run_train<BuiltinMethods>(args, out, err);
+int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+              const ProcessGroup& group) {
+  return commands::run_train<BuiltinMethods>(args, out, err, group);
 }
 
 }  // namespace peft::cli

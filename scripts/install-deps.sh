@@ -15,6 +15,7 @@ packages=(
   libbenchmark-dev                # benchmarks
   clang libclang-rt-14-dev        # fuzz/ harnesses: clang 14 with libFuzzer and its sanitizers
   libomp-14-dev                   # OpenMP for clang builds (the fuzz/ harnesses link peft::peft)
+  libopenmpi-dev openmpi-bin      # data-parallel `peft train` under mpirun (docs/distributed.md)
 )
 
 missing=()

@@ -15,6 +15,12 @@
 // written at every checkpoint and at the end, each time as one atomic unit), checkpoint/ (the
 // trainer's state: tensors, AdamW moments, step, history; train/checkpoint.hpp), log.jsonl (one
 // JSON object per step and per evaluation) and run.json (what was run).
+//
+// Data parallelism: with TrainArgs::process_group of N ranks (`mpirun -np N peft train ...`:
+// cli/train_ranks.cpp makes the group from MPI), each rank loads the model, reads the data and
+// trains on its share of every global batch (train/data_parallel.hpp); --batch is the global
+// batch. Rank 0 alone writes OUT/ (run.json, the log, checkpoints, the adapter) and prints;
+// evaluation is shared out by batches and summed. A checkpoint resumes on any number of ranks.
 #include <unistd.h>
 
 #include <chrono>
@@ -36,6 +42,7 @@
 #include "peft/data/tokenizer.hpp"
 #include "peft/io/parse_text.hpp"
 #include "peft/peft.hpp"
+#include "peft/train/data_parallel.hpp"
 #include "peft/train/trainer.hpp"
 
 #if defined(_OPENMP)
@@ -58,11 +65,17 @@ struct TrainArgs {
   double lora_plus_ratio = 0;  ///< 0: off; else lora_B's rate is lr · ratio (LoRA+)
   double val_fraction = 0.05;
   std::int64_t eval_every = 0, checkpoint_every = 0;  ///< 0: a tenth of the run
+  /// Stop after this step, with a checkpoint, as if the job's time were up (the schedule stays
+  /// the whole run's; --resume continues); 0: run to the end. Not part of the run's identity.
+  std::int64_t stop_at = 0;
   bool resume = false, progress = true;
   BaseFormat base = BaseFormat::fp32;
   int threads = 0;  ///< 0: OpenMP's default
   std::uint64_t seed = 0;
   std::filesystem::path log;  ///< empty: OUT/log.jsonl
+  /// The ranks that train together (not a flag: the program sets it, e.g. from MPI); default:
+  /// this process alone.
+  ProcessGroup process_group;
 };
 
 inline constexpr const char* kTrainUsage =
@@ -72,6 +85,7 @@ inline constexpr const char* kTrainUsage =
     "                  [--lr X] [--schedule cosine|linear|constant] [--warmup N]\n"
     "                  [--min-lr-ratio X] [--weight-decay X] [--lora-plus-ratio X] [--clip X]\n"
     "                  [--val-fraction X] [--eval-every N] [--checkpoint-every N] [--resume]\n"
+    "                  [--stop-at STEP]\n"
     "                  [--base-dtype fp32|bf16|fp16|nf4] [--device cpu] [--threads N] [--seed N]\n"
     "                  [--log FILE] [--no-progress]\n";
 
@@ -119,6 +133,7 @@ inline TrainArgs parse_train_args(const std::vector<std::string>& args) {
                                           "--val-fraction",
                                           "--eval-every",
                                           "--checkpoint-every",
+                                          "--stop-at",
                                           "--base-dtype",
                                           "--device",
                                           "--threads",
@@ -176,6 +191,8 @@ inline TrainArgs parse_train_args(const std::vector<std::string>& args) {
       a.eval_every = io::parse_integer(v, flag, positive);
     else if (flag == "--checkpoint-every")
       a.checkpoint_every = io::parse_integer(v, flag, positive);
+    else if (flag == "--stop-at")
+      a.stop_at = io::parse_integer(v, flag, positive);
     else if (flag == "--threads")
       a.threads = static_cast<int>(io::parse_integer(v, flag, {.min = 1, .max = 1024}));
     else if (flag == "--seed")
@@ -264,6 +281,31 @@ inline std::vector<Batch> calibration_batches(const data::SequenceSet& sequences
   return out;
 }
 
+/// evaluate() of the validation batches shared out over the group (batch i on rank i mod N),
+/// the sums gathered: every rank gets the metrics of all of them.
+template <class Model>
+EvalMetrics evaluate_shared(Model& model, const std::vector<Batch>& val, ProcessGroup& group) {
+  if (group.single()) return evaluate(model, val);
+  std::vector<Batch> mine;
+  for (std::size_t i = static_cast<std::size_t>(group.rank()); i < val.size();
+       i += static_cast<std::size_t>(group.size()))
+    mine.push_back(val[i]);
+  const EvalMetrics m = evaluate(model, mine);
+  const double t = double(m.tokens), n = double(m.sequences);
+  std::vector<double> sums = {m.tokens > 0 ? m.loss * t : 0.0, m.token_accuracy * t,
+                              m.exact_match * n, t, n};
+  group.all_reduce_sum(std::span<double>(sums));
+  EvalMetrics all;
+  all.tokens = static_cast<std::int64_t>(std::llround(sums[3]));
+  all.sequences = static_cast<std::int64_t>(std::llround(sums[4]));
+  if (all.tokens > 0) {
+    all.loss = sums[0] / sums[3];
+    all.token_accuracy = sums[1] / sums[3];
+  }
+  if (all.sequences > 0) all.exact_match = sums[2] / sums[4];
+  return all;
+}
+
 template <class Model>
 int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& sequences,
                 std::int64_t steps, const nlohmann::json& run, std::ostream& out) {
@@ -284,14 +326,18 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
           "--resume: this method trains in two phases (dense, then pruned) and "
           "is not resumable yet");
   }
+  if (a.stop_at > 0 && TrainsInTwoPhases<Adapter>)
+    throw ConfigError("--stop-at: this method trains in two phases and is not resumable yet");
   TrainerOptions o;
   o.max_steps = TrainsInTwoPhases<Adapter> ? std::max<std::int64_t>(1, steps / 2) : steps;
+  const std::int64_t schedule_steps = o.max_steps;
+  if (a.stop_at > 0) o.max_steps = std::min(o.max_steps, a.stop_at);
   o.grad_accumulation = static_cast<int>(a.grad_accum);
   o.adamw.lr = a.lr;
   o.adamw.weight_decay = a.weight_decay;
   o.schedule.kind = a.schedule;
   o.schedule.warmup_steps = a.warmup;
-  o.schedule.total_steps = o.max_steps;
+  o.schedule.total_steps = schedule_steps;
   o.schedule.final_ratio = a.min_lr_ratio;
   o.clip_norm = a.clip;
   const std::int64_t tenth = std::max<std::int64_t>(1, steps / 10);
@@ -301,6 +347,9 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
   o.checkpoint_every = a.checkpoint_every > 0 ? a.checkpoint_every : tenth;
   o.seed = a.seed;
   o.run_description = run;
+  o.process_group = a.process_group;
+  ProcessGroup group = a.process_group;
+  const bool root = group.is_root();
   if (a.lora_plus_ratio > 0)
     o.lr_multiplier = [ratio = a.lora_plus_ratio](const std::string& name) {
       return name.find("lora_B") != std::string::npos ? ratio : 1.0;
@@ -315,7 +364,7 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
   };
   const std::vector<Batch> val = sequences.val_batches(a.batch);
   typename Trainer<Model>::Evaluator evaluator;
-  if (!val.empty()) evaluator = [&](Model& m) { return evaluate(m, val); };
+  if (!val.empty()) evaluator = [&](Model& m) { return evaluate_shared(m, val, group); };
   Trainer<Model> trainer(model, o, next_batch, evaluator);
 
   const fs::path log_path = a.log.empty() ? a.out / "log.jsonl" : a.log;
@@ -334,10 +383,19 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     draw = trainer.step() * a.grad_accum * a.batch;
     out << "resuming at step " << trainer.step() << " of " << steps << '\n';
   }
-  std::ofstream log(log_path, a.resume ? std::ios::app : std::ios::trunc);
-  if (!log) throw FileError(log_path.string() + ": cannot write the log");
+  // Only rank 0 writes the log and shows progress; the others train silently.
+  std::ofstream log;
+  if (root) {
+    log.open(log_path, a.resume ? std::ios::app : std::ios::trunc);
+    if (!log) throw FileError(log_path.string() + ": cannot write the log");
+  }
+  if (!group.single())
+    out << "data parallel: " << group.size() << " ranks, " << a.batch
+        << " sequences a micro-batch shared out by rows; " << trainer.reduced_bytes_per_step()
+        << " bytes of gradients summed a step\n";
 
-  const bool tty = a.progress && isatty(fileno(stderr)) != 0;
+  const bool progress = a.progress && root;
+  const bool tty = progress && isatty(fileno(stderr)) != 0;
   const double tokens_per_step = double(a.batch * a.grad_accum * sequences.seq_len());
   double seconds = 0;
   std::int64_t timed = 0, last_line = -1;
@@ -347,6 +405,7 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     seconds += std::chrono::duration<double>(now - started).count();
     started = now;
     ++timed;
+    if (!root) return;
     const double per_step = seconds / double(timed);
     const double tokens_per_second = tokens_per_step / per_step;
     log << nlohmann::json{{"step", s.step},
@@ -357,7 +416,7 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
                .dump()
         << '\n'
         << std::flush;
-    if (!a.progress) return;
+    if (!progress) return;
     std::ostringstream line;
     line << "step " << s.step << '/' << s.max_steps << "  loss " << std::fixed
          << std::setprecision(4) << s.loss << "  lr " << std::scientific << std::setprecision(2)
@@ -376,6 +435,7 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     }
   };
   trainer.on_eval = [&](const EvalPoint& p) {
+    if (!root) return;
     log << nlohmann::json{{"step", p.step},
                           {"val_loss", p.metrics.loss},
                           {"val_token_accuracy", p.metrics.token_accuracy}}
@@ -389,8 +449,9 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     started = std::chrono::steady_clock::now();  // evaluation time is not step time
   };
   const auto save = [&] {
-    io::save_adapter(adapter_dir, config_to_json(model.adapter().config(), model.config()),
-                     model.adapter().parameters());
+    if (root)
+      io::save_adapter(adapter_dir, config_to_json(model.adapter().config(), model.config()),
+                       model.adapter().parameters());
   };
   trainer.on_checkpoint = [&](std::int64_t) {
     save();
@@ -423,7 +484,12 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
     if (result.reason == StopReason::NonFinite) throw Error(result.message);
   }
   save();
-  out << result.message << "; adapter " << adapter_dir.string() << '\n';
+  group.barrier();  // the adapter is on disk before any rank reports the run done
+  if (a.stop_at > 0 && result.steps < steps)
+    out << "stopped at step " << result.steps << " of " << steps
+        << " (--stop-at; --resume continues); adapter " << adapter_dir.string() << '\n';
+  else
+    out << result.message << "; adapter " << adapter_dir.string() << '\n';
   if (!result.losses.empty())
     out << "final train loss " << std::fixed << std::setprecision(4) << result.losses.back();
   if (!result.evals.empty()) out << ", val_loss " << result.evals.back().metrics.loss;
@@ -434,14 +500,19 @@ int train_model(Model& model, const TrainArgs& a, const data::SequenceSet& seque
 }  // namespace detail
 
 /// `peft train MODEL_DIR --adapter-config CFG --data FILE... --out DIR ...`: the exit status.
+/// `group`: the ranks that train together (every one of them calls this with the same
+/// arguments); default: this process alone.
 template <class Registry = BuiltinMethods>
-int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+              const ProcessGroup& group = {}) {
   for (const std::string& arg : args)
     if (arg == "--help" || arg == "-h") {
       err << kTrainUsage;
       return 0;
     }
-  const TrainArgs a = parse_train_args(args);
+  TrainArgs parsed = parse_train_args(args);
+  parsed.process_group = group;
+  const TrainArgs& a = parsed;
   const std::filesystem::path config_path = a.model_dir / "config.json";
   const ModelConfig config =
       ModelConfig::from_json(io::load_json(config_path), config_path.string());
@@ -482,12 +553,17 @@ int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostr
                                        ((sequences.train_count() + per_step - 1) / per_step);
   io::require_writable_dir(a.out, "--out");
   const nlohmann::json run = detail::describe_run(a, adapter_json, steps, seq_len, hash);
-  if (!a.resume) io::write_file_atomically(a.out / "run.json", run.dump(2) + "\n");
+  if (!a.resume && a.process_group.is_root())
+    io::write_file_atomically(a.out / "run.json", run.dump(2) + "\n");
   out << "data: " << sequences.train_count() << " training and " << sequences.val_count()
       << " validation sequences of " << seq_len << " tokens; " << steps << " steps of " << per_step
       << " sequences\n";
 #if defined(_OPENMP)
-  if (a.threads > 0) omp_set_num_threads(a.threads);
+  if (a.threads > 0)
+    omp_set_num_threads(a.threads);
+  else if (const int local = launcher_local_size(); !a.process_group.single() && local > 1)
+    // Ranks on one machine share its cores instead of each starting a thread per core.
+    omp_set_num_threads(std::max(1, omp_get_num_procs() / local));
 #endif
   int status = 0;
   try {

@@ -58,6 +58,31 @@ struct Batch {
   }
 };
 
+/// The next-token targets of a batch, [B, virtual_tokens + T]: targets[b, t] = labels'[b, t + 1],
+/// where labels' is −100 (kIgnoreIndex) over the virtual tokens, then the labels (or input_ids
+/// with −100 at padding). The loss is the mean cross-entropy over the targets that are not −100;
+/// the data-parallel trainer weights each rank's share by its count of them
+/// (train/data_parallel.hpp).
+inline std::vector<std::int64_t> shifted_targets(const Batch& batch, std::int64_t virtual_tokens) {
+  const std::int64_t Tn = batch.seq + virtual_tokens;
+  std::vector<std::int64_t> targets(static_cast<std::size_t>(batch.batch * Tn), ops::kIgnoreIndex);
+  for (std::int64_t b = 0; b < batch.batch; ++b)
+    for (std::int64_t t = 0; t + 1 < Tn; ++t) {
+      const std::int64_t src = t + 1 - virtual_tokens;  // index into the real tokens
+      if (src < 0) continue;
+      const auto i = static_cast<std::size_t>(b * batch.seq + src);
+      std::int64_t label;
+      if (!batch.labels.empty())
+        label = batch.labels[i];
+      else
+        label = (!batch.attention_mask.empty() && batch.attention_mask[i] == 0)
+                    ? ops::kIgnoreIndex
+                    : batch.input_ids[i];
+      targets[static_cast<std::size_t>(b * Tn + t)] = label;
+    }
+  return targets;
+}
+
 /// The first adapter's name, as the reference names it.
 inline constexpr std::string_view kDefaultAdapterName = "default";
 /// In Batch::adapter_names: the row runs the base model without any adapter (the reference's).
@@ -819,28 +844,6 @@ class Decoder {
     return visible;
   }
 
-  // targets[b, t] = labels'[b, t + 1], labels' = −100 over virtual tokens, then the labels.
-  static std::vector<std::int64_t> shifted_targets(const Batch& batch,
-                                                   std::int64_t virtual_tokens) {
-    const std::int64_t Tn = batch.seq + virtual_tokens;
-    std::vector<std::int64_t> targets(static_cast<std::size_t>(batch.batch * Tn),
-                                      ops::kIgnoreIndex);
-    for (std::int64_t b = 0; b < batch.batch; ++b)
-      for (std::int64_t t = 0; t + 1 < Tn; ++t) {
-        const std::int64_t src = t + 1 - virtual_tokens;  // index into the real tokens
-        if (src < 0) continue;
-        const auto i = static_cast<std::size_t>(b * batch.seq + src);
-        std::int64_t label;
-        if (!batch.labels.empty())
-          label = batch.labels[i];
-        else
-          label = (!batch.attention_mask.empty() && batch.attention_mask[i] == 0)
-                      ? ops::kIgnoreIndex
-                      : batch.input_ids[i];
-        targets[static_cast<std::size_t>(b * Tn + t)] = label;
-      }
-    return targets;
-  }
 
   // The block run without keeping its activations; one closure runs it again on an inner tape
   // in backward and back-propagates through that. Gradients reach x and the trainable tensors

@@ -15,6 +15,15 @@
 //
 // A non-finite loss or gradient stops the run before the update is applied; the model is put
 // back to the last good checkpoint (when there is one) and the checkpoint is left untouched.
+//
+// Data parallelism (options.process_group with more than one rank; train/data_parallel.hpp,
+// docs/distributed.md): every rank draws the same global micro-batches, runs forward and
+// backward on its rows only, weighting its mean loss by its share of the labelled positions,
+// and the trainable gradients (never the frozen weights) are summed over the ranks in buckets
+// before the clip and the optimizer step, which every rank then takes alike. Rank 0 writes the
+// checkpoints; any number of ranks can resume one. Without dropout, N ranks reproduce one
+// process's run up to the order of floating-point sums; with dropout, each rank draws its
+// masks from a generator keyed by (seed, step, rank) (a valid run, not the one process's masks).
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -30,6 +39,7 @@
 #include "peft/core/ops/loss.hpp"
 #include "peft/nn/decoder.hpp"
 #include "peft/train/checkpoint.hpp"
+#include "peft/train/data_parallel.hpp"
 #include "peft/train/optimizer.hpp"
 #include "peft/train/schedule.hpp"
 
@@ -119,6 +129,12 @@ struct TrainerOptions {
   /// Stored in every checkpoint's state under "run" (what the run was: `peft train` compares it
   /// before resuming, so that a checkpoint is never continued with other data or options).
   nlohmann::json run_description;
+  /// The ranks that train this model together (data_parallel.hpp); default: this process
+  /// alone. Every rank passes the same options and a batch source that yields the same global
+  /// micro-batches (of at least as many rows as there are ranks).
+  ProcessGroup process_group;
+  /// Gradient buckets of the data-parallel reduction: one collective per bucket.
+  std::size_t bucket_bytes = GradientBuckets<float>::kDefaultBucketBytes;
 };
 
 enum class StopReason { Completed, EarlyStopped, NonFinite };
@@ -157,6 +173,7 @@ struct TrainResult {
   std::int64_t steps = 0;        ///< steps done
   double train_seconds = 0;      ///< wall time in steps (evaluation and checkpoints excluded)
   std::int64_t timed_steps = 0;  ///< steps train_seconds covers (those run by this process)
+  double reduce_seconds = 0;  ///< of train_seconds, in the data-parallel sums (0 in one process)
   std::filesystem::path last_checkpoint;  ///< empty when none was written or found
   std::int64_t last_checkpoint_step = -1;
 };
@@ -180,6 +197,7 @@ class Trainer {
         evaluator_(std::move(evaluator)),
         params_(model.trainable_parameters()),
         optimizer_(params_, options_.adamw),
+        buckets_(params_, options_.bucket_bytes),
         rng_(options_.seed) {
     if (options_.grad_accumulation < 1) throw ConfigError("trainer: grad_accumulation must be ≥ 1");
     if (options_.max_steps < 0) throw ConfigError("trainer: max_steps must be ≥ 0");
@@ -203,6 +221,10 @@ class Trainer {
 
   std::int64_t step() const { return step_; }
   AdamW<T>& optimizer() { return optimizer_; }
+  /// Bytes each rank contributes to the gradient reduction of a step (0 in one process).
+  std::size_t reduced_bytes_per_step() const {
+    return options_.process_group.single() ? 0 : buckets_.bytes_per_step(2);
+  }
   const TrainResult& result() const { return result_; }
 
   /// Continues from the checkpoint in `dir` (written by a run with the same model and options).
@@ -254,20 +276,25 @@ class Trainer {
       optimizer_.zero_grad();
       if constexpr (SamplesRank<typename Model::Adapter>) model_.adapter().sample_rank();
       double loss_sum = 0;
-      set_training(true);
-      for (int micro = 0; micro < options_.grad_accumulation; ++micro) {
-        const Batch batch = next_batch_(rng_);
-        Tape<T> tape;
-        ForwardResult<T> out = model_.forward(tape, batch);
-        const double loss = double(out.loss.value()[0]);
-        if (!std::isfinite(loss)) {
-          set_training(false);
-          return stop_non_finite("training loss is " + describe(loss));
+      if (!group().single()) {
+        if (const std::string what = data_parallel_micro_batches(loss_sum); !what.empty())
+          return stop_non_finite(what);
+      } else {
+        set_training(true);
+        for (int micro = 0; micro < options_.grad_accumulation; ++micro) {
+          const Batch batch = next_batch_(rng_);
+          Tape<T> tape;
+          ForwardResult<T> out = model_.forward(tape, batch);
+          const double loss = double(out.loss.value()[0]);
+          if (!std::isfinite(loss)) {
+            set_training(false);
+            return stop_non_finite("training loss is " + describe(loss));
+          }
+          loss_sum += loss;
+          tape.backward(out.loss, T(1) / T(options_.grad_accumulation));
         }
-        loss_sum += loss;
-        tape.backward(out.loss, T(1) / T(options_.grad_accumulation));
+        set_training(false);
       }
-      set_training(false);
       const double norm = gradient_norm();
       if (!std::isfinite(norm)) return stop_non_finite("gradient norm is " + describe(norm));
       if (options_.clip_norm > 0 && norm > options_.clip_norm)
@@ -289,8 +316,14 @@ class Trainer {
       if (eval_due && evaluator_) stop_early = evaluate_now();
       const bool checkpoint_due =
           options_.checkpoint_every > 0 ? step_ % options_.checkpoint_every == 0 : eval_due;
-      if (!options_.checkpoint_dir.empty() && (checkpoint_due || last || stop_early))
-        write_checkpoint();
+      if (!options_.checkpoint_dir.empty() && (checkpoint_due || last || stop_early)) {
+        if (group().is_root()) write_checkpoint();
+        // The other ranks wait for it: a rank that restores the last good checkpoint (after a
+        // non-finite step) must find it whole.
+        group().barrier();
+        result_.last_checkpoint = options_.checkpoint_dir;
+        result_.last_checkpoint_step = step_;
+      }
       if (stop_early) {
         result_.reason = StopReason::EarlyStopped;
         result_.message = "early stopping at step " + std::to_string(step_) + ": no eval-loss " +
@@ -305,6 +338,58 @@ class Trainer {
   }
 
  private:
+  ProcessGroup& group() { return options_.process_group; }
+
+  /// One step's micro-batches on this rank's rows (data parallelism): forward and backward of
+  /// the rank's share of each global micro-batch, then the sum over the ranks of the gradients,
+  /// of the loss and of a non-finite count. Adds the step's loss to `loss_sum` (the same on every
+  /// rank); returns what went non-finite on some rank (every rank then stops), else "".
+  std::string data_parallel_micro_batches(double& loss_sum) {
+    ProcessGroup& g = group();
+    if constexpr (requires { model_.dropout_generator(); }) {
+      // Keyed by (seed, step, rank): a resumed run draws the masks the uninterrupted one drew,
+      // and ranks never share a stream.
+      std::uint64_t key = options_.seed ^ 0x9E3779B97F4A7C15ull * std::uint64_t(step_ + 1);
+      key ^= 0xBF58476D1CE4E5B9ull * std::uint64_t(g.rank() + 1);
+      model_.dropout_generator().seed(key);
+    }
+    double contribution = 0, non_finite = 0;
+    set_training(true);
+    for (int micro = 0; micro < options_.grad_accumulation; ++micro) {
+      const Batch global = next_batch_(rng_);
+      if (global.batch < g.size())
+        throw ConfigError("trainer: a micro-batch of " + std::to_string(global.batch) +
+                          " rows cannot be shared by " + std::to_string(g.size()) +
+                          " ranks (expected at least one row each)");
+      const Batch shard = shard_rows(global, g.rank(), g.size());
+      Tape<T> tape;
+      ForwardResult<T> out = model_.forward(tape, shard);
+      // The share of the global mean: the rank's labelled positions over the batch's.
+      const std::int64_t mine = count_targets(shard, out.virtual_tokens),
+                         all = count_targets(global, out.virtual_tokens);
+      const double weight = all > 0 ? double(mine) / double(all) : 1.0 / g.size();
+      const double loss = double(out.loss.value()[0]);
+      if (mine == 0 && all > 0) continue;  // no labelled position here: no share of the loss
+      if (!std::isfinite(loss)) {
+        non_finite += 1;
+        continue;
+      }
+      contribution += weight * loss;
+      tape.backward(out.loss, T(weight / options_.grad_accumulation));
+    }
+    set_training(false);
+    std::vector<T> extra = {T(contribution), T(non_finite)};
+    const auto reduce_started = std::chrono::steady_clock::now();
+    buckets_.all_reduce(g, std::span<T>(extra));
+    result_.reduce_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - reduce_started).count();
+    if (extra[1] > T(0))
+      return "training loss is non-finite on " + std::to_string(static_cast<long>(extra[1])) +
+             " micro-batch share(s) of the ranks";
+    loss_sum = double(extra[0]);
+    return {};
+  }
+
   /// Training mode (the adapters' dropout) for the steps' forward passes only: evaluation,
   /// and whatever the caller does with the model between runs, sees the deterministic model.
   void set_training(bool on) {
@@ -410,6 +495,7 @@ class Trainer {
   Evaluator evaluator_;
   std::vector<NamedParameter<T>> params_;
   AdamW<T> optimizer_;
+  GradientBuckets<T> buckets_;
   std::mt19937_64 rng_;
   std::int64_t step_ = 0;
   TrainResult result_;
