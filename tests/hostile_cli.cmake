@@ -167,6 +167,10 @@ _peft_hostile_test(parity_base_dtype_unknown 2 "--base-dtype: expected fp32, bf1
 _peft_hostile_test(parity_base_dtype_cuda 2 "--base-dtype bf16 runs on the CPU only|this build has no CUDA" 30
   parity --device cuda --base-dtype bf16 "${_lora}")
 
+_peft_hostile_test(train_stop_at_zero 2 "--stop-at: expected an integer in \\[1, 1000000000\\], found '0'" 30
+  train "${_gpt2}" --adapter-config "${_lora}/adapter/adapter_config.json" --data "${_gpt2}/config.json"
+  --out "${_h}/train_stop" --stop-at 0)
+
 # study and search: arguments and output folders checked before any training
 _peft_hostile_test(study_out_proc 1 "--out /proc: cannot write in the output folder" 30
   study --quick --no-progress --out /proc)

@@ -10,7 +10,7 @@ shift || true
 bench="$build/bin/peft_bench_data_parallel"
 [ -x "$bench" ] || { echo "run.sh: $bench not built (configure with MPI: -DPEFT_WITH_MPI=ON)" >&2; exit 2; }
 cores=$(nproc)
-mpirun=(mpirun --oversubscribe --allow-run-as-root --mca btl self,vader
+mpirun=(mpirun --oversubscribe --bind-to none --allow-run-as-root --mca btl self,vader
         --mca btl_vader_single_copy_mechanism none)
 lscpu | grep -E "Model name" | sed 's/  */ /g'
 echo "cores: $cores"

@@ -8,6 +8,7 @@
 #    exactly as a stopped one: tests/train_kill_resume.sh.)
 # 3. One rank killed with SIGKILL mid-step ends the job within 30 s, non-zero, with a message
 #    naming the lost rank.
+# 4. A global batch of fewer rows than ranks is a clear error on the ranks, and the job ends.
 set -euo pipefail
 peft=$1 compare=$2 golden=$3 work=$4
 shift 4
@@ -72,4 +73,13 @@ cat "$work/killed.log" | tail -5
 [ "$status" -ne 0 ] || { echo "the job exited 0 after losing a rank"; exit 1; }
 grep -qE "rank 1 .*(signal 9|Killed)" "$work/killed.log" || { echo "no message names rank 1"; exit 1; }
 echo "rank 1 killed: the job ended in ${elapsed} s with status $status"
+
+# 4. a global batch smaller than the ranks: a clear error naming the rank, every rank ends
+status=0
+"${mpirun[@]}" -np 2 "$peft" train "${args[@]}" --batch 1 --steps 5 --out "$work/small" \
+  >"$work/small.log" 2>&1 || status=$?
+[ "$status" -ne 0 ] || { cat "$work/small.log"; echo "batch 1 over 2 ranks exited 0"; exit 1; }
+grep -q "peft train (rank [01] of 2): error: .*a micro-batch of 1 rows cannot be shared by 2 ranks" \
+  "$work/small.log" || { cat "$work/small.log"; exit 1; }
+echo "batch 1 over 2 ranks: a clear error, status $status"
 echo "mpi-train ok"
