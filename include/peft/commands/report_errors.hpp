@@ -16,24 +16,28 @@ namespace peft::commands {
 /// (io::ArgumentError), 1 for anything else. The `peft` binary reports every command this way.
 template <class Run>
 int report_errors(const std::string& command, std::ostream& err, Run&& run) {
+  // The line is written in one piece: ranks of one job share a terminal (docs/distributed.md),
+  // and an unbuffered stream would interleave their pieces.
+  const auto report = [&](const std::string& what) {
+    err << ("peft " + command + ": error: " + what + "\n") << std::flush;
+  };
   try {
     return run();
   } catch (const io::ArgumentError& e) {
-    err << "peft " << command << ": error: " << e.what() << '\n';
+    report(e.what());
     return 2;
   } catch (const std::bad_alloc&) {
     // Commands check sizes before they allocate (docs/cli.md, "Bounds"); what still gets here is
     // a size the checks let through but the machine cannot hold.
-    err << "peft " << command
-        << ": error: out of memory (std::bad_alloc): a size in the command's arguments or in a "
-           "config it read (vocab_size, hidden_size, num_layers, ...) is too large for this "
-           "machine\n";
+    report(
+        "out of memory (std::bad_alloc): a size in the command's arguments or in a config it "
+        "read (vocab_size, hidden_size, num_layers, ...) is too large for this machine");
     return 1;
   } catch (const std::exception& e) {
-    err << "peft " << command << ": error: " << e.what() << '\n';
+    report(e.what());
     return 1;
   } catch (...) {
-    err << "peft " << command << ": error: an exception that is not a std::exception\n";
+    report("an exception that is not a std::exception");
     return 1;
   }
 }
