@@ -19,6 +19,7 @@
 #include "peft/nn/decoder.hpp"
 #include "peft/train/data_parallel.hpp"
 #include "peft/train/trainer.hpp"
+#include "tiny_models.hpp"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -29,20 +30,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-peft::ModelConfig tiny_config() {
-  peft::ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = peft::data::TaskVocab::size;
-  c.hidden_size = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.intermediate_size = 32;
-  c.max_positions = 48;
-  c.attention_bias = c.mlp_bias = false;
-  return c;
-}
+peft::ModelConfig tiny_config() { return test_support::task_model("llama", 2, 48); }
 
 peft::LoraConfig tiny_lora() {
   peft::LoraConfig c;
@@ -52,13 +40,8 @@ peft::LoraConfig tiny_lora() {
   return c;
 }
 
-const peft::data::TaskMixture& mixture() {
-  // Answer-only labels of different lengths: the rows of a batch have different numbers of
-  // labelled positions, so an unweighted mean of the ranks' losses would be wrong.
-  static const peft::data::TaskMixture mix{
-      {peft::data::TaskKind::Copy, peft::data::TaskKind::Reverse}, {1, 4, 16, 2, 4}, 0};
-  return mix;
-}
+// Answer-only labels of different lengths: an unweighted mean of the ranks' losses would be wrong.
+const peft::data::TaskMixture& mixture() { return test_support::task_mixture(); }
 
 peft::TrainerOptions options(std::int64_t steps) {
   peft::TrainerOptions o;

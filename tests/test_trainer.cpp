@@ -24,6 +24,7 @@
 #include "peft/train/checkpoint.hpp"
 #include "peft/train/schedule.hpp"
 #include "peft/train/trainer.hpp"
+#include "tiny_models.hpp"
 
 // Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
 // translation unit, where their helpers must not meet.
@@ -34,20 +35,7 @@ namespace {
 namespace fs = std::filesystem;
 using Model = peft::Decoder<peft::arch::Llama, peft::LoRA, float>;
 
-peft::ModelConfig tiny_config() {
-  peft::ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = peft::data::TaskVocab::size;
-  c.hidden_size = 16;
-  c.num_layers = 1;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.intermediate_size = 32;
-  c.max_positions = 32;
-  c.attention_bias = c.mlp_bias = false;
-  return c;
-}
+peft::ModelConfig tiny_config() { return test_support::task_model("llama", 1); }
 
 peft::LoraConfig tiny_lora() {
   peft::LoraConfig c;
@@ -57,11 +45,7 @@ peft::LoraConfig tiny_lora() {
   return c;
 }
 
-const peft::data::TaskMixture& mixture() {
-  static const peft::data::TaskMixture mix{
-      {peft::data::TaskKind::Copy, peft::data::TaskKind::Reverse}, {1, 4, 16, 2, 4}, 0};
-  return mix;
-}
+const peft::data::TaskMixture& mixture() { return test_support::task_mixture(); }
 
 peft::TrainerOptions tiny_options(std::int64_t steps) {
   peft::TrainerOptions o;

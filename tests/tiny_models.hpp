@@ -2,6 +2,7 @@
 // Tiny models and a padded batch shared by the method-family tests: small enough for
 // finite-difference gradient checks, with GPT-2's biases and tied head and LLaMA's
 // grouped-query attention and untied head.
+#include <peft/data/tasks.hpp>
 #include <peft/peft.hpp>
 #include <type_traits>
 
@@ -56,6 +57,32 @@ inline peft::Batch padded_batch() {
   b.input_ids = {1, 5, 7, 2, 9, 3, 3, 8, 0, 0};
   b.attention_mask = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
   return b;
+}
+
+/// A model over the study tasks' vocabulary (copy, reverse, ...), for trainer tests: width 16,
+/// 2 heads of 8, `layers` blocks, a tied head; GPT-2's biases or LLaMA's none.
+inline peft::ModelConfig task_model(const char* model_type, std::int64_t layers,
+                                    std::int64_t positions = 32) {
+  peft::ModelConfig c;
+  c.model_type = model_type;
+  c.vocab_size = peft::data::TaskVocab::size;
+  c.hidden_size = 16;
+  c.num_layers = layers;
+  c.num_heads = 2;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.intermediate_size = 32;
+  c.max_positions = positions;
+  c.attention_bias = c.mlp_bias = std::string_view(model_type) == "gpt2";  // tied head: default
+  return c;
+}
+
+/// Copy and reverse tasks with answer-only labels of different lengths (the rows of a batch have
+/// different numbers of labelled positions).
+inline const peft::data::TaskMixture& task_mixture() {
+  static const peft::data::TaskMixture mix{
+      {peft::data::TaskKind::Copy, peft::data::TaskKind::Reverse}, {1, 4, 16, 2, 4}, 0};
+  return mix;
 }
 
 }  // namespace test_support

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "../../cli/bench_step.hpp"
 #include "peft/distributed/mpi.hpp"
 #include "peft/io/parse_text.hpp"
 #include "peft/methods/additive/ia3.hpp"
@@ -38,27 +39,10 @@ namespace {
 
 struct Options {
   std::string method = "lora";
-  std::int64_t layers = 12, d = 768, heads = 12, vocab = 50257, seq = 256, batch = 4;
+  peft::cli::StepOptions model;  ///< the peer's model and batch: --layers --d --heads --vocab --seq --batch
   std::int64_t steps = 3, warmup = 1;
   int threads = 0;
 };
-
-peft::ModelConfig gpt2_config(const Options& o) {
-  peft::ModelConfig c;
-  c.model_type = "gpt2";
-  c.vocab_size = o.vocab;
-  c.hidden_size = o.d;
-  c.num_layers = o.layers;
-  c.num_heads = o.heads;
-  c.num_kv_heads = o.heads;
-  c.head_dim = o.d / o.heads;
-  c.intermediate_size = 4 * o.d;
-  c.max_positions = o.seq;
-  c.tie_word_embeddings = true;
-  c.attention_bias = c.mlp_bias = true;
-  c.validate("bench_data_parallel");
-  return c;
-}
 
 double peak_rss_mb() {
   rusage u{};
@@ -74,7 +58,7 @@ int run(Model& model, const Options& o, peft::MpiSession& mpi, std::int64_t full
   t.adamw.lr = 1e-4;
   t.eval_at_start = false;
   t.process_group = mpi.world();
-  const std::int64_t vocab = o.vocab, rows = o.batch, seq = o.seq;
+  const std::int64_t vocab = o.model.vocab, rows = o.model.batch, seq = o.model.seq;
   peft::Trainer<Model> trainer(model, t, [=](std::mt19937_64& rng) {
     peft::Batch b;
     b.batch = rows;
@@ -137,17 +121,17 @@ int main(int argc, char** argv) {
       if (flag == "--method")
         o.method = v;
       else if (flag == "--layers")
-        o.layers = peft::io::parse_integer(v, flag, size);
+        o.model.layers = peft::io::parse_integer(v, flag, size);
       else if (flag == "--d")
-        o.d = peft::io::parse_integer(v, flag, size);
+        o.model.d = peft::io::parse_integer(v, flag, size);
       else if (flag == "--heads")
-        o.heads = peft::io::parse_integer(v, flag, size);
+        o.model.heads = peft::io::parse_integer(v, flag, size);
       else if (flag == "--vocab")
-        o.vocab = peft::io::parse_integer(v, flag, size);
+        o.model.vocab = peft::io::parse_integer(v, flag, size);
       else if (flag == "--seq")
-        o.seq = peft::io::parse_integer(v, flag, size);
+        o.model.seq = peft::io::parse_integer(v, flag, size);
       else if (flag == "--batch")
-        o.batch = peft::io::parse_integer(v, flag, size);
+        o.model.batch = peft::io::parse_integer(v, flag, size);
       else if (flag == "--steps")
         o.steps = peft::io::parse_integer(v, flag, size);
       else if (flag == "--warmup")
@@ -160,7 +144,7 @@ int main(int argc, char** argv) {
 #if defined(_OPENMP)
     if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif
-    const peft::ModelConfig config = gpt2_config(o);
+    const peft::ModelConfig config = peft::cli::gpt2_config(o.model);  // bench-step's model
     // Full fine-tuning's count: every base tensor.
     std::int64_t full_entries = 0;
     std::size_t full_tensors = 0;

@@ -50,9 +50,12 @@ echo "resumed on one rank = one process"
 pid=$!
 victim=""
 for _ in $(seq 1 3000); do
-  for p in $(pgrep -f -- "--out $work/killed" || true); do
-    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then
-      victim=$p
+  # rank 1 of this job: its command line names the folder, its environment the rank (read from
+  # /proc: procps is not on every machine)
+  for d in /proc/[0-9]*; do
+    if tr '\0' ' ' <"$d/cmdline" 2>/dev/null | grep -q -- "--out $work/killed" &&
+       tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then
+      victim=${d#/proc/}
     fi
   done
   [ -n "$victim" ] && grep -q "data parallel" "$work/killed.log" 2>/dev/null && break

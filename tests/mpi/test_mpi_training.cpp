@@ -20,6 +20,7 @@
 #include "peft/methods/reparameterized/lora.hpp"
 #include "peft/nn/decoder.hpp"
 #include "peft/train/trainer.hpp"
+#include "../tiny_models.hpp"
 
 namespace {
 
@@ -28,21 +29,7 @@ using Model = peft::Decoder<peft::arch::Gpt2, peft::LoRA, float>;
 
 peft::MpiSession* session = nullptr;
 
-peft::ModelConfig tiny_config() {
-  peft::ModelConfig c;
-  c.model_type = "gpt2";
-  c.vocab_size = peft::data::TaskVocab::size;
-  c.hidden_size = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.intermediate_size = 32;
-  c.max_positions = 48;
-  c.tie_word_embeddings = true;
-  c.attention_bias = c.mlp_bias = true;
-  return c;
-}
+peft::ModelConfig tiny_config() { return test_support::task_model("gpt2", 2, 48); }
 
 peft::LoraConfig tiny_lora() {
   peft::LoraConfig c;
@@ -52,11 +39,7 @@ peft::LoraConfig tiny_lora() {
   return c;
 }
 
-const peft::data::TaskMixture& mixture() {
-  static const peft::data::TaskMixture mix{
-      {peft::data::TaskKind::Copy, peft::data::TaskKind::Reverse}, {1, 4, 16, 2, 4}, 0};
-  return mix;
-}
+const peft::data::TaskMixture& mixture() { return test_support::task_mixture(); }
 
 peft::TrainerOptions options(std::int64_t steps) {
   peft::TrainerOptions o;
