@@ -18,8 +18,8 @@ mkdir -p "$work"
 for i in $(seq 1 200); do echo "Line $i: the quick brown fox jumps over the lazy dog."; done >"$work/train.txt"
 args=("$golden/models/gpt2-tiny" --adapter-config "$golden/gpt2_lora/adapter/adapter_config.json"
       --data "$work/train.txt" --seq-len 32 --batch 4 --lr 1e-2 --threads 1 --no-progress)
-# fp32 (docs/distributed.md, "How exact"): measured 7.6e-7 after these 40 steps.
-tolerance=1e-5
+# fp32, the norm of the adapter's difference (docs/distributed.md, "How exact").
+tolerance=1e-4
 
 # 1. one process, then two ranks
 "$peft" train "${args[@]}" --steps 40 --checkpoint-every 10 --out "$work/one" >"$work/one.log"
