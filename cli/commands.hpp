@@ -14,6 +14,7 @@ namespace peft::cli {
 
 int run_bench_step(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_count(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int run_methods(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_demo(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_generate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_inspect(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);

@@ -23,6 +23,8 @@ void print_usage(std::ostream& out) {
          "--adapter "
          "DIR)\n"
          "  inspect FILE...          list a safetensors file's tensors (name, dtype, shape)\n"
+         "  methods [--json]         every method: family, name, the reference's peft_type, "
+         "paper\n"
          "  merge --adapters D1,D2 --weights W1,W2 --combination TYPE --out DIR  LoRA\n"
          "                           adapters merged into one (linear, cat, svd, ties, dare_*)\n"
          "  parity [--device cpu|cuda] [--timeout S] CASE_DIR...  check golden cases (logits,\n"
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
     if (command == "merge") return peft::cli::run_merge(args, std::cout, std::cerr);
     if (command == "parity") return peft::cli::run_parity(args, std::cout, std::cerr);
     if (command == "count") return peft::cli::run_count(args, std::cout, std::cerr);
+    if (command == "methods") return peft::cli::run_methods(args, std::cout, std::cerr);
     if (command == "bench-step") return peft::cli::run_bench_step(args, std::cout, std::cerr);
     if (command == "generate") return peft::cli::run_generate(args, std::cout, std::cerr);
     if (command == "search") return peft::cli::run_search(args, std::cout, std::cerr);

@@ -37,9 +37,11 @@ namespace io = peft::io;
 
 namespace {
 
-/// A fresh scratch folder per test case.
+/// A fresh scratch folder per test case, under the system's temporary folder (never the
+/// working directory, which may be a checkout).
 fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::current_path() / "hostile_files_scratch" / name;
+  const fs::path dir = fs::temp_directory_path() /
+                       ("peft_test_hostile_files_" + std::to_string(::getpid())) / name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;

@@ -17,6 +17,7 @@
 
 #include "peft/commands/count.hpp"
 #include "peft/commands/generate.hpp"
+#include "peft/commands/methods.hpp"
 #include "peft/commands/report_errors.hpp"
 
 namespace peft::commands {
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   const std::string program = argc > 0 ? argv[0] : "peft";
   const auto usage = [&](std::ostream& out) {
     out << "usage: " << program << " count MODEL_CONFIG ADAPTER_CONFIG\n"
+        << "       " << program << " methods [--json]\n"
         << "       " << program << " generate MODEL_DIR [--adapter DIR] (--prompt TEXT | --ids "
         << "1,2,3) [...]\n"
         << "methods:";
@@ -45,6 +47,7 @@ int main(int argc, char** argv) {
   }
   return report_errors(command, std::cerr, [&] {
     if (command == "count") return run_count<Registry>(args, std::cout, std::cerr);
+    if (command == "methods") return run_methods<Registry>(args, std::cout, std::cerr);
     if (command == "generate") return run_generate<Registry>(args, std::cout, std::cerr);
     std::cerr << program << ": unknown command '" << command << "'\n";
     usage(std::cerr);

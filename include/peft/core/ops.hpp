@@ -11,5 +11,6 @@
 #include "peft/core/ops/rows.hpp"
 #include "peft/core/ops/shape.hpp"
 #include "peft/core/ops/slice.hpp"
+#include "peft/core/ops/orthogonal.hpp"
 #include "peft/core/ops/sparse.hpp"
 #include "peft/core/ops/instantiations.hpp"

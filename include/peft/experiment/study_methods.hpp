@@ -76,6 +76,53 @@ inline std::vector<MethodEntry> study_methods() {
     c.options.targets = attention;
     return c;
   }));
+  // --- orthogonal and shard sharing: about LoRA r = 2's count on the same projections
+  m.push_back(entry<OFT>(3e-2, [=](Model, Steps) {
+    OftConfig c;
+    c.oft_block_size = 8;  // in/8 blocks of 8·7/2 skew entries each
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<BOFT>(3e-2, [=](Model, Steps) {
+    BoftConfig c;
+    c.boft_block_size = 4;  // in/4 blocks of 4 × 4, and the output scale
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<HRA>(1e-2, [=](Model, Steps) {
+    HraConfig c;
+    c.r = 4;  // 4 reflections of [in]
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<MiSS>(1e-2, [=](Model, Steps) {
+    MissConfig c;
+    c.r = 4;  // one [4, out] shard
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<C3A>(1e-2, [=](Model, Steps) {
+    C3aConfig c;
+    c.block_size = 4;  // (out · in)/4 circulant kernels
+    c.init = C3aConfig::Init::Zeros;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<VBLoRA>(1e-2, [=](Model, Steps) {
+    VbLoraConfig c;  // rank 2 from one bank of 8 vectors of 4
+    c.r = 2;
+    c.num_vectors = 8;
+    c.vector_length = 4;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<FourierFT>(1e-1, [=](Model, Steps) {
+    FourierFtConfig c;  // 64 spectral coefficients a projection, started at zero
+    c.n_frequency = 64;
+    c.init_weights = true;
+    c.targets = attention;
+    return c;
+  }));
   // --- additive
   m.push_back(entry<IA3>(5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
   m.push_back(entry<PrefixTuning>(3e-2, [](Model, Steps) {

@@ -9,7 +9,9 @@
 //   static constexpr std::string_view name;        // "lora", "ia3", ... (unique in a registry)
 //   struct Config;                                 // its hyper-parameters, as values
 //   template <class T> class State;                // its tensors and hooks for scalar T
-//   Optional: static constexpr std::string_view title ("LoRA": used in messages; default name).
+//   Optional: static constexpr std::string_view title ("LoRA": used in messages; default name),
+//             paper ("Authors, year, title") and reference (HF peft's peft_type, "" if none):
+//             what `peft methods` lists (commands/methods.hpp).
 //
 // 2. REQUIRED OF P::State<T> (concept PolicyState)
 //   explicit State(const P::Config&);
@@ -26,8 +28,8 @@
 //       sees the block's normalised attention input before its projections (UniPELT's gates)
 //   void adapt(Projection<T>&)                                      HasProjectionHook
 //       at every projection site (qkv / q, k, v, o, fc, proj / gate, up, down, lm_head):
-//       CONTRIBUTES to the module's product — an input or output scale, a low-rank term, a
-//       delta, a shift, or (where the method truly is one) a replacement — as data
+//       CONTRIBUTES to the module's product — an input or output scale, an input map, a low-rank
+//       term, a delta, a shift, or (where the method truly is one) a replacement — as data
 //       (nn/projection.hpp, which fixes their order). Several methods may adapt one module.
 //   std::int64_t num_virtual_tokens() const;                        HasVirtualTokens
 //   Var<T> prepend_virtual_tokens(Tape<T>&, const Var<T>& embeddings)   [B,T,d] -> [B,P+T,d]

@@ -30,11 +30,18 @@
 #include "peft/methods/additive/ssf.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/adalora.hpp"
+#include "peft/methods/reparameterized/boft.hpp"
+#include "peft/methods/reparameterized/c3a.hpp"
 #include "peft/methods/reparameterized/dora.hpp"
 #include "peft/methods/reparameterized/dylora.hpp"
+#include "peft/methods/reparameterized/fourierft.hpp"
+#include "peft/methods/reparameterized/hra.hpp"
 #include "peft/methods/reparameterized/loha.hpp"
 #include "peft/methods/reparameterized/lokr.hpp"
 #include "peft/methods/reparameterized/lora.hpp"
+#include "peft/methods/reparameterized/miss.hpp"
+#include "peft/methods/reparameterized/oft.hpp"
+#include "peft/methods/reparameterized/vblora.hpp"
 #include "peft/methods/reparameterized/vera.hpp"
 #include "peft/methods/selective/bitfit.hpp"
 #include "peft/methods/selective/diff_pruning.hpp"
@@ -90,9 +97,10 @@ struct MethodRegistry {
 
 /// Every method of the library that reads the reference's adapter files.
 using BuiltinMethods =
-    MethodRegistry<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, IA3, PrefixTuning, PromptTuning,
-                   PTuning, SSF, SerialAdapter, PfeifferAdapter, ParallelAdapter, BitFit, LNTuning,
-                   UnstructuredMask, FishMask, DiffPruning, StructuredMask>;
+    MethodRegistry<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, OFT, BOFT, HRA, MiSS, C3A, VBLoRA,
+                   FourierFT, IA3, PrefixTuning, PromptTuning, PTuning, SSF, SerialAdapter,
+                   PfeifferAdapter, ParallelAdapter, BitFit, LNTuning, UnstructuredMask, FishMask,
+                   DiffPruning, StructuredMask>;
 
 /// An adapter config's peft_type as an error message shows it: the string, "?" where there is
 /// none, or the first 64 characters of whatever JSON stands there instead.

@@ -29,6 +29,10 @@
 //       runs at attach and whenever base weights are loaded (PiSSA, DoRA's norms)
 //   template <class T> static RowMatrix<T> delta_weight(const Slot&, const nn::Linear<T>&)
 //       ΔW [out, in]: the state is then Mergeable and Unloadable (W += ΔW)
+//   template <class T> static RowMatrix<T> merged_weight(const Config&, const Slot&,
+//                                                        const nn::Linear<T>&, bool merge)
+//       instead, for a merge that is not a sum: the module's next W [out, in], from its current
+//       one (merge: W Rᵀ for OFT; unmerge: the inverse map); Mergeable and Unloadable too
 #include <random>
 #include <vector>
 
@@ -55,9 +59,14 @@ class SiteState {
   using Config = typename P::Config;
   using Sites = SiteTable<T, typename detail::ExtraOf<P, T>::type>;
   using Slot = typename Sites::Slot;
-  static constexpr bool mergeable = requires(const Slot& s, const nn::Linear<T>& m) {
+  static constexpr bool additive_merge = requires(const Slot& s, const nn::Linear<T>& m) {
     P::delta_weight(s, m);
   };
+  static constexpr bool transform_merge =
+      requires(const Config& c, const Slot& s, const nn::Linear<T>& m) {
+    P::merged_weight(c, s, m, true);
+  };
+  static constexpr bool mergeable = additive_merge || transform_merge;
 
   explicit SiteState(const Config& config) : config_(config) {}
   const Config& config() const { return config_; }
@@ -83,17 +92,24 @@ class SiteState {
   }
   std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
 
-  void merge(const std::vector<nn::Linear<T>*>& m) requires mergeable {
-    sites_.fold(m, true, delta);
-  }
-  void unmerge(const std::vector<nn::Linear<T>*>& m) requires mergeable {
-    sites_.fold(m, false, delta);
-  }
+  void merge(const std::vector<nn::Linear<T>*>& m) requires mergeable { fold(m, true); }
+  void unmerge(const std::vector<nn::Linear<T>*>& m) requires mergeable { fold(m, false); }
   /// Merges for good and drops the adapter (parameters() is empty afterwards).
-  void unload(const std::vector<nn::Linear<T>*>& m) requires mergeable { sites_.unload(m, delta); }
+  void unload(const std::vector<nn::Linear<T>*>& m) requires mergeable {
+    fold(m, true);
+    sites_ = Sites{};
+  }
 
  private:
-  static RowMatrix<T> delta(const Slot& s, const nn::Linear<T>& m) { return P::delta_weight(s, m); }
+  void fold(const std::vector<nn::Linear<T>*>& m, bool merge) {
+    if constexpr (additive_merge)
+      sites_.fold(m, merge,
+                  [](const Slot& s, const nn::Linear<T>& l) { return P::delta_weight(s, l); });
+    else
+      sites_.refold(m, merge, [this](const Slot& s, const nn::Linear<T>& l, bool forward) {
+        return P::merged_weight(config_, s, l, forward);
+      });
+  }
 
   Config config_;
   Sites sites_;

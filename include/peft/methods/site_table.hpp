@@ -226,6 +226,19 @@ class SiteTable {
       slot->merged = merge;
     }
   }
+  /// W ← transform(slot, module, merge) [out, in] (merge), or back (unmerge), for each slot
+  /// not already in that state: merges that multiply W (the orthogonal family: W Rᵀ and back
+  /// with R⁻ᵀ) rather than add to it. `transform` reads the module's current W itself.
+  template <class Transform>
+  void refold(const std::vector<nn::Linear<T>*>& modules, bool merge, Transform&& transform) {
+    for (nn::Linear<T>* lin : modules) {
+      Slot* slot = find(lin->site);
+      if (!slot || slot->merged == merge) continue;
+      const RowMatrix<T> next = transform(*slot, *lin, merge);
+      lin->add_to_weight(next - lin->weight_out_in());
+      slot->merged = merge;
+    }
+  }
   /// Merges for good and drops every slot: the model is the base model with the update in.
   template <class Delta>
   void unload(const std::vector<nn::Linear<T>*>& modules, Delta&& delta) {

@@ -5,6 +5,8 @@
 //
 // WHAT A METHOD MAY CONTRIBUTE (from its `adapt(Projection<T>&)` hook; methods/policy.hpp)
 //   scale_input(s)          x ← x ⊙ s, s [in] (IA3 on feed-forward modules)
+//   map_input(f)            x ← f(tape, x), [..., in] → [..., in] (the orthogonal family: OFT's
+//                           block rotation, HRA's reflections: W R x without forming W R)
 //   add_low_rank(A, B, s)   y += s · (x Aᵀ) Bᵀ, A [r, in], B [out, r] (LoRA and its family;
 //                           fused into the base product: y and dx are written once)
 //   add_delta(f)            y += f(tape, x) (a general delta, [..., out]: LoHa, LoKr, sparse
@@ -14,9 +16,9 @@
 //   scale_output(l)         y ← y ⊙ l, l [out] (IA3)
 //   shift_output(β)         y ← y + β, β [out] (SSF)
 //   map_output(f)           y ← f(tape, y)
-// ORDER (defined, whatever the methods): every input scale (in the order given), then the
-// product (the replacement or x Wᵀ + b) plus every low-rank term and delta, then every output
-// stage in the order given. Compose gives its components the same Projection in component
+// ORDER (defined, whatever the methods): every input scale and input map (in the order given),
+// then the product (the replacement or x Wᵀ + b) plus every low-rank term and delta, then every
+// output stage in the order given. Compose gives its components the same Projection in component
 // order, so `Compose<LoRA, IA3>` on v_proj computes (x Wᵀ + b + s B A x) ⊙ l.
 // An empty Projection computes module.forward_base(x): a site no method adapts costs nothing.
 //
@@ -59,13 +61,22 @@ class Projection {
   using Function = std::function<Var<T>(Tape<T>&, const Var<T>&)>;
   using Product = std::function<Var<T>(Tape<T>&, const nn::Linear<T>&, const Var<T>&)>;
 
-  enum class Kind { InputScale, LowRank, Delta, Replace, OutputScale, OutputShift, OutputMap };
+  enum class Kind {
+    InputScale,
+    InputMap,
+    LowRank,
+    Delta,
+    Replace,
+    OutputScale,
+    OutputShift,
+    OutputMap
+  };
   struct Contribution {
     Kind kind;
     Var<T> a;  ///< InputScale, OutputScale, OutputShift: the vector; LowRank: A [r, in]
     Var<T> b;  ///< LowRank: B [out, r]
     T scale = T(1);
-    Function function;   ///< Delta: x → Δy; OutputMap: y → y'
+    Function function;   ///< Delta: x → Δy; InputMap: x → x'; OutputMap: y → y'
     Product product;     ///< Replace
     double dropout = 0;  ///< LowRank, Delta: the input's dropout probability in training
   };
@@ -84,6 +95,7 @@ class Projection {
   std::mt19937_64* dropout_generator() const { return dropout_; }
 
   void scale_input(Var<T> s) { push({Kind::InputScale, std::move(s), {}, T(1), {}, {}}); }
+  void map_input(Function f) { push({Kind::InputMap, {}, {}, T(1), std::move(f), {}}); }
   void add_low_rank(Var<T> a, Var<T> b, T scale, double dropout = 0) {
     push({Kind::LowRank, std::move(a), std::move(b), scale, {}, {}, dropout});
   }
@@ -111,8 +123,10 @@ class Projection {
     const nn::Linear<T>& m = *module_;
     if (contributions_.empty()) return m.forward_base(tape, x_);
     Var<T> x = x_;
-    for (const Contribution& c : contributions_)
+    for (const Contribution& c : contributions_) {
       if (c.kind == Kind::InputScale) x = ops::mul(tape, x, flat(tape, c.a, m.in_features));
+      if (c.kind == Kind::InputMap) x = c.function(tape, x);
+    }
     const Contribution* replace = nullptr;
     const Contribution* fused = nullptr;  // the first low-rank term rides in the base product
     for (const Contribution& c : contributions_) {
@@ -176,8 +190,8 @@ class Projection {
   /// s · (x Aᵀ) Bᵀ on its own (a gate wrapping a low-rank term needs the term alone).
   static Var<T> low_rank(Tape<T>& tape, const Var<T>& x, const Contribution& c) {
     // The scale on the narrow [..., r] product: one pass over r columns, not over out.
-    Var<T> h = ops::scale(tape, ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn),
-                          c.scale);
+    Var<T> h =
+        ops::scale(tape, ops::linear(tape, x, c.a, Var<T>{}, ops::WeightLayout::OutIn), c.scale);
     return ops::linear(tape, h, c.b, Var<T>{}, ops::WeightLayout::OutIn);
   }
 
@@ -227,8 +241,8 @@ struct RowGroup {
 /// its rows (ops::grouped_low_rank_add: the grouped product of Punica/S-LoRA on the CPU, two
 /// small products per group). When the groups only add (deltas too, or a dropout in training),
 /// each group's terms are computed on its gathered rows and added back at them. Otherwise (input
-/// or output scales, a replacement) each group computes its whole projection on its own rows.
-/// `adapt(state, projection)` asks a state for its contributions.
+/// or output scales, input maps, a replacement) each group computes its whole projection on its own
+/// rows. `adapt(state, projection)` asks a state for its contributions.
 template <class T, class State, class Adapt>
 Var<T> grouped_projection(Tape<T>& tape, const nn::Linear<T>& module, const Var<T>& x,
                           const std::vector<RowGroup<State>>& groups, std::mt19937_64* dropout,

@@ -9,6 +9,8 @@
 #include <map>
 #include <new>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "peft/io/adapter_file.hpp"
@@ -259,6 +261,32 @@ inline Batch read_case_batch(const io::SafetensorsFile& expected) {
   return batch;
 }
 
+/// The AdamW trajectory of a golden case on `model` (its adapter as loaded): the loss before each
+/// step and after the last, and every trainable tensor after the last step — read before the
+/// final loss's forward (a forward may move them: COFT projects its parameters in place, as the
+/// reference does).
+template <class Model, class T = typename Model::Scalar>
+std::pair<std::vector<double>, std::vector<std::pair<std::string, std::vector<double>>>>
+run_trajectory(Model& model, const Batch& batch, const GoldenTraining& training) {
+  for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
+  AdamW<T> optimizer(model.trainable_parameters(), training.adamw());
+  std::vector<double> losses;
+  std::vector<std::pair<std::string, std::vector<double>>> trained;
+  for (int step = 0; step <= training.steps; ++step) {
+    if (step == training.steps)
+      for (NamedParameter<T>& p : model.trainable_parameters())
+        trained.emplace_back("trained." + p.name, as_doubles(p.var.value()));
+    Tape<T> tape(step < training.steps);
+    ForwardResult<T> out = model.forward(tape, batch);
+    losses.push_back(double(out.loss.value()[0]));
+    if (step == training.steps) break;
+    optimizer.zero_grad();
+    tape.backward(out.loss);
+    optimizer.step();
+  }
+  return {std::move(losses), std::move(trained)};
+}
+
 template <class Arch, class Policy, class T>
 void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_json,
               const nlohmann::json& adapter_json, const std::filesystem::path& model_dir,
@@ -335,28 +363,15 @@ void run_case(const std::filesystem::path& case_dir, const nlohmann::json& case_
   // The AdamW trajectory: the same batch each step.
   if (expected.contains("train_losses")) {
     load_adapter();
-    for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
-    const GoldenTraining training = read_training(case_json, (case_dir / "case.json").string());
-    const AdamWOptions options = training.adamw();
-    const int steps = training.steps;
-    AdamW<T> optimizer(model.trainable_parameters(), options);
-    std::vector<double> losses;
-    for (int step = 0; step <= steps; ++step) {
-      Tape<T> tape(step < steps);
-      ForwardResult<T> out = model.forward(tape, batch);
-      losses.push_back(double(out.loss.value()[0]));
-      if (step == steps) break;
-      optimizer.zero_grad();
-      tape.backward(out.loss);
-      optimizer.step();
-    }
+    const auto [losses, trained] =
+        run_trajectory(model, batch, read_training(case_json, (case_dir / "case.json").string()));
     check("train_losses", max_abs_error(losses, expected.read<double>("train_losses")),
           tol.train_losses);
-    for (NamedParameter<T>& p : model.trainable_parameters()) {
-      const std::string key = "trained." + p.name;
+    const std::vector<NamedParameter<T>> params = model.trainable_parameters();
+    for (std::size_t i = 0; i < trained.size(); ++i) {
+      const auto& [key, values] = trained[i];
       if (!expected.contains(key)) continue;
-      check(key,
-            relative_error(as_doubles(p.var.value()), expected.read<double>(key, p.var.shape())),
+      check(key, relative_error(values, expected.read<double>(key, params[i].var.shape())),
             tol.trained);
     }
   }
@@ -386,19 +401,7 @@ CaseRun run_in_format(const std::filesystem::path& model_dir, const typename Pol
   }
   if (training != nullptr) {
     io::load_adapter_tensors(model.adapter().parameters(), adapter_file);
-    for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
-    AdamW<T> optimizer(model.trainable_parameters(), training->adamw());
-    for (int step = 0; step <= training->steps; ++step) {
-      Tape<T> tape(step < training->steps);
-      ForwardResult<T> out = model.forward(tape, batch);
-      run.train_losses.push_back(double(out.loss.value()[0]));
-      if (step == training->steps) break;
-      optimizer.zero_grad();
-      tape.backward(out.loss);
-      optimizer.step();
-    }
-    for (NamedParameter<T>& p : model.trainable_parameters())
-      run.trained.emplace_back("trained." + p.name, as_doubles(p.var.value()));
+    std::tie(run.train_losses, run.trained) = run_trajectory(model, batch, *training);
   }
   return run;
 }

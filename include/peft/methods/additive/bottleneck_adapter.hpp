@@ -96,6 +96,13 @@ struct BottleneckAdapter : detail::AdditiveMethod<BottleneckAdapterConfig<Placem
   static constexpr std::string_view title = serial     ? "serial adapter"
                                             : pfeiffer ? "Pfeiffer adapter"
                                                        : "parallel adapter";
+  static constexpr std::string_view paper =
+      serial     ? "Houlsby et al., 2019, Parameter-Efficient Transfer Learning for NLP"
+      : pfeiffer ? "Pfeiffer et al., 2021, AdapterFusion: Non-Destructive Task Composition for "
+                   "Transfer Learning"
+                 : "He et al., 2022, Towards a Unified View of Parameter-Efficient Transfer "
+                   "Learning";
+  static constexpr std::string_view reference = "";  ///< AdapterHub's, not HF peft's
   using Config = BottleneckAdapterConfig<Placement>;
 
   static constexpr bool after_attention_site = Placement == detail::AdapterPlacement::Serial;

@@ -86,6 +86,10 @@ struct Ia3Config {
 
 struct IA3 : detail::AdditiveMethod<Ia3Config> {
   static constexpr std::string_view name = "ia3", title = "IA3";
+  static constexpr std::string_view paper =
+      "Liu et al., 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than "
+      "In-Context Learning";
+  static constexpr std::string_view reference = "IA3";  ///< peft_type in HF peft
   using Config = Ia3Config;
 
   /// l [1, in] for feedforward modules (input scaling), else [out, 1]; `c` resolved.

@@ -58,6 +58,8 @@ struct PTuningConfig : detail::PromptLearningConfig {
 
 struct PTuning : detail::AdditiveMethod<PTuningConfig> {
   static constexpr std::string_view name = "p_tuning", title = "P-tuning";
+  static constexpr std::string_view paper = "Liu et al., 2021, GPT Understands, Too";
+  static constexpr std::string_view reference = "P_TUNING";  ///< peft_type in HF peft
   using Config = PTuningConfig;
 
   /// The embedding and the encoder, as the reference prints them while training.

@@ -59,6 +59,9 @@ struct PrefixTuningConfig : detail::PromptLearningConfig {
 
 struct PrefixTuning : detail::AdditiveMethod<PrefixTuningConfig> {
   static constexpr std::string_view name = "prefix_tuning", title = "prefix tuning";
+  static constexpr std::string_view paper =
+      "Li and Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation";
+  static constexpr std::string_view reference = "PREFIX_TUNING";  ///< peft_type in HF peft
   using Config = PrefixTuningConfig;
 
   /// As the reference prints it while training: the table, or with prefix_projection the

@@ -69,6 +69,9 @@ Tensor<T> embedding_rows(const Tensor<T>& embeddings, std::vector<std::int64_t> 
 
 struct PromptTuning : detail::AdditiveMethod<PromptTuningConfig> {
   static constexpr std::string_view name = "prompt_tuning", title = "prompt tuning";
+  static constexpr std::string_view paper =
+      "Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning";
+  static constexpr std::string_view reference = "PROMPT_TUNING";  ///< peft_type in HF peft
   using Config = PromptTuningConfig;
 
   static ParameterCount count_parameters(const ModelConfig& model, const std::vector<LinearShape>&,

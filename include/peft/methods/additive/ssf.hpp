@@ -40,6 +40,10 @@ struct SsfConfig {
 
 struct SSF : detail::AdditiveMethod<SsfConfig> {
   static constexpr std::string_view name = "ssf", title = "SSF";
+  static constexpr std::string_view paper =
+      "Lian et al., 2022, Scaling & Shifting Your Features: A New Baseline for Efficient Model "
+      "Tuning";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = SsfConfig;
 
   static bool selects(const Config& c, const ModuleSite& m) {

@@ -21,6 +21,9 @@ namespace peft {
 /// A named composition: everything is Compose's, with the registry name "mam_adapter".
 struct MAMAdapter : Compose<PrefixTuning, ParallelAdapter> {
   static constexpr std::string_view name = "mam_adapter", title = "MAM adapter";
+  static constexpr std::string_view paper =
+      "He et al., 2022, Towards a Unified View of Parameter-Efficient Transfer Learning";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
 };
 
 struct MamSizes {

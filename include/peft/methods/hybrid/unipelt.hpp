@@ -268,7 +268,8 @@ struct Gated {
         const LazyGate g{&*linear_gates_[site], p.input(), std::make_shared<Var<T>>()};
         bool whole = false;
         for (const Contribution& c : own.contributions())
-          whole = whole || c.kind == Kind::InputScale || c.kind == Kind::Replace;
+          whole = whole || c.kind == Kind::InputScale || c.kind == Kind::InputMap ||
+                  c.kind == Kind::Replace;
         if (whole) {
           p.add_delta([contributions = own.contributions(), g, &module = p.module(),
                        dropout = p.dropout_generator()](Tape<T>& t, const Var<T>& x) {
@@ -315,6 +316,7 @@ struct Gated {
               });
               break;
             case Kind::InputScale:
+            case Kind::InputMap:
             case Kind::Replace:
               break;  // handled above, as the whole inner product
           }
@@ -439,6 +441,10 @@ struct Gated {
 /// everything is Compose's, with the registry name "unipelt" (the study's and the search's row).
 struct UniPELT : Compose<Gated<LoRA>, Gated<PrefixTuning>, Gated<SerialAdapter>> {
   static constexpr std::string_view name = "unipelt", title = "UniPELT";
+  static constexpr std::string_view paper =
+      "Mao et al., 2022, UniPELT: A Unified Framework for Parameter-Efficient Language Model "
+      "Tuning";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
 };
 
 /// UniPELT's sizes, as hyper-parameters: LoRA rank, prefix length, adapter width.

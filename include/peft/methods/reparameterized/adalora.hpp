@@ -119,6 +119,9 @@ struct AdaLoraConfig : ConfigIo<AdaLoraConfig> {
 struct AdaLoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "adalora", title = "AdaLoRA";
+  static constexpr std::string_view paper =
+      "Zhang et al., 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning";
+  static constexpr std::string_view reference = "ADALORA";  ///< peft_type in HF peft
   using Config = AdaLoraConfig;
 
   /// lora_A [r, in], lora_B [out, r], lora_E [r, 1] per module, r = the module's rank.

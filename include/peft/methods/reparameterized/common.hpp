@@ -105,4 +105,16 @@ LycorisDropout<T> lycoris_dropout(const LycorisOptions& o, std::mt19937_64* gene
   return d;
 }
 
+namespace reparameterized {
+/// The target rules without exclude_modules, which the reference's VeRA and C3A configs do not
+/// have.
+template <class C>
+struct TargetsWithoutExclude : TargetsField<C> {
+  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
+    TargetsField<C>::write(c, j, model);
+    j.erase("exclude_modules");
+  }
+};
+}  // namespace reparameterized
+
 }  // namespace peft::detail

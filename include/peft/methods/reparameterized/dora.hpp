@@ -97,6 +97,9 @@ struct DoraConfig : LoraConfig {
 struct DoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "dora", title = "DoRA";
+  static constexpr std::string_view paper =
+      "Liu et al., 2024, DoRA: Weight-Decomposed Low-Rank Adaptation";
+  static constexpr std::string_view reference = "LORA (use_dora)";  ///< peft_type in HF peft
   using Config = DoraConfig;
 
   static bool accepts(const nlohmann::json& j) {

@@ -45,6 +45,10 @@ struct DyLoraConfig : ConfigIo<DyLoraConfig> {
 struct DyLoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "dylora", title = "DyLoRA";
+  static constexpr std::string_view paper =
+      "Valipour et al., 2023, DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using "
+      "Dynamic Search-Free Low-Rank Adaptation";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = DyLoraConfig;
 
   static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "DYLORA"); }

@@ -28,6 +28,10 @@ struct LohaConfig : ConfigIo<LohaConfig> {
 struct LoHa {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "loha", title = "LoHa";
+  static constexpr std::string_view paper =
+      "Hyeon-Woo et al., 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient "
+      "Federated Learning";
+  static constexpr std::string_view reference = "LOHA";  ///< peft_type in HF peft
   using Config = LohaConfig;
 
   static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "LOHA"); }

@@ -83,6 +83,10 @@ struct LokrConfig : ConfigIo<LokrConfig> {
 struct LoKr {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "lokr", title = "LoKr";
+  static constexpr std::string_view paper =
+      "Yeh et al., 2024, Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model "
+      "Evaluation";
+  static constexpr std::string_view reference = "LOKR";  ///< peft_type in HF peft
   using Config = LokrConfig;
 
   static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "LOKR"); }

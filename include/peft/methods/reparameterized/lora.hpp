@@ -21,6 +21,9 @@ namespace peft {
 struct LoRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "lora", title = "LoRA";
+  static constexpr std::string_view paper =
+      "Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models";
+  static constexpr std::string_view reference = "LORA";  ///< peft_type in HF peft
   using Config = LoraConfig;
   template <class T>
   struct Extra {

@@ -19,17 +19,6 @@
 
 namespace peft {
 
-namespace detail::reparameterized {
-/// The target rules without exclude_modules, which the reference's VeRA config does not have.
-template <class C>
-struct TargetsWithoutExclude : TargetsField<C> {
-  void write(const C& c, nlohmann::json& j, const ModelConfig& model) const {
-    TargetsField<C>::write(c, j, model);
-    j.erase("exclude_modules");
-  }
-};
-}  // namespace detail::reparameterized
-
 struct VeraConfig : ConfigIo<VeraConfig> {
   static constexpr std::string_view peft_type = "VERA";
   int r = 256;
@@ -60,6 +49,9 @@ struct VeraConfig : ConfigIo<VeraConfig> {
 struct VeRA {
   using family = family::Reparameterized;
   static constexpr std::string_view name = "vera", title = "VeRA";
+  static constexpr std::string_view paper =
+      "Kopiczko et al., 2024, VeRA: Vector-based Random Matrix Adaptation";
+  static constexpr std::string_view reference = "VERA";  ///< peft_type in HF peft
   using Config = VeraConfig;
 
   static bool accepts(const nlohmann::json& j) { return is_peft_type(j, "VERA"); }

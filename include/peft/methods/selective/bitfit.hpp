@@ -36,6 +36,10 @@ struct BitFitConfig : TabledConfigIo<BitFitConfig> {
 struct BitFit {
   using family = family::Selective;
   static constexpr std::string_view name = "bitfit", title = "BitFit";
+  static constexpr std::string_view paper =
+      "Ben Zaken et al., 2022, BitFit: Simple Parameter-efficient Fine-tuning for "
+      "Transformer-based Masked Language-models";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = BitFitConfig;
 
   /// The bias entries BitFit trains in a projection: [0, n) for a count n (0: none). The one

@@ -51,6 +51,9 @@ struct DiffPruningConfig : TabledConfigIo<DiffPruningConfig> {
 struct DiffPruning {
   using family = family::Selective;
   static constexpr std::string_view name = "diff_pruning", title = "diff pruning";
+  static constexpr std::string_view paper =
+      "Guo et al., 2021, Parameter-Efficient Transfer Learning with Diff Pruning";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = DiffPruningConfig;
 
   /// The budget k kept after prune() (phase 1 trains 2·in·out per targeted module).

@@ -31,6 +31,9 @@ struct FishMaskConfig : TabledConfigIo<FishMaskConfig> {
 struct FishMask {
   using family = family::Selective;
   static constexpr std::string_view name = "fishmask", title = "FishMask";
+  static constexpr std::string_view paper =
+      "Sung et al., 2021, Training Neural Networks with Fixed Sparse Masks";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = FishMaskConfig;
 
   static ParameterCount count_parameters(const ModelConfig&,

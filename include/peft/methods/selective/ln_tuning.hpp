@@ -32,6 +32,10 @@ struct LnTuningConfig : TabledConfigIo<LnTuningConfig> {
 struct LNTuning {
   using family = family::Selective;
   static constexpr std::string_view name = "ln_tuning", title = "LN tuning";
+  static constexpr std::string_view paper =
+      "Zhao et al., 2024, Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM "
+      "Finetuning";
+  static constexpr std::string_view reference = "LN_TUNING";  ///< peft_type in HF peft
   using Config = LnTuningConfig;
 
   static ParameterCount count_parameters(const ModelConfig& model, const std::vector<LinearShape>&,

@@ -35,6 +35,9 @@ struct UnstructuredMaskConfig : TabledConfigIo<UnstructuredMaskConfig> {
 struct UnstructuredMask {
   using family = family::Selective;
   static constexpr std::string_view name = "unstructured_mask", title = "unstructured mask";
+  static constexpr std::string_view paper =
+      "Xu et al., 2021, Raise a Child in Large Language Model (random and magnitude masks)";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = UnstructuredMaskConfig;
 
   /// The budget k, from shapes alone.

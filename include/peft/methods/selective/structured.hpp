@@ -158,6 +158,9 @@ double line_norm(const nn::Linear<T>& lin, ops::LineAxis axis, std::int64_t line
 struct StructuredMask {
   using family = family::Selective;
   static constexpr std::string_view name = "structured_mask", title = "structured mask";
+  static constexpr std::string_view paper =
+      "Lagunas et al., 2021, Block Pruning For Faster Transformers (structured rows and columns)";
+  static constexpr std::string_view reference = "";  ///< peft_type in HF peft
   using Config = StructuredMaskConfig;
 
   static ParameterCount count_parameters(const ModelConfig& model,

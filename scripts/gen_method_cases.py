@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Writes tests/data/golden_methods/: reference cases, in the format of ../shared/golden (its
+README), for the methods that joined after the first golden set (OFT, COFT, BOFT, HRA, MiSS, C3A,
+VB-LoRA, FourierFT), and the
+reference's print_trainable_parameters lines for published model shapes.
+
+Generated with (pip, in a virtual environment outside the checkout, CPU):
+    python3 -m venv /work/venv && /work/venv/bin/pip install torch transformers peft safetensors
+    /work/venv/bin/python scripts/gen_method_cases.py
+The versions used are recorded in every case.json.
+
+Layout:
+    models/<name>/config.json, model.safetensors   tiny base models of other sizes than
+        ../shared/golden's (so that a case checks the conventions, not one shape), F32
+    <case>/case.json, adapter/, expected.safetensors   as ../shared/golden/README.md describes
+    counts.json   [{"model": name, "model_config": config.json as transformers writes it,
+                    "adapter_config": ..., "line": the reference's print_trainable_parameters}]
+
+How a case is computed: the base model's F32 weights and the adapter's tensors (initialised by
+the reference, then every trainable tensor moved by uniform noise of +-adapter_noise, so that an
+adapter which starts at the identity still changes the logits) are rounded to float32 — what the
+files hold — and everything after runs in float64 on the CPU in eval mode (no dropout): logits,
+loss, d loss / d every trainable tensor, the merged model's logits where the reference's merge
+reproduces its own forward (to 1e-6 of the logits' scale: C3A computes its term in float32;
+else has_merged_logits is false and case.json says why),
+and 4 steps of torch AdamW on the same batch (lr 1e-2, betas (0.9, 0.999), eps 1e-8,
+weight_decay 0.01). `trained.<key>` is read after the 4th step, before the final loss's forward.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import peft
+import safetensors.torch
+import torch
+import transformers
+from peft import BOFTConfig, C3AConfig, FourierFTConfig, HRAConfig, MissConfig, OFTConfig, VBLoRAConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(1)
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data",
+                    "golden_methods")
+
+MODELS = {
+    "llama-small": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="eager")),
+    "gpt2-small": lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=80, n_positions=32, n_embd=24, n_layer=2, n_head=3, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")),
+}
+
+# case: (model, config class, config arguments, seed)
+CASES = {
+    "llama_oft": ("llama-small", OFTConfig,
+                  dict(oft_block_size=8, r=0, target_modules=["q_proj", "v_proj", "down_proj"]), 31),
+    "llama_oft_exact_shared": ("llama-small", OFTConfig,
+                               dict(r=4, oft_block_size=0, use_cayley_neumann=False,
+                                    block_share=True, target_modules=["q_proj", "o_proj"]), 32),
+    "llama_coft": ("llama-small", OFTConfig,
+                   dict(oft_block_size=4, r=0, coft=True, eps=0.05,
+                        target_modules=["k_proj", "up_proj"]), 33),
+    # oft_block_size 6 on q_proj (in 32) is moved to 4, as the reference moves it; down_proj
+    # (in 48) keeps 6. The reference's OFT, HRA and MiSS refuse GPT-2's Conv1D layers, so there
+    # are no GPT-2 cases (the library adapts them; tests/test_orthogonal.cpp checks them).
+    "llama_oft_adjusted": ("llama-small", OFTConfig,
+                           dict(oft_block_size=6, r=0, num_cayley_neumann_terms=7,
+                                target_modules=["q_proj", "down_proj"]), 34),
+    "llama_hra": ("llama-small", HRAConfig,
+                  dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"]), 35),
+    "llama_hra_gs": ("llama-small", HRAConfig,
+                     dict(r=3, apply_GS=True, init_weights=False,
+                          target_modules=["q_proj", "down_proj"]), 36),
+    "llama_miss": ("llama-small", MissConfig,
+                   dict(r=5, target_modules=["q_proj", "v_proj", "down_proj"]), 37),
+    "llama_miss_mini": ("llama-small", MissConfig,
+                        dict(r=4, mini_r=8, init_weights="mini",
+                             target_modules=["q_proj", "v_proj"]), 38),
+    # BOFT on a CPU runs one butterfly factor whatever the config says (its factors need the
+    # reference's CUDA kernel), so its cases have one.
+    "llama_boft": ("llama-small", BOFTConfig,
+                   dict(boft_block_size=8, target_modules=["q_proj", "v_proj", "up_proj"]), 43),
+    # Two butterfly factors, as the reference computes them with its CUDA kernel: the kernel
+    # (a block-diagonal assembly) replaced by torch.block_diag on the CPU (cuda_butterflies).
+    "llama_boft_butterfly": ("llama-small", BOFTConfig,
+                             dict(boft_block_size=4, boft_n_butterfly_factor=3,
+                                  target_modules=["q_proj", "down_proj"]), 45),
+    "llama_boft_block_num": ("llama-small", BOFTConfig,
+                             dict(boft_block_size=0, boft_block_num=4,
+                                  target_modules=["k_proj", "down_proj"]), 44),
+    # FourierFT draws its frequencies with torch.randperm (seeded), which the library
+    # reproduces; the reference builds its update in float32.
+    "llama_fourierft": ("llama-small", FourierFTConfig,
+                        dict(n_frequency=40, scaling=150.0, random_loc_seed=5,
+                             n_frequency_pattern={"down_proj": 64},
+                             target_modules=["q_proj", "v_proj", "down_proj"]), 46),
+    # (Not c_proj: at 30 frequencies some of its coefficients have a gradient of exactly 0 in
+    # float64, where the reference's float32 update leaves rounding noise that AdamW turns into
+    # a full step of lr: its trajectory there is noise, not FourierFT.)
+    "gpt2_fourierft": ("gpt2-small", FourierFTConfig,
+                       dict(n_frequency=30, scaling=100.0, target_modules=["c_attn", "c_fc"]),
+                       47),
+    # C3A computes its term in float32 even in a float64 model (the reference casts x and the
+    # kernel), so these cases carry float32 rounding in that term. The reference's backward
+    # (BlockCircularConvolution.backward, peft 0.21.2) returns a wrong gradient for the input
+    # x (its kernel gradient is right; checked against autograd of the explicit product): the
+    # case adapts only modules whose input gradient reaches no trainable tensor (q_proj and
+    # v_proj of the last layer), so that every gradient it stores is the true one.
+    "llama_c3a": ("llama-small", C3AConfig,
+                  dict(block_size=8, block_size_pattern={"v_proj": 4}, init_weights=True,
+                       layers_to_transform=[1], target_modules=["q_proj", "v_proj"]), 40),
+    "llama_vblora": ("llama-small", VBLoRAConfig,
+                     dict(r=3, num_vectors=12, vector_length=8, topk=3,
+                          target_modules=["q_proj", "v_proj", "down_proj"]), 41),
+    "gpt2_vblora": ("gpt2-small", VBLoRAConfig,
+                    dict(r=2, num_vectors=10, vector_length=8, topk=2,
+                         target_modules=["c_attn", "c_fc"]), 42),
+}
+ADAPTER_NOISE = 0.05
+BATCH, SEQ, PADDED = 2, 12, 3  # row 1 right-padded by PADDED tokens
+
+
+def write_models():
+    for name, build in MODELS.items():
+        torch.manual_seed(7)
+        model = build().float()
+        folder = os.path.join(ROOT, "models", name)
+        shutil.rmtree(folder, ignore_errors=True)
+        model.save_pretrained(folder, safe_serialization=True)
+        for extra in ("generation_config.json",):
+            path = os.path.join(folder, extra)
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def load_model(name):
+    folder = os.path.join(ROOT, "models", name)
+    cls = LlamaForCausalLM if name.startswith("llama") else GPT2LMHeadModel
+    model = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
+    return model.double().eval()
+
+
+def file_key(param_name):
+    """A trainable parameter's key in adapter_model.safetensors: the adapter name removed; a
+    tensor the whole model shares (VB-LoRA's bank, registered on the first adapted module) is
+    saved once under base_model."""
+    key = param_name.replace(".default.", ".").removesuffix(".default")
+    if key.endswith(".vblora_vector_bank"):
+        return "base_model.vblora_vector_bank"
+    return key
+
+
+def make_batch(vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, SEQ - PADDED:] = 0
+    ids[1, SEQ - PADDED:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def trainables(model):
+    return [(file_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def cuda_butterflies():
+    """BOFT's CUDA path on the CPU: the reference runs more than one butterfly factor only when
+    its CUDA extension loads; its kernel assembles block-diagonal matrices, which torch.block_diag
+    does the same (slower)."""
+    import peft.tuners.boft.layer as boft_layer
+    saved = boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag
+    class BlockDiag:
+        @staticmethod
+        def apply(blocks):  # (N, D, H, H) -> (N, D*H, D*H)
+            return torch.stack([torch.block_diag(*torch.unbind(b)) for b in blocks])
+    boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag = (lambda: True), BlockDiag
+    try:
+        yield
+    finally:
+        boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag = saved
+
+
+def generate_case(case, model_name, config_cls, kwargs, seed):
+    with cuda_butterflies() if case == "llama_boft_butterfly" else contextlib.nullcontext():
+        return generate_case_as_is(case, model_name, config_cls, kwargs, seed)
+
+
+def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
+    torch.manual_seed(seed)
+    base = load_model(model_name)
+    model = get_peft_model(base, config_cls(**kwargs)).eval()
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for _, p in trainables(model):
+            p.add_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * ADAPTER_NOISE)
+            p.copy_(p.float().double())  # what the F32 file holds
+    folder = os.path.join(ROOT, case)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.join(folder, "adapter"))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "adapter_config.json")) as f:
+            adapter_config = json.load(f)
+        adapter_config["base_model_name_or_path"] = None  # not this machine's path
+        with open(os.path.join(folder, "adapter", "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+        tensors = safetensors.torch.load_file(os.path.join(tmp, "adapter_model.safetensors"))
+    tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+    safetensors.torch.save_file(tensors, os.path.join(folder, "adapter",
+                                                      "adapter_model.safetensors"))
+    keys = [k for k, _ in trainables(model)]
+    assert sorted(keys) == sorted(tensors), (case, keys, list(tensors))
+
+    vocab = base.config.vocab_size
+    ids, mask, labels = make_batch(vocab, seed)
+    expected = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    expected["logits"] = out.logits.detach()
+    expected["loss"] = out.loss.detach().reshape(1)
+    for k, p in trainables(model):
+        expected["grad." + k] = p.grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+
+    merged_note = None
+    try:
+        merged = copy.deepcopy(model).merge_and_unload()
+        with torch.no_grad():
+            merged_logits = merged(input_ids=ids, attention_mask=mask).logits
+        scale = out.logits.abs().max().item()
+        err = (merged_logits - out.logits).abs().max().item() / scale
+        if err < 1e-6:  # a merge that differs is wrong by far more; C3A's runs in float32
+            expected["merged_logits"] = merged_logits
+        else:
+            merged_note = f"the reference's merge does not reproduce its forward ({err:.2e})"
+    except Exception as e:  # noqa: BLE001 (the reference refuses to merge this module type)
+        merged_note = f"the reference's merge fails: {type(e).__name__}: {e}"[:300]
+
+    params = [p for _, p in trainables(model)]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    for k, p in trainables(model):
+        expected["trained." + k] = p.detach().clone()
+    with torch.no_grad():
+        losses.append(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item())
+    expected["train_losses"] = torch.tensor(losses, dtype=torch.float64)
+    safetensors.torch.save_file(
+        {k: (v if v.dtype == torch.long else v.float()).contiguous() for k, v in expected.items()},
+        os.path.join(folder, "expected.safetensors"))
+
+    trainable, total = model.get_nb_trainable_parameters()
+    case_json = {
+        "case": case,
+        "model_dir": f"../models/{model_name}",
+        "method": config_cls.__name__,
+        "seed": seed,
+        "batch": BATCH,
+        "seq": SEQ,
+        "trainable_tensors": len(keys),
+        "trainable_params": trainable,
+        "all_params": total,
+        "grad_keys_missing_from_adapter_file": [],
+        "has_merged_logits": "merged_logits" in expected,
+        "logits_shape": list(out.logits.shape),
+        "right_padding_on_row0": 0,
+        "loss": out.loss.item(),
+        "adapter_noise": ADAPTER_NOISE,
+        "computed_in": "float64 on CPU; stored as float32",
+        "loss_definition": "the loss that the reference model returns for labels (labels "
+                           "shifted by one inside the model; -100 ignored)",
+        "train": {"optimizer": "AdamW (decoupled weight decay)", "lr": 0.01,
+                  "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01, "steps": 4,
+                  "train_losses": "loss before each step, then the loss after the last step",
+                  "trained": "trainable tensors after the last step"},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }
+    if merged_note:
+        case_json["merged_logits_note"] = merged_note
+    with open(os.path.join(folder, "case.json"), "w") as f:
+        json.dump(case_json, f, indent=1)
+    print(f"{case}: loss {out.loss.item():.6f}, {trainable} trainable, merged: "
+          f"{merged_note or 'yes'}")
+
+
+PUBLISHED = {
+    "gpt2-124m": lambda: GPT2Config(),
+    "llama-7b": lambda: LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                    num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=32, max_position_embeddings=2048,
+                                    rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+COUNTS = [
+    ("llama-7b", OFTConfig, dict(oft_block_size=32, r=0, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", OFTConfig, dict(r=16, oft_block_size=0, block_share=True,
+                                 target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", HRAConfig, dict(r=8, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", MissConfig, dict(r=64, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", MissConfig, dict(r=64, mini_r=64, init_weights="mini",
+                                  target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", BOFTConfig, dict(boft_block_size=32, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", FourierFTConfig, dict(n_frequency=1000, target_modules=["q_proj", "v_proj"])),
+    ("gpt2-124m", FourierFTConfig, dict(n_frequency=1000, target_modules=["c_attn"])),
+    ("llama-7b", C3AConfig, dict(block_size=256, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", VBLoRAConfig, dict(r=4, num_vectors=256, vector_length=256, topk=2,
+                                    target_modules=["q_proj", "v_proj"])),
+    ("gpt2-124m", VBLoRAConfig, dict(r=4, num_vectors=256, vector_length=256, topk=2,
+                                     target_modules=["c_attn"])),
+]
+
+
+def write_counts():
+    rows = []
+    for model_name, config_cls, kwargs in COUNTS:
+        config = PUBLISHED[model_name]()
+        with torch.device("meta"):
+            base = (GPT2LMHeadModel if model_name.startswith("gpt2") else LlamaForCausalLM)(config)
+        model = get_peft_model(base, config_cls(**kwargs))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            model.print_trainable_parameters()
+        adapter = model.peft_config["default"].to_dict()
+        adapter = json.loads(json.dumps(adapter, default=lambda v: sorted(v)
+                                        if isinstance(v, set) else str(v)))
+        rows.append({"model": model_name, "model_config": config.to_dict(),
+                     "adapter_config": adapter, "line": printed.getvalue().strip()})
+        print(f"{model_name} {config_cls.__name__}: {rows[-1]['line']}")
+    with open(os.path.join(ROOT, "counts.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    os.makedirs(ROOT, exist_ok=True)
+    write_models()
+    for name, (model_name, cls, kwargs, seed) in CASES.items():
+        generate_case(name, model_name, cls, kwargs, seed)
+    write_counts()
