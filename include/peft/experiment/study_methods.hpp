@@ -101,9 +101,9 @@ inline std::vector<MethodEntry> study_methods() {
     c.targets = attention;
     return c;
   }));
-  m.push_back(entry<C3A>(1e-2, [=](Model, Steps) {
+  m.push_back(entry<C3A>(1e-1, [=](Model, Steps) {  // its update carries 1/in: a higher rate
     C3aConfig c;
-    c.block_size = 4;  // (out · in)/4 circulant kernels
+    c.block_size = 16;  // (out · in)/16 kernel entries: LoRA r = 2's count at width 64
     c.init = C3aConfig::Init::Zeros;
     c.targets = attention;
     return c;
