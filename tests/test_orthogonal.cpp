@@ -18,6 +18,7 @@
 #include <random>
 #include <string>
 
+#include "adapter_checks.hpp"
 #include "tiny_models.hpp"
 
 namespace test_orthogonal {
@@ -32,30 +33,9 @@ using peft::Var;
 using test_support::padded_batch;
 using test_support::tiny_config;
 
-template <class T>
-double max_abs_diff(const Tensor<T>& a, const Tensor<T>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double d = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i)
-    d = std::max(d, std::abs(double(a[i]) - double(b[i])));
-  return d;
-}
-
-template <class Model>
-void perturb_adapter(Model& model, std::uint64_t seed, double amplitude = 0.3) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(-amplitude, amplitude);
-  for (auto& p : model.adapter().parameters())
-    if (p.var.requires_grad())
-      for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
-        p.var.value()[i] += static_cast<typename Model::Scalar>(u(rng));
-}
-
-peft::TargetRules targets() {
-  peft::TargetRules t;
-  t.target_modules.names = {"q_proj", "v_proj", "down_proj", "c_attn", "c_fc"};
-  return t;
-}
+using test_support::max_abs_diff;
+using test_support::perturb_adapter;
+peft::TargetRules targets() { return test_support::both_model_targets(); }
 
 // exact_start: 0 = bit-exact, 1 = to rounding, 2 = not at the base (a random init).
 struct OftCase {

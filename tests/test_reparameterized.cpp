@@ -16,6 +16,7 @@
 #include <set>
 #include <string>
 
+#include "adapter_checks.hpp"
 #include "tiny_models.hpp"
 
 // Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
@@ -36,31 +37,9 @@ using test_support::tiny_config;
 using test_support::tiny_gpt2;
 using test_support::tiny_llama;
 
-template <class T>
-double max_abs_diff(const Tensor<T>& a, const Tensor<T>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double d = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i)
-    d = std::max(d, std::abs(double(a[i]) - double(b[i])));
-  return d;
-}
-
-template <class Model>
-void perturb_adapter(Model& model, std::uint64_t seed, double amplitude = 0.3) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(-amplitude, amplitude);
-  for (auto& p : model.adapter().parameters())
-    if (p.var.requires_grad())
-      for (std::int64_t i = 0; i < p.var.value().numel(); ++i)
-        p.var.value()[i] += static_cast<typename Model::Scalar>(u(rng));
-}
-
-// Targets that exist in both tiny models: q_proj / v_proj (LLaMA), c_attn / c_fc (GPT-2).
-peft::TargetRules targets() {
-  peft::TargetRules t;
-  t.target_modules.names = {"q_proj", "v_proj", "down_proj", "c_attn", "c_fc"};
-  return t;
-}
+using test_support::max_abs_diff;
+using test_support::perturb_adapter;
+peft::TargetRules targets() { return test_support::both_model_targets(); }
 
 // One case per method configuration: its policy, its config, what it promises.
 struct LoraCase {
