@@ -120,6 +120,7 @@ CASES = {
     "gpt2_vblora": ("gpt2-small", VBLoRAConfig,
                     dict(r=2, num_vectors=10, vector_length=8, topk=2,
                          target_modules=["c_attn", "c_fc"]), 42),
+    # --- cases of the second part (issue 20): add new entries below this line, seeds from 50
 }
 ADAPTER_NOISE = 0.05
 BATCH, SEQ, PADDED = 2, 12, 3  # row 1 right-padded by PADDED tokens
@@ -320,6 +321,7 @@ COUNTS = [
                                     target_modules=["q_proj", "v_proj"])),
     ("gpt2-124m", VBLoRAConfig, dict(r=4, num_vectors=256, vector_length=256, topk=2,
                                      target_modules=["c_attn"])),
+    # --- counts of the second part (issue 20): add new rows below this line
 ]
 
 
@@ -344,8 +346,20 @@ def write_counts():
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", metavar="CASE",
+                        help="regenerate only these cases (and the counts); the models are "
+                             "written only where missing")
+    args = parser.parse_args()
     os.makedirs(ROOT, exist_ok=True)
-    write_models()
+    if args.only is None or not all(os.path.exists(os.path.join(ROOT, "models", m, "config.json"))
+                                    for m in MODELS):
+        write_models()
+    unknown = sorted(set(args.only or []) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown cases: {unknown}")
     for name, (model_name, cls, kwargs, seed) in CASES.items():
-        generate_case(name, model_name, cls, kwargs, seed)
+        if args.only is None or name in args.only:
+            generate_case(name, model_name, cls, kwargs, seed)
     write_counts()
