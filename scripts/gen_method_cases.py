@@ -121,6 +121,86 @@ CASES = {
                     dict(r=2, num_vectors=10, vector_length=8, topk=2,
                          target_modules=["c_attn", "c_fc"]), 42),
     # --- cases of the second part (issue 20): add new entries below this line, seeds from 50
+    # GraLoRA, GLoRA (h5). GLoRA: the reference refuses GPT-2's Conv1D; LLaMA has no biases, so
+    # C, D and E are the zero buffers the reference saves (glora_C.zeros, ...).
+    "llama_gralora": ("llama-small", peft.GraloraConfig,
+                      dict(r=4, alpha=8, gralora_k=2,
+                           target_modules=["q_proj", "v_proj", "down_proj"]), 90),
+    "llama_gralora_hybrid": ("llama-small", peft.GraloraConfig,
+                             dict(r=4, hybrid_r=2, alpha=12, gralora_k=4, init_weights=False,
+                                  target_modules=["k_proj", "o_proj", "up_proj"]), 91),
+    "gpt2_gralora": ("gpt2-small", peft.GraloraConfig,
+                     dict(r=4, alpha=6, gralora_k=2, target_modules=["c_attn", "c_fc"]), 92),
+    "llama_glora": ("llama-small", peft.GloraConfig,
+                    dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), 93),
+    "llama_glora_vector": ("llama-small", peft.GloraConfig,
+                           dict(r=2, config_A_B="vector", init_weights=False,
+                                target_modules=["k_proj", "up_proj"]), 94),
+    "llama_glora_constant": ("llama-small", peft.GloraConfig,
+                             dict(r=2, config_A_B="constant", init_weights=False,
+                                  target_modules=["q_proj", "o_proj"]), 95),
+    # RandLoRA, SHiRA, HiRA (h1). RandLoRA's bases and SHiRA's mask are drawn by the reference
+    # with torch's generator (bf16 kaiming draws, torch.rand, torch.randperm) and saved in the
+    # file; the library draws the same ones (tests/test_sparse_and_random.cpp compares them).
+    # v_proj, down_proj and GPT-2's mlp.c_proj have out < in (the bases swap sides).
+    "llama_randlora": ("llama-small", peft.RandLoraConfig,
+                       dict(r=4, randlora_alpha=8, projection_prng_key=3,
+                            target_modules=["q_proj", "v_proj", "down_proj"]), 50),
+    "gpt2_randlora": ("gpt2-small", peft.RandLoraConfig,
+                      dict(r=3, randlora_alpha=6, target_modules=["c_attn", "mlp.c_proj"]), 51),
+    "llama_randlora_sparse": ("llama-small", peft.RandLoraConfig,
+                              dict(r=5, randlora_alpha=10, sparse=True, projection_prng_key=7,
+                                   target_modules=["k_proj", "o_proj", "up_proj"]), 52),
+    "llama_randlora_very_sparse": ("llama-small", peft.RandLoraConfig,
+                                   dict(r=8, randlora_alpha=8, very_sparse=True,
+                                        target_modules=["q_proj", "gate_proj"]), 53),
+    # SHiRA: random_seed null is torch's default seed. The reference refuses GPT-2's Conv1D.
+    "llama_shira": ("llama-small", peft.ShiraConfig,
+                    dict(r=2, target_modules=["q_proj", "v_proj"]), 54),
+    "llama_shira_seeded": ("llama-small", peft.ShiraConfig,
+                           dict(r=3, random_seed=42, target_modules=["k_proj", "down_proj"]), 55),
+    "llama_hira": ("llama-small", peft.HiraConfig,
+                   dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), 56),
+    # HiRA's rank_pattern changes no rank in the reference (its dispatch passes config.r).
+    "llama_hira_gaussian": ("llama-small", peft.HiraConfig,
+                            dict(r=3, init_weights="gaussian", rank_pattern={"v_proj": 2},
+                                 target_modules=["k_proj", "v_proj", "up_proj"]), 57),
+    "gpt2_hira": ("gpt2-small", peft.HiraConfig,
+                  dict(r=2, target_modules=["c_attn", "c_fc"]), 58),
+    "llama_lora_fa": ("llama-small", peft.LoraConfig,
+                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                      80),
+    "gpt2_lora_fa": ("gpt2-small", peft.LoraConfig,
+                     dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"],
+                          fan_in_fan_out=True), 81),
+    # RoAd (h2): an output map; the reference refuses GPT-2's Conv1D (no GPT-2 case).
+    "llama_road": ("llama-small", peft.RoadConfig,
+                   dict(variant="road_1", group_size=8,
+                        target_modules=["q_proj", "v_proj", "down_proj"]), 60),
+    "llama_road_2": ("llama-small", peft.RoadConfig,
+                     dict(variant="road_2", group_size=16,
+                          target_modules=["k_proj", "o_proj", "up_proj"]), 61),
+    "llama_road_4": ("llama-small", peft.RoadConfig,
+                     dict(variant="road_4", group_size=4, init_weights=False,
+                          target_modules=["q_proj", "v_proj"]), 62),
+    # DeLoRA (h2): its base-weight column norms (delora_w_norm, a buffer) are in the file too.
+    "llama_delora": ("llama-small", peft.DeloraConfig,
+                     dict(r=2, delora_lambda=15, target_modules=["q_proj", "v_proj", "down_proj"]),
+                     63),
+    "llama_delora_pattern": ("llama-small", peft.DeloraConfig,
+                             dict(r=3, delora_lambda=4, init_weights=False,
+                                  rank_pattern={"v_proj": 2}, lambda_pattern={"up_proj": 7},
+                                  target_modules=["k_proj", "v_proj", "up_proj"]), 64),
+    # LLaMA-Adapter (h4): prompts in the top layer only; the gate is moved by the noise too.
+    "llama_adaption_prompt": ("llama-small", peft.AdaptionPromptConfig,
+                              dict(adapter_len=4, adapter_layers=1), 70),
+    "gpt2_adaption_prompt": ("gpt2-small", peft.AdaptionPromptConfig,
+                             dict(adapter_len=3, adapter_layers=2), 73),
+    # Trainable tokens (h4): rows the batch uses and one it does not (llama 2, gpt2 70).
+    "llama_trainable_tokens": ("llama-small", peft.TrainableTokensConfig,
+                               dict(token_indices=[11, 40, 8, 2]), 71),
+    "gpt2_trainable_tokens": ("gpt2-small", peft.TrainableTokensConfig,
+                              dict(token_indices=[3, 26, 5, 70]), 72),
 }
 ADAPTER_NOISE = 0.05
 BATCH, SEQ, PADDED = 2, 12, 3  # row 1 right-padded by PADDED tokens
@@ -189,6 +269,35 @@ def cuda_butterflies():
         boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag = saved
 
 
+class LoraFaTraining:
+    """LoRA-FA as the reference trains it: create_lorafa_optimizer freezes every lora_A and steps
+    lora_B with LoraFAOptimizer (the projected gradient, AdamW in the Hugging Face form, its
+    default eps 1e-6). Its grad_B projection runs under bf16 autocast where accelerate reports
+    bf16; here it runs in float64 (the case's precision)."""
+    peft_method = "lora_fa"
+    optimizer_name = ("LoraFAOptimizer (peft.optimizers.lorafa: lora_A frozen, "
+                      "g_B (A A^T + 1e-8 I)^+ / s^2, AdamW in the Hugging Face form)")
+    eps = 1e-6
+
+    @staticmethod
+    def prepare(model):
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+
+    @staticmethod
+    def optimizer(model, config_kwargs):
+        import peft.optimizers.lorafa as lorafa
+        lorafa.is_bf16_available = lambda: False
+        return lorafa.create_lorafa_optimizer(model, r=config_kwargs["r"],
+                                              lora_alpha=config_kwargs["lora_alpha"], lr=1e-2,
+                                              weight_decay=0.01)
+
+
+# case -> how the reference trains it, where that is not torch's AdamW on every trainable tensor
+SPECIAL_TRAINING = {"llama_lora_fa": LoraFaTraining, "gpt2_lora_fa": LoraFaTraining}
+
+
 def generate_case(case, model_name, config_cls, kwargs, seed):
     with cuda_butterflies() if case == "llama_boft_butterfly" else contextlib.nullcontext():
         return generate_case_as_is(case, model_name, config_cls, kwargs, seed)
@@ -198,6 +307,9 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     torch.manual_seed(seed)
     base = load_model(model_name)
     model = get_peft_model(base, config_cls(**kwargs)).eval()
+    special = SPECIAL_TRAINING.get(case)
+    if special:
+        special.prepare(model)
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for _, p in trainables(model):
@@ -218,7 +330,21 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     safetensors.torch.save_file(tensors, os.path.join(folder, "adapter",
                                                       "adapter_model.safetensors"))
     keys = [k for k, _ in trainables(model)]
-    assert sorted(keys) == sorted(tensors), (case, keys, list(tensors))
+    # Trainable tokens on a tied lm_head: the reference also saves the embedding's delta under
+    # the head's key (a copy of one trainable tensor, no parameter of its own).
+    tied = {k for k in tensors if k not in keys and k.endswith(".trainable_tokens_delta")
+            and any(torch.equal(tensors[k], tensors[j]) for j in keys)}
+    if special:  # frozen tensors of the adapter (LoRA-FA's A) are in the file too
+        tied |= {k for k in tensors if k not in keys and ".lora_A." in k}
+    # A buffer the reference saves with the adapter: DeLoRA's base column norms (delora_w_norm).
+    tied |= {k for k in tensors if k not in keys and k.endswith(".delora_w_norm")}
+    # GLoRA's paths set to none (and C, D, E where a module has no bias): zero buffers, saved.
+    tied |= {k for k in tensors if k not in keys and ".glora_" in k and k.endswith(".zeros")}
+    # RandLoRA's shared bases (once per module and under base_model) and SHiRA's mask indices
+    # (int32, written as F32 here like every tensor; the reference reads them back as ints)
+    tied |= {k for k in tensors if k not in keys
+             and k.endswith((".randlora_A", ".randlora_B", ".shira_indices"))}
+    assert sorted(keys) == sorted(set(tensors) - tied), (case, keys, list(tensors))
 
     vocab = base.config.vocab_size
     ids, mask, labels = make_batch(vocab, seed)
@@ -246,7 +372,11 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
         merged_note = f"the reference's merge fails: {type(e).__name__}: {e}"[:300]
 
     params = [p for _, p in trainables(model)]
-    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    if special:
+        opt = special.optimizer(model, kwargs)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=0.01)
     losses = []
     for _ in range(4):
         opt.zero_grad()
@@ -290,6 +420,10 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }
+    if special:
+        case_json["peft_method"] = special.peft_method  # this project's field: the policy's name
+        case_json["train"]["optimizer"] = special.optimizer_name
+        case_json["train"]["eps"] = special.eps
     if merged_note:
         case_json["merged_logits_note"] = merged_note
     with open(os.path.join(folder, "case.json"), "w") as f:
@@ -322,7 +456,33 @@ COUNTS = [
     ("gpt2-124m", VBLoRAConfig, dict(r=4, num_vectors=256, vector_length=256, topk=2,
                                      target_modules=["c_attn"])),
     # --- counts of the second part (issue 20): add new rows below this line
+    ("llama-7b", peft.GraloraConfig, dict(r=32, gralora_k=2, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.GraloraConfig, dict(r=32, hybrid_r=8, gralora_k=4,
+                                          target_modules=["q_proj", "v_proj"])),
+    ("gpt2-124m", peft.GraloraConfig, dict(r=32, target_modules=["c_attn"])),
+    ("llama-7b", peft.GloraConfig, dict(r=8, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.GloraConfig, dict(r=4, config_A_B="vector", config_D_E="vector",
+                                        target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.RandLoraConfig, dict(r=32, target_modules=["q_proj", "v_proj"])),
+    ("gpt2-124m", peft.RandLoraConfig, dict(r=32, target_modules=["c_attn"])),
+    ("llama-7b", peft.ShiraConfig, dict(r=32, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.HiraConfig, dict(r=32, target_modules=["q_proj", "v_proj"])),
+    ("gpt2-124m", peft.HiraConfig, dict(r=8, target_modules=["c_attn"])),
+    ("llama-7b", peft.RoadConfig, dict(variant="road_1", target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.RoadConfig, dict(variant="road_4", group_size=128,
+                                       target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("llama-7b", peft.DeloraConfig, dict(r=8, target_modules=["q_proj", "v_proj"])),
+    ("llama-7b", peft.AdaptionPromptConfig, dict(adapter_len=10, adapter_layers=30)),
+    ("llama-7b", peft.TrainableTokensConfig, dict(token_indices=[0, 1, 2, 3, 4, 5, 6, 7])),
+    ("gpt2-124m", peft.TrainableTokensConfig, dict(token_indices=[50256, 0, 1, 2])),
 ]
+
+
+def shira_count_mask(base_layer, r, **_):
+    out_features, in_features = base_layer.weight.shape
+    mask = torch.zeros(out_features * in_features)
+    mask[: r * (out_features + in_features)] = 1
+    return mask.view(out_features, in_features)
 
 
 def write_counts():
@@ -331,7 +491,12 @@ def write_counts():
         config = PUBLISHED[model_name]()
         with torch.device("meta"):
             base = (GPT2LMHeadModel if model_name.startswith("gpt2") else LlamaForCausalLM)(config)
-        model = get_peft_model(base, config_cls(**kwargs))
+        adapter_config = config_cls(**kwargs)
+        if config_cls is peft.ShiraConfig:
+            # SHiRA's mask needs values (torch.where), which meta tensors lack; its count does
+            # not depend on which entries it picks: a CPU mask of the same size.
+            adapter_config.mask_fn = shira_count_mask
+        model = get_peft_model(base, adapter_config)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             model.print_trainable_parameters()

@@ -23,6 +23,7 @@
 // evaluation is shared out by batches and summed. A checkpoint resumes on any number of ranks.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -54,6 +55,9 @@ namespace peft::commands {
 /// The options of `peft train`, parsed (parse_train_args) or set by a program.
 struct TrainArgs {
   std::filesystem::path model_dir, adapter_config, out, tokenizer;
+  /// The policy by name (--method), for a method whose files are another's (lora_fa trains a
+  /// LORA adapter); empty: the one the adapter config's peft_type picks.
+  std::string method;
   std::vector<std::filesystem::path> data;
   data::DataFormat data_format = data::DataFormat::automatic;
   std::int64_t seq_len = 0;  ///< 0: min(256, the model's positions)
@@ -87,7 +91,7 @@ inline constexpr const char* kTrainUsage =
     "                  [--val-fraction X] [--eval-every N] [--checkpoint-every N] [--resume]\n"
     "                  [--stop-at STEP]\n"
     "                  [--base-dtype fp32|bf16|fp16|nf4] [--device cpu] [--threads N] [--seed N]\n"
-    "                  [--log FILE] [--no-progress]\n";
+    "                  [--log FILE] [--no-progress] [--method NAME]\n";
 
 /// Parses the command's arguments strictly; throws io::ArgumentError (exit 2) naming the flag.
 inline TrainArgs parse_train_args(const std::vector<std::string>& args) {
@@ -114,36 +118,21 @@ inline TrainArgs parse_train_args(const std::vector<std::string>& args) {
       if (a.data.empty()) fail("--data: expected at least one file");
       continue;
     }
-    static const char* const kValued[] = {"--adapter-config",
-                                          "--out",
-                                          "--tokenizer",
-                                          "--data-format",
-                                          "--seq-len",
-                                          "--batch",
-                                          "--grad-accum",
-                                          "--steps",
-                                          "--epochs",
-                                          "--lr",
-                                          "--schedule",
-                                          "--warmup",
-                                          "--min-lr-ratio",
-                                          "--weight-decay",
-                                          "--lora-plus-ratio",
-                                          "--clip",
-                                          "--val-fraction",
-                                          "--eval-every",
-                                          "--checkpoint-every",
-                                          "--stop-at",
-                                          "--base-dtype",
-                                          "--device",
-                                          "--threads",
-                                          "--seed",
-                                          "--log"};
+    static const char* const kValued[] = {
+        "--adapter-config", "--method",       "--out",          "--tokenizer",
+        "--data-format",    "--seq-len",      "--batch",        "--grad-accum",
+        "--steps",          "--epochs",       "--lr",           "--schedule",
+        "--warmup",         "--min-lr-ratio", "--weight-decay", "--lora-plus-ratio",
+        "--clip",           "--val-fraction", "--eval-every",   "--checkpoint-every",
+        "--stop-at",        "--base-dtype",   "--device",       "--threads",
+        "--seed",           "--log"};
     if (std::find(std::begin(kValued), std::end(kValued), flag) == std::end(kValued))
       fail("unknown option '" + io::printable(flag) + "'");
     if (i + 1 >= args.size()) fail(flag + " needs a value");
     const std::string& v = args[++i];
-    if (flag == "--adapter-config")
+    if (flag == "--method")
+      a.method = v;
+    else if (flag == "--adapter-config")
       a.adapter_config = v;
     else if (flag == "--out")
       a.out = v;
@@ -260,6 +249,7 @@ inline nlohmann::json describe_run(const TrainArgs& a, const nlohmann::json& ada
           {"min_lr_ratio", a.min_lr_ratio},
           {"weight_decay", a.weight_decay},
           {"lora_plus_ratio", a.lora_plus_ratio},
+          {"method", a.method},
           {"clip", a.clip},
           {"val_fraction", a.val_fraction},
           {"base_dtype", base_format_name(a.base)},
@@ -523,6 +513,12 @@ int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostr
                             std::to_string(config.max_positions) + " positions (" +
                             config_path.string() + "), found " + std::to_string(seq_len));
   const nlohmann::json adapter_json = io::load_json(a.adapter_config);
+  if (!a.method.empty()) {
+    const auto names = Registry::names();
+    if (std::find(names.begin(), names.end(), a.method) == names.end())
+      throw io::ArgumentError("--method: expected a method name (peft methods), found '" +
+                              io::printable(a.method) + "'");
+  }
 
   // The data, whole and checked, before any weight is allocated.
   std::unique_ptr<data::BpeTokenizer> tokenizer;
@@ -568,14 +564,30 @@ int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostr
   int status = 0;
   try {
     visit_arch_for(config.model_type, [&]<class Arch>() {
-      const bool known = Registry::visit_for(adapter_json, [&]<class Policy>() {
+      const auto train_with = [&]<class Policy>() {
         auto model = Decoder<Arch, Policy, float>::load(
             a.model_dir,
             config_from_json<typename Policy::Config>(adapter_json, a.adapter_config.string()),
             a.seed, a.base);
         out << trainable_parameters_line(model) << '\n';
         status = detail::train_model(model, a, sequences, steps, run, out);
-      });
+      };
+      if (!a.method.empty()) {
+        bool loadable = false;
+        const bool named = Registry::visit_named(a.method, [&]<class Policy>() {
+          if constexpr (Loadable<Policy>) {
+            loadable = true;
+            train_with.template operator()<Policy>();
+          }
+        });
+        if (!named || !loadable)
+          throw ConfigError(
+              "--method: expected the name of a method this build trains from an "
+              "adapter config (peft methods), found '" +
+              io::printable(a.method) + "'");
+        return;
+      }
+      const bool known = Registry::visit_for(adapter_json, train_with);
       if (!known)
         throw ConfigError(a.adapter_config.string() + ": peft_type '" +
                           peft_type_text(adapter_json) + "' cannot be trained by this build");

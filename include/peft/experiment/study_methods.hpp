@@ -29,6 +29,13 @@ inline std::vector<MethodEntry> study_methods() {
     c.targets = attention;
     return c;
   }));
+  m.push_back(entry<LoraFA>(1e-2, [=](Model, Steps) {  // rank 2, A frozen: half LoRA's count
+    LoraConfig c;
+    c.r = 2;
+    c.lora_alpha = 4;
+    c.targets = attention;
+    return c;
+  }));
   m.push_back(entry<DoRA>(1e-2, [=](Model, Steps) {
     DoraConfig c;
     c.r = 2;
@@ -123,6 +130,46 @@ inline std::vector<MethodEntry> study_methods() {
     c.targets = attention;
     return c;
   }));
+  m.push_back(entry<RoAd>(1e-2, [=](Model, Steps) {
+    RoadConfig c;  // road_4: 2·out angles and 2·out scales, LoRA r = 2's count at width 64
+    c.variant = RoadConfig::Variant::Road4;
+    c.group_size = 16;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<DeLoRA>(1e-2, [=](Model, Steps) {
+    DeloraConfig c;  // rank 2 and one boundary λ: LoRA r = 2's count plus 1
+    c.r = 2;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<RandLoRA>(1e-2, [=](Model, Steps) {
+    RandLoraConfig c;  // r = 32: 2 shared bases at width 64, 2·(32 + 64) diagonals a module
+    c.r = 32;
+    c.randlora_alpha = 64;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<HiRA>(3e-2, [=](Model, Steps) {
+    HiraConfig c;  // rank 2 modulating W₀: LoRA r = 2's count; the update carries W₀'s scale
+    c.r = 2;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<GraLoRA>(1e-2, [=](Model, Steps) {
+    GraloraConfig c;  // r = 2 in 2 × 2 blocks of rank 1: LoRA r = 2's count
+    c.r = 2;
+    c.alpha = 4;
+    c.gralora_k = 2;
+    c.targets = attention;
+    return c;
+  }));
+  m.push_back(entry<GLoRA>(1e-2, [=](Model, Steps) {
+    GloraConfig c;  // A, B of rank 1: LoRA r = 2's count (+ in + 3 a module with a bias: C, D, E)
+    c.r = 1;
+    c.targets = attention;
+    return c;
+  }));
   // --- additive
   m.push_back(entry<IA3>(5e-2, [](Model, Steps) { return Ia3Config{}; }));  // k, v, down
   m.push_back(entry<PrefixTuning>(3e-2, [](Model, Steps) {
@@ -156,9 +203,44 @@ inline std::vector<MethodEntry> study_methods() {
     return c;
   }));
   m.push_back(entry<SSF>(3e-2, [](Model, Steps) { return SsfConfig{}; }));  // all-linear
+  m.push_back(entry<LoReFT>(1e-2, [](Model, Steps) {
+    LoReFT::Config c;  // rank 4 at the first 3 and last 3 tokens of every block
+    c.r = 4;
+    c.suffix_positions = 3;
+    return c;
+  }));
+  m.push_back(entry<NoReFT>(1e-2, [](Model, Steps) {
+    NoReFT::Config c;
+    c.r = 4;
+    c.suffix_positions = 3;
+    return c;
+  }));
+  m.push_back(entry<DiReFT>(1e-2, [](Model, Steps) {
+    DiReFT::Config c;
+    c.r = 4;
+    c.suffix_positions = 3;
+    return c;
+  }));
+  m.push_back(entry<Compacter>(1e-2, [](Model, Steps) {
+    CompacterConfig c;  // width 8, n = 4, after attention and MLP
+    c.bottleneck_size = 8;
+    return c;
+  }));
+  m.push_back(entry<LlamaAdapter>(1e-2, [](Model model, Steps) {
+    AdaptionPromptConfig c;  // 8 gated prompts in every layer
+    c.adapter_len = 8;
+    c.adapter_layers = model.num_layers;
+    return c;
+  }));
   // --- selective: about 2% of the projection weights where a budget applies
   m.push_back(entry<BitFit>(3e-2, [](Model, Steps) { return BitFitConfig{}; }));
   m.push_back(entry<LNTuning>(3e-2, [](Model, Steps) { return LnTuningConfig{}; }));
+  m.push_back(entry<TrainableTokens>(3e-2, [](Model model, Steps) {
+    TrainableTokensConfig c;  // the first 16 rows of the vocabulary
+    for (std::int64_t i = 0; i < std::min<std::int64_t>(16, model.vocab_size); ++i)
+      c.token_indices.push_back(i);
+    return c;
+  }));
   m.push_back(entry<FishMask>(1e-2, [](Model, Steps) {
     FishMaskConfig c;
     c.budget.density = 0.02;
@@ -171,6 +253,12 @@ inline std::vector<MethodEntry> study_methods() {
   }));
   m.push_back(entry<StructuredMask>(1e-2, [](Model, Steps) {
     StructuredMaskConfig c;  // the highest-scoring row of each projection
+    return c;
+  }));
+  m.push_back(entry<SHiRA>(1e-2, [=](Model, Steps) {
+    ShiraConfig c;  // r (in + out) random entries: LoRA r = 2's count on q, k, v, o
+    c.r = 2;
+    c.targets = attention;
     return c;
   }));
   m.push_back(entry<DiffPruning>(1e-2, [](Model, Steps) {

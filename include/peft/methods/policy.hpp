@@ -23,7 +23,11 @@
 //                                        // <name>"); trainable ones have requires_grad()
 //
 // 3. OPTIONAL HOOKS OF State<T> (each a concept below; a hook a state lacks costs nothing).
-//    The decoder calls them in this order within each block:
+//    The decoder calls them in this order (token_embedding once per forward, the rest within
+//    each block):
+//   Var<T> token_embedding(Tape<T>&, const Var<T>& table)           HasTokenEmbedding
+//       the token table [V, d] the model looks up and, where the head is tied, projects with:
+//       `table` or a table derived from it (trainable tokens' rows)
 //   void before_attention(Tape<T>&, int layer, const Var<T>& x)    HasBeforeAttention
 //       sees the block's normalised attention input before its projections (UniPELT's gates)
 //   void adapt(Projection<T>&)                                      HasProjectionHook
@@ -36,9 +40,18 @@
 //   std::int64_t num_prefix_tokens() const;                         HasPrefix
 //   std::pair<Var<T>, Var<T>> prefix_key_values(Tape<T>&, int layer, std::int64_t batch)
 //       keys and values [B, P, kv_heads·head_dim] prepended to a layer's attention
+//   Var<T> adapt_attention(Tape<T>&, const AttentionSite<T>&, const Var<T>& o)  HasAttentionHook
+//       after the output projection: o plus an attention of the method's own, from the
+//       block's queries and its own projections (AttentionSite; LLaMA-Adapter's gated prompts)
 //   Var<T> after_attention(Tape<T>&, int layer, const Var<T>& o)    HasAfterAttention
 //       before the residual add
 //   Var<T> after_mlp(Tape<T>&, int layer, const Var<T>& in, const Var<T>& out)  HasAfterMlp
+//   Var<T> after_block(Tape<T>&, int layer, const Var<T>& h, const TokenSpans&)  HasAfterBlock
+//       the block's output h [B, Tn, d] (the residual stream after the MLP's residual add);
+//       returns the block's output in its place. TokenSpans says where each row's tokens sit
+//       (padding and virtual tokens outside them) and how many came before the call (a cached
+//       generation step), and carries the dropout generator in training (ReFT's interventions
+//       at chosen positions). Outside a checkpointed block's re-run.
 //   Var<T> extra_loss(Tape<T>&)                                     HasExtraLoss
 //       a regulariser [1] added to the training loss
 //
@@ -67,6 +80,13 @@
 //   AllocatesBudget       update_and_allocate(step) after each optimizer step (AdaLoRA)
 //   SamplesRank           sample_rank() before each step, set_rank(b) (DyLoRA)
 //   TrainsInTwoPhases     prune() between a dense and a sparse phase (diff pruning)
+//   ProjectsGradients     project_gradients() after backward, the gradient clip and the
+//                         data-parallel sum, before the optimizer step: rewrites its trainable
+//                         tensors' gradients (LoRA-FA's g_B (A Aᵀ)⁻¹ / s²); the Trainer and the
+//                         golden runner call it
+//   PrescribesAdamW (of P) static constexpr AdamWForm adamw_form: the optimizer form the method
+//                         is defined with (LoRA-FA: the reference's LoraFAOptimizer, the Hugging
+//                         Face form, train/optimizer.hpp); the Trainer and the golden runner use it
 //   HasRunningState       running_state() -> nlohmann::json, restore_running_state(json):
 //                         what a method updates while training that its adapter file does not
 //                         hold (AdaLoRA's importance averages and allocation, DyLoRA's rank
@@ -90,6 +110,7 @@
 //     would instead be keyed by (seed, step, sample, site): the generator is the one place to
 //     change.
 #include <concepts>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -146,6 +167,27 @@ struct AttachContext {
   /// Every base tensor (embeddings, norms, weights, biases) named as in model.safetensors;
   /// selective methods pick theirs from here. All frozen when the policy attaches.
   std::vector<NamedParameter<T>> base_parameters;
+};
+
+/// What after_block sees of a forward besides the hidden states (section 3).
+struct TokenSpans {
+  /// Per row b: its tokens are positions begin[b] .. end[b] − 1 of the call's sequence (from
+  /// the attention mask's first and last 1; virtual tokens before them).
+  std::vector<std::int64_t> begin, end;
+  std::int64_t past = 0;  ///< tokens of each row before this call (cached generation steps)
+  std::mt19937_64* dropout = nullptr;  ///< the decoder's dropout generator in training, else null
+};
+
+/// What a block's attention shows adapt_attention (section 3): its queries and the layer's own
+/// projections, computed as the model computes them (through the method's adapt(), if any).
+template <class T>
+struct AttentionSite {
+  int layer = 0;
+  Var<T> queries;  ///< [B, T, heads·head_dim], after rotary (LLaMA)
+  /// The layer's key and value projections of x [..., hidden] (no rotary): [..., kv_dim] each.
+  std::function<std::pair<Var<T>, Var<T>>(const Var<T>&)> key_values;
+  /// The layer's output projection of x [..., heads·head_dim] (o_proj, c_proj).
+  std::function<Var<T>(const Var<T>&)> output;
 };
 
 // The concept is split so that a failing check names the missing piece.
@@ -258,6 +300,15 @@ concept HasProjectionHook = requires(S s, Projection<T>& p) {
   s.adapt(p);
 };
 template <class S, class T>
+concept HasTokenEmbedding = requires(S s, Tape<T>& tape, const Var<T>& table) {
+  { s.token_embedding(tape, table) } -> std::same_as<Var<T>>;
+};
+template <class S, class T>
+concept HasAttentionHook = requires(S s, Tape<T>& tape, const AttentionSite<T>& site,
+                                    const Var<T>& o) {
+  { s.adapt_attention(tape, site, o) } -> std::same_as<Var<T>>;
+};
+template <class S, class T>
 concept HasBeforeAttention = requires(S s, Tape<T>& tape, const Var<T>& x) {
   s.before_attention(tape, 0, x);
 };
@@ -278,6 +329,10 @@ concept HasAfterAttention = requires(S s, Tape<T>& tape, const Var<T>& h) {
 template <class S, class T>
 concept HasAfterMlp = requires(S s, Tape<T>& tape, const Var<T>& h) {
   { s.after_mlp(tape, 0, h, h) } -> std::same_as<Var<T>>;
+};
+template <class S, class T>
+concept HasAfterBlock = requires(S s, Tape<T>& tape, const Var<T>& h, const TokenSpans& spans) {
+  { s.after_block(tape, 0, h, spans) } -> std::same_as<Var<T>>;
 };
 template <class S, class T>
 concept HasExtraLoss = requires(S s, Tape<T>& tape) {
@@ -354,6 +409,14 @@ concept SamplesRank = requires(S s) {
 template <class S>
 concept TrainsInTwoPhases = requires(S s) {
   s.prune();
+};
+template <class S>
+concept ProjectsGradients = requires(S s) {
+  s.project_gradients();
+};
+template <class P>
+concept PrescribesAdamW = requires {
+  P::adamw_form;
 };
 template <class S>
 concept HasRunningState = requires(S s, const S& cs, const nlohmann::json& j) {

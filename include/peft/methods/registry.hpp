@@ -23,24 +23,34 @@
 #include "peft/arch/gpt2.hpp"
 #include "peft/arch/llama.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
+#include "peft/methods/additive/compacter.hpp"
 #include "peft/methods/additive/ia3.hpp"
+#include "peft/methods/additive/llama_adapter.hpp"
 #include "peft/methods/additive/p_tuning.hpp"
 #include "peft/methods/additive/prefix_tuning.hpp"
 #include "peft/methods/additive/prompt_tuning.hpp"
+#include "peft/methods/additive/reft.hpp"
 #include "peft/methods/additive/ssf.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/adalora.hpp"
 #include "peft/methods/reparameterized/boft.hpp"
 #include "peft/methods/reparameterized/c3a.hpp"
+#include "peft/methods/reparameterized/delora.hpp"
 #include "peft/methods/reparameterized/dora.hpp"
 #include "peft/methods/reparameterized/dylora.hpp"
 #include "peft/methods/reparameterized/fourierft.hpp"
+#include "peft/methods/reparameterized/glora.hpp"
+#include "peft/methods/reparameterized/gralora.hpp"
+#include "peft/methods/reparameterized/hira.hpp"
 #include "peft/methods/reparameterized/hra.hpp"
 #include "peft/methods/reparameterized/loha.hpp"
 #include "peft/methods/reparameterized/lokr.hpp"
 #include "peft/methods/reparameterized/lora.hpp"
+#include "peft/methods/reparameterized/lora_fa.hpp"
 #include "peft/methods/reparameterized/miss.hpp"
 #include "peft/methods/reparameterized/oft.hpp"
+#include "peft/methods/reparameterized/randlora.hpp"
+#include "peft/methods/reparameterized/road.hpp"
 #include "peft/methods/reparameterized/vblora.hpp"
 #include "peft/methods/reparameterized/vera.hpp"
 #include "peft/methods/selective/bitfit.hpp"
@@ -48,7 +58,9 @@
 #include "peft/methods/selective/fishmask.hpp"
 #include "peft/methods/selective/ln_tuning.hpp"
 #include "peft/methods/selective/masks.hpp"
+#include "peft/methods/selective/shira.hpp"
 #include "peft/methods/selective/structured.hpp"
+#include "peft/methods/selective/trainable_tokens.hpp"
 
 namespace peft {
 
@@ -97,10 +109,11 @@ struct MethodRegistry {
 
 /// Every method of the library that reads the reference's adapter files.
 using BuiltinMethods =
-    MethodRegistry<LoRA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, OFT, BOFT, HRA, MiSS, C3A, VBLoRA,
-                   FourierFT, IA3, PrefixTuning, PromptTuning, PTuning, SSF, SerialAdapter,
-                   PfeifferAdapter, ParallelAdapter, BitFit, LNTuning, UnstructuredMask, FishMask,
-                   DiffPruning, StructuredMask>;
+    MethodRegistry<LoRA, LoraFA, DoRA, VeRA, LoHa, LoKr, AdaLoRA, DyLoRA, OFT, BOFT, HRA, MiSS, C3A,
+                   VBLoRA, FourierFT, IA3, PrefixTuning, PromptTuning, PTuning, SSF, SerialAdapter,
+                   PfeifferAdapter, ParallelAdapter, LoReFT, NoReFT, DiReFT, Compacter, BitFit,
+                   LNTuning, UnstructuredMask, FishMask, DiffPruning, StructuredMask, RoAd, DeLoRA,
+                   RandLoRA, HiRA, GraLoRA, GLoRA, SHiRA, LlamaAdapter, TrainableTokens>;
 
 /// An adapter config's peft_type as an error message shows it: the string, "?" where there is
 /// none, or the first 64 characters of whatever JSON stands there instead.

@@ -33,6 +33,8 @@
 //                                                        const nn::Linear<T>&, bool merge)
 //       instead, for a merge that is not a sum: the module's next W [out, in], from its current
 //       one (merge: W Rᵀ for OFT; unmerge: the inverse map); Mergeable and Unloadable too
+//   template <class T> static void project_gradient(const Config&, const Slot&)
+//       rewrites the slot's gradients before the optimizer step (ProjectsGradients: LoRA-FA)
 #include <random>
 #include <vector>
 
@@ -91,6 +93,12 @@ class SiteState {
     if (const Slot* s = sites_.active(p.module())) P::contribute(config_, p, *s);
   }
   std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
+  void project_gradients() requires requires(const Config& c, const Slot& s) {
+    P::project_gradient(c, s);
+  }
+  {
+    sites_.for_each([this](const Slot& s) { P::project_gradient(config_, s); });
+  }
 
   void merge(const std::vector<nn::Linear<T>*>& m) requires mergeable { fold(m, true); }
   void unmerge(const std::vector<nn::Linear<T>*>& m) requires mergeable { fold(m, false); }

@@ -2,11 +2,13 @@
 // Decoder<Arch, Policy, T>: a decoder-only transformer of an architecture bundle (arch::Gpt2,
 // arch::Llama) with a PEFT policy attached at its hook sites.
 //
-// Data flow (docs/architecture.md draws it): token ids → embedding (+ learned positions) →
-// [policy: virtual tokens] → for each block: norm → q, k, v projections [policy: linear] →
-// rotary (LLaMA) → [policy: prefix keys/values] → attention → output projection [linear] →
-// [policy: after_attention] → residual → norm → MLP [linear at each projection] →
-// [policy: after_mlp] → residual → final norm → head → logits → cross-entropy.
+// Data flow (docs/architecture.md draws it): token ids → embedding [policy: token table]
+// (+ learned positions) → [policy: virtual tokens] → for each block: norm → q, k, v projections
+// [policy: linear] → rotary (LLaMA) → [policy: prefix keys/values] → attention → output
+// projection [linear] → [policy: adapt_attention, after_attention] → residual → norm → MLP
+// [linear at each projection] →
+// [policy: after_mlp] → residual → [policy: after_block] → final norm → head → logits →
+// cross-entropy.
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -431,8 +433,9 @@ class Decoder {
     batch.validate();
     const RowGroupsGuard groups = resolve_row_groups(batch);
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
+    const Var<T> table = token_table(tape);
     Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
-                                 : ops::embedding(tape, token_embedding_, batch.input_ids);
+                                 : ops::embedding(tape, table, batch.input_ids);
     h = ops::reshape(tape, h, Shape{B, T0, d});
     std::int64_t virtual_tokens = 0;
     if constexpr (HasVirtualTokens<Adapter, T>) {
@@ -450,12 +453,14 @@ class Decoder {
     ops::AttentionSpec spec = attention_spec(prefix);
     spec.key_visible = key_visibility(batch, prefix, virtual_tokens);
 
+    const TokenSpans spans = token_spans(batch, virtual_tokens, 0);
     for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer) {
       Block& block = blocks_[static_cast<std::size_t>(layer)];
       if (checkpoint_blocks_ && tape.enabled())
         h = checkpointed_block_forward(tape, block, layer, h, spec, prefix, B);
       else
         h = block_forward(tape, block, layer, h, spec, prefix, B);
+      h = after_block(tape, layer, h, spans);
     }
 
     h = final_norm_.forward(tape, h);
@@ -470,12 +475,12 @@ class Decoder {
       // Head and loss fused: the logits are the only vocabulary-sized buffer, and backward
       // turns them into their gradient in place once the caller has let go of them.
       auto [logits, loss] =
-          ops::linear_cross_entropy(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn,
+          ops::linear_cross_entropy(tape, h, table, Var<T>{}, ops::WeightLayout::OutIn,
                                     shifted_targets(batch, virtual_tokens));
       result.logits = std::move(logits);
       result.loss = std::move(loss);
     } else {
-      result.logits = head_logits(tape, h);
+      result.logits = head_logits(tape, h, table);
       // cross_entropy reads [B, T, V] as B·T rows: no flattened copy of the logits.
       if (with_loss)
         result.loss =
@@ -517,8 +522,9 @@ class Decoder {
     const RowGroupsGuard groups = resolve_row_groups(batch);
     Tape<T> tape(false);
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
+    const Var<T> table = token_table(tape);
     Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
-                                 : ops::embedding(tape, token_embedding_, batch.input_ids);
+                                 : ops::embedding(tape, table, batch.input_ids);
     h = ops::reshape(tape, h, Shape{B, T0, d});
     std::int64_t Tn = T0;
     if constexpr (HasVirtualTokens<Adapter, T>) {
@@ -534,14 +540,19 @@ class Decoder {
     const std::int64_t first = prefix + cache.past;  // position of the step's first token
     h = add_positions(tape, h, first, Tn);
     const ops::AttentionSpec spec = attention_spec(first);
-    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer)
+    // The tokens before this step: the cache's positions less the virtual tokens among them.
+    const TokenSpans spans =
+        token_spans(batch, Tn - T0, cache.empty() ? 0 : cache.past - virtual_token_count());
+    for (int layer = 0; layer < static_cast<int>(blocks_.size()); ++layer) {
       h = block_forward(tape, blocks_[static_cast<std::size_t>(layer)], layer, h, spec, prefix, B,
                         CacheStep{&cache, first});
+      h = after_block(tape, layer, h, spans);
+    }
     cache.batch = B;
     cache.past += Tn;
     h = ops::slice(tape, h, 1, Tn - 1, 1);  // the last position: what the next token needs
     h = final_norm_.forward(tape, h);
-    return head_logits(tape, h).value();
+    return head_logits(tape, h, table).value();
   }
 
   /// Logits without recording anything for backward.
@@ -782,10 +793,11 @@ class Decoder {
   };
   [[nodiscard]] RowGroupsGuard resolve_row_groups(const Batch& batch) {
     if (batch.adapter_names.empty()) return {nullptr};
-    constexpr bool projections_only = !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> &&
-                                      !HasBeforeAttention<Adapter, T> &&
-                                      !HasAfterAttention<Adapter, T> && !HasAfterMlp<Adapter, T> &&
-                                      !HasExtraLoss<Adapter, T>;
+    constexpr bool projections_only =
+        !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> && !HasTokenEmbedding<Adapter, T> &&
+        !HasAttentionHook<Adapter, T> && !HasBeforeAttention<Adapter, T> &&
+        !HasAfterAttention<Adapter, T> && !HasAfterMlp<Adapter, T> && !HasAfterBlock<Adapter, T> &&
+        !HasExtraLoss<Adapter, T>;
     if (!projections_only)
       throw ConfigError(std::string("batch: adapter_names: mixed-adapter batches need a method "
                                     "that only adapts projections (LoRA and its family, IA3, "
@@ -831,6 +843,38 @@ class Decoder {
     }
   }
 
+  /// The after_block hook (policy.hpp, section 3), where the adapter has one.
+  Var<T> after_block(Tape<T>& tape, int layer, const Var<T>& h, const TokenSpans& spans) {
+    if constexpr (HasAfterBlock<Adapter, T>)
+      if (Adapter* ad = hooked()) return ad->after_block(tape, layer, h, spans);
+    return h;
+  }
+  std::int64_t virtual_token_count() {
+    if constexpr (HasVirtualTokens<Adapter, T>)
+      if (Adapter* a = hooked()) return a->num_virtual_tokens();
+    return 0;
+  }
+  /// Where each row's tokens sit in the blocks' sequence: after `virtual_tokens`, from the
+  /// attention mask's first 1 to its last (all of the row without a mask); `past` tokens before.
+  TokenSpans token_spans(const Batch& batch, std::int64_t virtual_tokens, std::int64_t past) {
+    TokenSpans s;
+    if constexpr (!HasAfterBlock<Adapter, T>) return s;
+    for (std::int64_t b = 0; b < batch.batch; ++b) {
+      std::int64_t first = batch.seq, last = -1;
+      for (std::int64_t t = 0; t < batch.seq; ++t)
+        if (batch.attention_mask.empty() ||
+            batch.attention_mask[static_cast<std::size_t>(b * batch.seq + t)] != 0) {
+          first = std::min(first, t);
+          last = t;
+        }
+      s.begin.push_back(virtual_tokens + (last < 0 ? 0 : first));
+      s.end.push_back(virtual_tokens + last + 1);
+    }
+    s.past = past;
+    s.dropout = training_ ? &dropout_rng_ : nullptr;
+    return s;
+  }
+
   // [B, prefix + Tn] key visibility: prefix and virtual tokens always visible, then the mask.
   std::vector<std::uint8_t> key_visibility(const Batch& batch, std::int64_t prefix,
                                            std::int64_t virtual_tokens) const {
@@ -843,7 +887,6 @@ class Decoder {
             batch.attention_mask[static_cast<std::size_t>(b * batch.seq + t)] != 0;
     return visible;
   }
-
 
   // The block run without keeping its activations; one closure runs it again on an inner tape
   // in backward and back-propagates through that. Gradients reach x and the trainable tensors
@@ -875,12 +918,43 @@ class Decoder {
     return spec;
   }
 
+  /// The token table a forward looks up and, tied, projects with: the base's, or the active
+  /// method's derived from it (HasTokenEmbedding: trainable tokens), once per forward.
+  Var<T> token_table([[maybe_unused]] Tape<T>& tape) {
+    if constexpr (HasTokenEmbedding<Adapter, T>)
+      if (Adapter* a = hooked()) {
+        if (frozen_embedding_)
+          throw ConfigError(std::string(method_title<Policy>()) +
+                            " changes the token embedding, which needs base format fp32; this "
+                            "model holds it in " +
+                            std::string(base_format_name(base_format_)));
+        return a->token_embedding(tape, token_embedding_);
+      }
+    return token_embedding_;
+  }
+
+  /// The layer's queries and own projections, for adapt_attention (HasAttentionHook).
+  AttentionSite<T> attention_site(Tape<T>& tape, Block& b, int layer, const Var<T>& q) {
+    AttentionSite<T> site{layer, q, {}, {}};
+    site.key_values = [this, &tape, &b](const Var<T>& x) -> std::pair<Var<T>, Var<T>> {
+      if constexpr (Arch::fused_qkv) {
+        const std::int64_t d = config_.num_heads * config_.head_dim, kv = config_.kv_dim();
+        std::vector<Var<T>> parts = ops::split(tape, project(tape, b.qkv, x), {d, kv, kv}, 2);
+        return {parts[1], parts[2]};
+      } else {
+        return {project(tape, b.k, x), project(tape, b.v, x)};
+      }
+    };
+    site.output = [this, &tape, &b](const Var<T>& x) { return project(tape, b.attention_out, x); };
+    return site;
+  }
+
   /// The output head: the tied embedding (frozen or not) or lm_head.
-  Var<T> head_logits(Tape<T>& tape, const Var<T>& h) {
+  Var<T> head_logits(Tape<T>& tape, const Var<T>& h, const Var<T>& table) {
     if (config_.tie_word_embeddings && frozen_embedding_)
       return ops::frozen_linear(tape, h, frozen_embedding_, Var<T>{});
     if (config_.tie_word_embeddings)
-      return ops::linear(tape, h, token_embedding_, Var<T>{}, ops::WeightLayout::OutIn);
+      return ops::linear(tape, h, table, Var<T>{}, ops::WeightLayout::OutIn);
     return project(tape, lm_head_, h);
   }
 
@@ -967,6 +1041,9 @@ class Decoder {
     }
     Var<T> attn = ops::attention(tape, q, k, v, spec);
     Var<T> o = project(tape, b.attention_out, attn);
+    if constexpr (HasAttentionHook<Adapter, T>)
+      if (Adapter* ad = hooked())
+        o = ad->adapt_attention(tape, attention_site(tape, b, layer, q), o);
     if constexpr (HasAfterAttention<Adapter, T>)
       if (Adapter* ad = hooked()) o = ad->after_attention(tape, layer, o);
     Var<T> h = ops::add(tape, x, o);

@@ -269,7 +269,10 @@ template <class Model, class T = typename Model::Scalar>
 std::pair<std::vector<double>, std::vector<std::pair<std::string, std::vector<double>>>>
 run_trajectory(Model& model, const Batch& batch, const GoldenTraining& training) {
   for (NamedParameter<T>& p : model.trainable_parameters()) p.var.zero_grad();
-  AdamW<T> optimizer(model.trainable_parameters(), training.adamw());
+  AdamWOptions options = training.adamw();
+  if constexpr (PrescribesAdamW<typename Model::AdapterPolicy>)
+    options.form = Model::AdapterPolicy::adamw_form;  // LoRA-FA's optimizer (policy.hpp)
+  AdamW<T> optimizer(model.trainable_parameters(), options);
   std::vector<double> losses;
   std::vector<std::pair<std::string, std::vector<double>>> trained;
   for (int step = 0; step <= training.steps; ++step) {
@@ -282,6 +285,7 @@ run_trajectory(Model& model, const Batch& batch, const GoldenTraining& training)
     if (step == training.steps) break;
     optimizer.zero_grad();
     tape.backward(out.loss);
+    if constexpr (ProjectsGradients<typename Model::Adapter>) model.adapter().project_gradients();
     optimizer.step();
   }
   return {std::move(losses), std::move(trained)};
@@ -473,7 +477,9 @@ bool run_golden_case_throwing(const std::filesystem::path& case_dir, GoldenRepor
                                          model_json["model_type"].is_string()
                                      ? model_json["model_type"].get<std::string>()
                                      : std::string();
-  const bool supported = visit_policy_for<Registry>(adapter_json, [&]<class Policy>() {
+  // "peft_method" (this project's field): the policy by name, for a method whose files are
+  // another's (LoRA-FA trains a LoRA adapter); else the one accepting adapter_config.json.
+  const auto run = [&]<class Policy>() {
     visit_arch_for(model_type, [&]<class Arch>() {
       if (format == BaseFormat::fp32)
         detail::run_case<Arch, Policy, T>(case_dir, case_json, adapter_json, model_dir, report,
@@ -482,7 +488,14 @@ bool run_golden_case_throwing(const std::filesystem::path& case_dir, GoldenRepor
         detail::run_case_in_format<Arch, Policy>(case_dir, case_json, adapter_json, model_dir,
                                                  format, report, tol);
     });
-  });
+  };
+  const bool supported = case_json.contains("peft_method") && case_json["peft_method"].is_string()
+                             ? Registry::visit_named(case_json["peft_method"].get<std::string>(),
+                                                     [&]<class Policy>() {
+                                                       if constexpr (Loadable<Policy>)
+                                                         run.template operator()<Policy>();
+                                                     })
+                             : visit_policy_for<Registry>(adapter_json, run);
   if (!supported) {
     const auto text = [](const nlohmann::json& j, const char* key) {
       return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>()

@@ -22,17 +22,27 @@ std::vector<Var<T>> trainable_only(const std::vector<NamedParameter<T>>& params)
 }
 }  // namespace detail
 
+/// Two published forms of AdamW, which differ where eps and the decay act.
+enum class AdamWForm {
+  Torch,        ///< torch.optim.AdamW: decay first, eps after the corrected √v
+  HuggingFace,  ///< transformers' old AdamW (peft's LoraFAOptimizer): eps on the raw √v, decay
+                ///< after
+};
+
 struct AdamWOptions {
   double lr = 1e-3;
   double beta1 = 0.9;
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.01;
+  AdamWForm form = AdamWForm::Torch;
 };
 
-/// AdamW with torch's semantics: decoupled weight decay p ← p·(1 − lr·wd) before the Adam
-/// update, bias correction, eps added after the square root of the corrected second moment:
-/// p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + eps).
+/// AdamW. Torch form (default): decoupled weight decay p ← p·(1 − lr·wd) before the Adam update,
+/// bias correction, eps added after the square root of the corrected second moment:
+///   p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + eps).
+/// Hugging Face form: p ← p − (lr √(1 − β2ᵗ) / (1 − β1ᵗ)) · m / (√v + eps), then p ← p − lr·wd·p
+/// (on the updated p).
 template <class T>
 class AdamW {
  public:
@@ -66,13 +76,24 @@ class AdamW {
       Var<T>& p = params_[k];
       if (!p.has_grad()) continue;  // no gradient reached it this step
       const double lr = options_.lr * (multipliers_.empty() ? 1.0 : multipliers_[k]);
-      const T step_size = static_cast<T>(lr / bc1);
       const T decay = static_cast<T>(1.0 - lr * options_.weight_decay);
       T* w = p.value().data();
       const T* g = p.grad().data();
       T* m = m_[k].data();
       T* v = v_[k].data();
-      for (std::int64_t i = 0; i < p.value().numel(); ++i) {
+      const std::int64_t n = p.value().numel();
+      if (options_.form == AdamWForm::HuggingFace) {
+        const T step_size = static_cast<T>(lr * std::sqrt(bc2) / bc1);
+        for (std::int64_t i = 0; i < n; ++i) {
+          m[i] = b1 * m[i] + (T(1) - b1) * g[i];
+          v[i] = b2 * v[i] + (T(1) - b2) * g[i] * g[i];
+          w[i] -= step_size * m[i] / (std::sqrt(v[i]) + eps);
+          w[i] *= decay;
+        }
+        continue;
+      }
+      const T step_size = static_cast<T>(lr / bc1);
+      for (std::int64_t i = 0; i < n; ++i) {
         w[i] *= decay;
         m[i] = b1 * m[i] + (T(1) - b1) * g[i];
         v[i] = b2 * v[i] + (T(1) - b2) * g[i] * g[i];

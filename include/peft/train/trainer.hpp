@@ -173,14 +173,15 @@ struct TrainResult {
   std::int64_t steps = 0;        ///< steps done
   double train_seconds = 0;      ///< wall time in steps (evaluation and checkpoints excluded)
   std::int64_t timed_steps = 0;  ///< steps train_seconds covers (those run by this process)
-  double reduce_seconds = 0;  ///< of train_seconds, in the data-parallel sums (0 in one process)
+  double reduce_seconds = 0;     ///< of train_seconds, in the data-parallel sums (0 in one process)
   std::filesystem::path last_checkpoint;  ///< empty when none was written or found
   std::int64_t last_checkpoint_step = -1;
 };
 
 // The trainer's protocols are the contract's capabilities (methods/policy.hpp, section 4):
 // AllocatesBudget (update_and_allocate(i) after optimizer step i, 0-based, before the gradients
-// are zeroed) and SamplesRank (a random rank drawn before each step, the full rank to evaluate).
+// are zeroed), SamplesRank (a random rank drawn before each step, the full rank to evaluate),
+// ProjectsGradients (project_gradients() after the clip, before the step) and PrescribesAdamW.
 
 template <class Model>
 class Trainer {
@@ -196,7 +197,7 @@ class Trainer {
         next_batch_(std::move(next_batch)),
         evaluator_(std::move(evaluator)),
         params_(model.trainable_parameters()),
-        optimizer_(params_, options_.adamw),
+        optimizer_(params_, prescribed(options_.adamw)),
         buckets_(params_, options_.bucket_bytes),
         rng_(options_.seed) {
     if (options_.grad_accumulation < 1) throw ConfigError("trainer: grad_accumulation must be ≥ 1");
@@ -209,6 +210,13 @@ class Trainer {
         multipliers.push_back(options_.lr_multiplier(p.name));
       optimizer_.set_lr_multipliers(std::move(multipliers));
     }
+  }
+
+  /// The optimizer's options, in the form the method prescribes (PrescribesAdamW: LoRA-FA).
+  static AdamWOptions prescribed(AdamWOptions options) {
+    if constexpr (PrescribesAdamW<typename Model::AdapterPolicy>)
+      options.form = Model::AdapterPolicy::adamw_form;
+    return options;
   }
 
   /// Called after every optimizer step (progress bars, logs, tests that inject faults).
@@ -299,6 +307,8 @@ class Trainer {
       if (!std::isfinite(norm)) return stop_non_finite("gradient norm is " + describe(norm));
       if (options_.clip_norm > 0 && norm > options_.clip_norm)
         scale_gradients(options_.clip_norm / (norm + 1e-6));
+      if constexpr (ProjectsGradients<typename Model::Adapter>)
+        model_.adapter().project_gradients();
       optimizer_.set_lr(lr);
       optimizer_.step();
       if constexpr (AllocatesBudget<typename Model::Adapter>)

@@ -12,6 +12,7 @@
 //   after_attention      chained in component order: o ← P_1(o), then P_2, ...
 //   after_mlp            chained in component order, each reading the MLP input and the previous
 //                        component's output.
+//   after_block          chained in component order, each reading the previous one's output.
 //   extra_loss           summed.
 //   merge / unmerge      every mergeable component is folded (in order; unmerge in reverse); the
 //                        others stay active, so the model's output is unchanged by a merge.
@@ -197,6 +198,10 @@ struct Compose {
   static_assert((int(detail::supplies_prefix<P>) + ... + 0) <= 1,
                 "Compose: two components supply prefix keys/values (prefix tuning); a layer has "
                 "one prefix, so they cannot share the attention's key/value site");
+  static_assert(((!HasTokenEmbedding<detail::StateOf<P, float>, float> &&
+                  !HasAttentionHook<detail::StateOf<P, float>, float>)&&...),
+                "Compose: a component changes the token table or adds an attention of its own "
+                "(trainable tokens, LLaMA-Adapter); Compose does not forward those hooks yet");
 
   using family = family::Hybrid;
   static constexpr std::string_view name = "compose";
@@ -236,6 +241,7 @@ struct Compose {
         (HasAfterAttention<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_after_mlp = (HasAfterMlp<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_extra_loss = (HasExtraLoss<detail::StateOf<P, T>, T> || ...);
+    static constexpr bool any_after_block = (HasAfterBlock<detail::StateOf<P, T>, T> || ...);
     static constexpr bool any_mergeable = (Mergeable<detail::StateOf<P, T>, T> || ...);
 
    public:
@@ -337,6 +343,16 @@ struct Compose {
           h = state.after_mlp(tape, layer, mlp_in, h);
       });
       return h;
+    }
+
+    Var<T> after_block(Tape<T>& tape, int layer, const Var<T>& h,
+                       const TokenSpans& spans) requires(any_after_block) {
+      Var<T> out = h;
+      for_each_state([&](auto& state) {
+        if constexpr (HasAfterBlock<std::decay_t<decltype(state)>, T>)
+          out = state.after_block(tape, layer, out, spans);
+      });
+      return out;
     }
 
     Var<T> extra_loss(Tape<T>& tape) requires(any_extra_loss) {
