@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes tests/data/golden_methods/: reference cases, in the format of ../shared/golden (its
 README), for the methods that joined after the first golden set (OFT, COFT, BOFT, HRA, MiSS, C3A,
-VB-LoRA, FourierFT), and the
+VB-LoRA, FourierFT; LoRA-FA, RoAd, DeLoRA, RandLoRA, HiRA, GraLoRA, GLoRA, SHiRA, LLaMA-Adapter,
+trainable tokens), and the
 reference's print_trainable_parameters lines for published model shapes.
 
 Generated with (pip, in a virtual environment outside the checkout, CPU):
@@ -24,7 +25,9 @@ loss, d loss / d every trainable tensor, the merged model's logits where the ref
 reproduces its own forward (to 1e-6 of the logits' scale: C3A computes its term in float32;
 else has_merged_logits is false and case.json says why),
 and 4 steps of torch AdamW on the same batch (lr 1e-2, betas (0.9, 0.999), eps 1e-8,
-weight_decay 0.01). `trained.<key>` is read after the 4th step, before the final loss's forward.
+weight_decay 0.01; LoRA-FA's cases: peft's LoraFAOptimizer, see LoraFaTraining, and case.json
+names the policy in "peft_method"). `trained.<key>` is read after the 4th step, before the final
+loss's forward. `--only CASE...` regenerates some cases (and every count row).
 """
 import contextlib
 import copy
