@@ -37,7 +37,7 @@ using test_support::tiny_config;
 struct LlamaAdapterCase {
   using Policy = peft::LlamaAdapter;
   static constexpr const char* name = "adaption_prompt";
-  static constexpr bool mergeable = false;
+  static constexpr int start = 0;  // the gate starts at zero
   static peft::AdaptionPromptConfig config() {
     peft::AdaptionPromptConfig c;
     c.adapter_len = 3;
@@ -48,7 +48,7 @@ struct LlamaAdapterCase {
 struct TrainableTokensCase {
   using Policy = peft::TrainableTokens;
   static constexpr const char* name = "trainable_tokens";
-  static constexpr bool mergeable = true;
+  static constexpr int start = 0;  // the rows start as the table's
   static peft::TrainableTokensConfig config() {
     peft::TrainableTokensConfig c;
     c.token_indices = {5, 0, 8, 11};  // 11: in no sequence of the batch
@@ -56,34 +56,15 @@ struct TrainableTokensCase {
   }
 };
 
-template <class ArchT, class CaseT>
-struct Case {
-  using Arch = ArchT;
-  using Method = CaseT;
-  using Policy = typename CaseT::Policy;
-};
+template <class A, class M>
+using Case = test_support::MethodCase<A, M>;
 #define PT_CASES(Arch) Case<Arch, LlamaAdapterCase>, Case<Arch, TrainableTokensCase>
 #define ALL_CASES PT_CASES(peft::arch::Gpt2), PT_CASES(peft::arch::Llama)
 
-template <class C, class T>
-using ModelOf = Decoder<typename C::Arch, typename C::Policy, T>;
-
-template <class C, class T>
-ModelOf<C, T> make_model(std::uint64_t seed = 11) {
-  return ModelOf<C, T>(tiny_config<typename C::Arch>(), C::Method::config(), seed);
-}
-
-template <class C>
-std::string case_name() {
-  return std::string(C::Arch::model_type) + " " + C::Method::name;
-}
-
-std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                              ("peft_test_prompt_and_tokens_" + std::to_string(::getpid())) / name;
-  std::filesystem::remove_all(dir);
-  return dir;
-}
+using test_support::case_name;
+using test_support::make_model;
+using test_support::ModelOf;
+namespace checks = test_support::method_checks;
 
 // This file's methods only: the golden harness and the count instantiated for two methods.
 using Mine = peft::MethodRegistry<peft::LlamaAdapter, peft::TrainableTokens>;
@@ -91,61 +72,20 @@ using Mine = peft::MethodRegistry<peft::LlamaAdapter, peft::TrainableTokens>;
 }  // namespace
 
 TEST_CASE_TEMPLATE("prompt and tokens: analytic gradients match finite differences", C, ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, double>();
-  perturb_adapter(model, 3);
-  const Batch batch = padded_batch();
-  std::vector<Var<double>> inputs;
-  for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
-  REQUIRE(!inputs.empty());
-  peft::testing::GradCheckOptions options;
-  options.rtol = 1e-5;
-  options.atol = 1e-7;
-  const auto result = peft::testing::check_gradients(
-      [&](Tape<double>& tape, std::vector<Var<double>>&) {
-        return model.forward(tape, batch, false).logits;
-      },
-      inputs, options);
-  INFO(result.message);
-  CHECK(result.ok);
-  MESSAGE(case_name<C>() << ": gradcheck worst |analytic - numeric| " << result.worst_abs_error);
+  checks::gradients_match_finite_differences<C>();
 }
 
 TEST_CASE_TEMPLATE("prompt and tokens: the adapted model starts at the base model", C, ALL_CASES) {
+  checks::starts_at_base<C>();
   INFO(case_name<C>());
-  auto model = make_model<C, double>(21);
+  auto model = make_model<C, double>(21);  // and the adapter, once moved, changes the model
   Decoder<typename C::Arch, peft::NoPeft, double> base(tiny_config<typename C::Arch>(), {}, 21);
-  const Batch batch = padded_batch();
-  CHECK(max_abs_diff(model.logits(batch), base.logits(batch)) == 0.0);
-  perturb_adapter(model, 4);  // and the adapter then changes the model
-  CHECK(max_abs_diff(model.logits(batch), base.logits(batch)) > 1e-3);
+  perturb_adapter(model, 4);
+  CHECK(max_abs_diff(model.logits(padded_batch()), base.logits(padded_batch())) > 1e-3);
 }
 
 TEST_CASE_TEMPLATE("prompt and tokens: save, load, same logits; counts from shapes", C, ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, float>();
-  perturb_adapter(model, 7);
-  const Batch batch = padded_batch();
-  const auto dir = scratch_dir(case_name<C>());
-  peft::io::save_adapter(dir, C::Method::config().to_json(model.config()),
-                         model.adapter().parameters());
-  const auto json = peft::io::load_json(dir / "adapter_config.json");
-  CHECK(peft::method_accepts<typename C::Policy>(json));
-  const auto config = C::Policy::Config::from_json(json, "saved config");
-  ModelOf<C, float> loaded(tiny_config<typename C::Arch>(), config, 11);
-  peft::io::load_adapter_tensors(
-      loaded.adapter().parameters(),
-      peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors"));
-  CHECK(model.logits(batch).values() == loaded.logits(batch).values());
-
-  std::int64_t attached = 0;
-  for (const auto& p : model.adapter().parameters())
-    if (p.var.requires_grad()) attached += p.var.value().numel();
-  const auto count = peft::count_parameters<typename C::Policy>(
-      model.config(), peft::linear_shapes<typename C::Arch>(model.config()), C::Method::config());
-  CHECK(count.trainable == attached);
-  CHECK(count.trainable > 0);
-  std::filesystem::remove_all(dir.parent_path());
+  checks::save_load_and_count<C>("prompt_and_tokens");
 }
 
 TEST_CASE_TEMPLATE("trainable tokens: merge writes the rows, unmerge restores the table", Arch,

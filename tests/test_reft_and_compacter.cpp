@@ -104,37 +104,18 @@ struct CompacterPlusPlusCase {
   }
 };
 
-template <class ArchT, class CaseT>
-struct Case {
-  using Arch = ArchT;
-  using Method = CaseT;
-  using Policy = typename CaseT::Policy;
-};
+template <class A, class M>
+using Case = test_support::MethodCase<A, M>;
 
 #define METHOD_CASES(Arch)                                                    \
   Case<Arch, LoreftCase>, Case<Arch, LoreftTiedCase>, Case<Arch, NoreftCase>, \
       Case<Arch, DireftCase>, Case<Arch, CompacterCase>, Case<Arch, CompacterPlusPlusCase>
 #define ALL_CASES METHOD_CASES(peft::arch::Gpt2), METHOD_CASES(peft::arch::Llama)
 
-template <class C, class T>
-using ModelOf = Decoder<typename C::Arch, typename C::Policy, T>;
-
-template <class C, class T>
-ModelOf<C, T> make_model(std::uint64_t seed = 11) {
-  return ModelOf<C, T>(tiny_config<typename C::Arch>(), C::Method::config(), seed);
-}
-
-template <class C>
-std::string case_name() {
-  return std::string(C::Arch::model_type) + " " + C::Method::name;
-}
-
-std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                              ("peft_test_reft_" + std::to_string(::getpid())) / name;
-  std::filesystem::remove_all(dir);
-  return dir;
-}
+using test_support::case_name;
+using test_support::make_model;
+using test_support::ModelOf;
+namespace checks = test_support::method_checks;
 
 Matrix as_matrix(const Tensor<double>& t) {
   const std::int64_t cols = t.shape().back(), rows = t.numel() / cols;
@@ -173,50 +154,11 @@ Eigen::VectorXd phi(const typename P::template State<double>::Unit& unit,
 }  // namespace
 
 TEST_CASE_TEMPLATE("ReFT, Compacter: analytic gradients match finite differences", C, ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, double>();
-  perturb_adapter(model, 3);
-  const Batch batch = padded_batch();
-  std::vector<Var<double>> inputs;
-  for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
-  REQUIRE(!inputs.empty());
-  peft::testing::GradCheckOptions options;
-  options.rtol = 1e-5;
-  options.atol = 1e-7;
-  const auto result = peft::testing::check_gradients(
-      [&](Tape<double>& tape, std::vector<Var<double>>&) {
-        return model.forward(tape, batch, false).logits;
-      },
-      inputs, options);
-  INFO(result.message);
-  CHECK(result.ok);
+  checks::gradients_match_finite_differences<C>();
 }
 
 TEST_CASE_TEMPLATE("ReFT, Compacter: save, load, same logits; counts from shapes", C, ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, float>();
-  perturb_adapter(model, 7);
-  const Batch batch = padded_batch();
-  const auto dir = scratch_dir(case_name<C>());
-  peft::io::save_adapter(dir, C::Method::config().to_json(model.config()),
-                         model.adapter().parameters());
-  const auto json = peft::io::load_json(dir / "adapter_config.json");
-  CHECK(peft::method_accepts<typename C::Policy>(json));
-  const auto config = C::Policy::Config::from_json(json, "saved config");
-  CHECK(config.to_json(model.config()) == json);
-  ModelOf<C, float> loaded(tiny_config<typename C::Arch>(), config, 11);
-  peft::io::load_adapter_tensors(
-      loaded.adapter().parameters(),
-      peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors"));
-  CHECK(model.logits(batch).values() == loaded.logits(batch).values());
-
-  std::int64_t attached = 0;
-  for (const auto& p : model.adapter().parameters())
-    if (p.var.requires_grad()) attached += p.var.value().numel();
-  const auto count = peft::count_parameters<typename C::Policy>(
-      model.config(), peft::linear_shapes<typename C::Arch>(model.config()), C::Method::config());
-  CHECK(count.trainable == attached);
-  std::filesystem::remove_all(dir.parent_path());
+  checks::save_load_and_count<C>("reft");
 }
 
 TEST_CASE_TEMPLATE("ReFT, Compacter: AdapterHub's init is not the base model; the identity is", C,

@@ -122,12 +122,8 @@ struct HiraRandomCase {
   }
 };
 
-template <class ArchT, class CaseT>
-struct Case {
-  using Arch = ArchT;
-  using Method = CaseT;
-  using Policy = typename CaseT::Policy;
-};
+template <class A, class M>
+using Case = test_support::MethodCase<A, M>;
 
 #define SPARSE_RANDOM_CASES(Arch)                                                      \
   Case<Arch, RandLoraCase>, Case<Arch, RandLoraSparseCase>, Case<Arch, ShiraCase>,     \
@@ -135,25 +131,10 @@ struct Case {
       Case<Arch, HiraRandomCase>
 #define ALL_CASES SPARSE_RANDOM_CASES(peft::arch::Gpt2), SPARSE_RANDOM_CASES(peft::arch::Llama)
 
-template <class C, class T>
-using ModelOf = Decoder<typename C::Arch, typename C::Policy, T>;
-
-template <class C, class T>
-ModelOf<C, T> make_model(std::uint64_t seed = 11) {
-  return ModelOf<C, T>(tiny_config<typename C::Arch>(), C::Method::config(), seed);
-}
-
-template <class C>
-std::string case_name() {
-  return std::string(C::Arch::model_type) + " " + C::Method::name;
-}
-
-std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                              ("peft_test_sparse_and_random_" + std::to_string(::getpid())) / name;
-  std::filesystem::remove_all(dir);
-  return dir;
-}
+using test_support::case_name;
+using test_support::make_model;
+using test_support::ModelOf;
+namespace checks = test_support::method_checks;
 
 /// The adapter config of a golden case, read by the policy.
 template <class P>
@@ -166,81 +147,22 @@ typename P::Config golden_config(const std::string& name) {
 
 TEST_CASE_TEMPLATE("sparse and random methods: analytic gradients match finite differences", C,
                    ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, double>();
-  perturb_adapter(model, 3);
-  const Batch batch = padded_batch();
-  std::vector<Var<double>> inputs;
-  for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
-  REQUIRE(!inputs.empty());
-  peft::testing::GradCheckOptions options;
-  options.rtol = 1e-5;
-  options.atol = 1e-7;
-  const auto result = peft::testing::check_gradients(
-      [&](Tape<double>& tape, std::vector<Var<double>>&) {
-        return model.forward(tape, batch, false).logits;
-      },
-      inputs, options);
-  INFO(result.message);
-  CHECK(result.ok);
+  checks::gradients_match_finite_differences<C>();
 }
 
 TEST_CASE_TEMPLATE("sparse and random methods: merge and unmerge", C, ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, double>();
-  perturb_adapter(model, 5);
-  const Batch batch = padded_batch();
-  std::vector<Tensor<double>> weights;
-  for (auto* lin : model.linear_modules()) weights.push_back(lin->weight.value());
-  const Tensor<double> unmerged = model.logits(batch);
-  model.merge();
-  CHECK(max_abs_diff(model.logits(batch), unmerged) < 1e-10);
-  model.unmerge();
-  auto modules = model.linear_modules();
-  for (std::size_t i = 0; i < modules.size(); ++i)
-    CHECK(max_abs_diff(modules[i]->weight.value(), weights[i]) < 1e-12);
-  CHECK(max_abs_diff(model.logits(batch), unmerged) < 1e-11);
-  model.adapter().unload(modules);
-  CHECK(model.adapter().parameters().empty());
-  CHECK(max_abs_diff(model.logits(batch), unmerged) < 1e-10);
+  checks::merge_unmerge_unload<C>();
 }
 
 TEST_CASE_TEMPLATE("sparse and random methods: the adapted model starts at the base model", C,
                    ALL_CASES) {
-  INFO(case_name<C>());
-  if (C::Method::start == 2) return;
-  auto model = make_model<C, double>(21);
-  Decoder<typename C::Arch, peft::NoPeft, double> base(tiny_config<typename C::Arch>(), {}, 21);
-  const Batch batch = padded_batch();
-  CHECK(max_abs_diff(model.logits(batch), base.logits(batch)) == 0.0);
+  checks::starts_at_base<C>();
 }
 
 TEST_CASE_TEMPLATE("sparse and random methods: save, load, same logits; counts from shapes", C,
                    ALL_CASES) {
-  INFO(case_name<C>());
-  auto model = make_model<C, float>();
-  perturb_adapter(model, 7);
-  const Batch batch = padded_batch();
-  const auto dir = scratch_dir(case_name<C>());
-  peft::io::save_adapter(dir, C::Method::config().to_json(model.config()),
-                         model.adapter().parameters());
-  const auto json = peft::io::load_json(dir / "adapter_config.json");
-  CHECK(peft::method_accepts<typename C::Policy>(json));
-  const auto config = C::Policy::Config::from_json(json, "saved config");
-  ModelOf<C, float> loaded(tiny_config<typename C::Arch>(), config, 11);
-  peft::io::load_adapter_tensors(
-      loaded.adapter().parameters(),
-      peft::io::SafetensorsFile::open(dir / "adapter_model.safetensors"));
-  CHECK(model.logits(batch).values() == loaded.logits(batch).values());
-
-  std::int64_t attached = 0;
-  for (const auto& p : model.adapter().parameters())
-    if (p.var.requires_grad()) attached += p.var.value().numel();
-  const auto count = peft::count_parameters<typename C::Policy>(
-      model.config(), peft::linear_shapes<typename C::Arch>(model.config()), C::Method::config());
-  CHECK(count.trainable == attached);
+  const auto count = checks::save_load_and_count<C>("sparse_and_random");
   CHECK(count.frozen == 0);  // the bases and the indices are buffers, as the reference counts
-  std::filesystem::remove_all(dir.parent_path());
 }
 
 TEST_CASE("RandLoRA: the shared bases are the reference's, bit for bit") {

@@ -33,6 +33,10 @@
 //                                                        const nn::Linear<T>&, bool merge)
 //       instead, for a merge that is not a sum: the module's next W [out, in], from its current
 //       one (merge: W Rᵀ for OFT; unmerge: the inverse map); Mergeable and Unloadable too
+//   template <class T> static Eigen::Matrix<T, Eigen::Dynamic, 1> merged_bias(const Config&,
+//                                const Slot&, const nn::Linear<T>&, bool merge)
+//       with merged_weight, for a merge that rewrites the bias too: the module's next bias from
+//       its current one, called while the module holds its unmerged W (RoAd: R b; GLoRA)
 //   template <class T> static void project_gradient(const Config&, const Slot&)
 //       rewrites the slot's gradients before the optimizer step (ProjectsGradients: LoRA-FA)
 #include <random>
@@ -114,9 +118,23 @@ class SiteState {
       sites_.fold(m, merge,
                   [](const Slot& s, const nn::Linear<T>& l) { return P::delta_weight(s, l); });
     else
-      sites_.refold(m, merge, [this](const Slot& s, const nn::Linear<T>& l, bool forward) {
-        return P::merged_weight(config_, s, l, forward);
-      });
+      sites_.refold(
+          m, merge,
+          [this](const Slot& s, const nn::Linear<T>& l, bool forward) {
+            return P::merged_weight(config_, s, l, forward);
+          },
+          bias_transform());
+  }
+
+  auto bias_transform() const {
+    if constexpr (requires(const Slot& s, const nn::Linear<T>& l) {
+                    P::merged_bias(config_, s, l, true);
+                  })
+      return [this](const Slot& s, const nn::Linear<T>& l, bool forward) {
+        return P::merged_bias(config_, s, l, forward);
+      };
+    else
+      return nullptr;
   }
 
   Config config_;

@@ -17,10 +17,12 @@
 //     unload through the method's `delta_weight` (W += ΔW, HF peft's get_delta_weight).
 // A slot holds its tensors in declaration order (slot[0], slot[1], ...) and the method's own
 // per-module values in `extra`.
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -229,13 +231,22 @@ class SiteTable {
   /// W ← transform(slot, module, merge) [out, in] (merge), or back (unmerge), for each slot
   /// not already in that state: merges that multiply W (the orthogonal family: W Rᵀ and back
   /// with R⁻ᵀ) rather than add to it. `transform` reads the module's current W itself.
-  template <class Transform>
-  void refold(const std::vector<nn::Linear<T>*>& modules, bool merge, Transform&& transform) {
+  /// `bias_transform(slot, module, merge)`, where given, is the module's next bias [out] (for a
+  /// module that has one), called while the module holds its unmerged W: before W changes on
+  /// merge, after W is back on unmerge (RoAd: R b; GLoRA: b + b ⊙ D + E + W₀ C).
+  template <class Transform, class BiasTransform = std::nullptr_t>
+  void refold(const std::vector<nn::Linear<T>*>& modules, bool merge, Transform&& transform,
+              BiasTransform&& bias_transform = nullptr) {
+    constexpr bool folds_bias = !std::is_same_v<std::decay_t<BiasTransform>, std::nullptr_t>;
     for (nn::Linear<T>* lin : modules) {
       Slot* slot = find(lin->site);
       if (!slot || slot->merged == merge) continue;
       const RowMatrix<T> next = transform(*slot, *lin, merge);
+      if constexpr (folds_bias)
+        if (merge && lin->bias) lin->bias.value().vector() = bias_transform(*slot, *lin, true);
       lin->add_to_weight(next - lin->weight_out_in());
+      if constexpr (folds_bias)
+        if (!merge && lin->bias) lin->bias.value().vector() = bias_transform(*slot, *lin, false);
       slot->merged = merge;
     }
   }

@@ -160,7 +160,7 @@ struct GLoRA {
     });
   }
 
-  /// W + W ⊙ A + B (merge) or (W − B) ⊘ (1 + A) (unmerge); the bias follows in State.
+  /// W + W ⊙ A + B (merge) or (W − B) ⊘ (1 + A) (unmerge); merged_bias folds the bias.
   template <class T>
   static RowMatrix<T> merged_weight(const Config& c, const Slot<T>& s, const nn::Linear<T>& m,
                                     bool merge) {
@@ -171,50 +171,22 @@ struct GLoRA {
     return (w - b).cwiseQuotient((a.array() + T(1)).matrix());
   }
 
-  /// SiteState with the bias folded too: b ← b + b ⊙ D + E + W0 C, and back.
+  /// b + b ⊙ D + E + W₀ C (merge) or (b − E − W₀ C) ⊘ (1 + D) (unmerge), W₀ the unmerged W.
   template <class T>
-  class State : public SiteState<GLoRA, T> {
-    using Base = SiteState<GLoRA, T>;
-
-   public:
-    using Base::Base;
-    void merge(const std::vector<nn::Linear<T>*>& m) {
-      fold_bias(m, true);
-      Base::merge(m);
-    }
-    void unmerge(const std::vector<nn::Linear<T>*>& m) {
-      std::vector<nn::Linear<T>*> merged;
-      for (nn::Linear<T>* lin : m)
-        if (const Slot<T>* s = this->find(lin->site); s && s->merged) merged.push_back(lin);
-      Base::unmerge(m);
-      fold_bias(merged, false);
-    }
-    void unload(const std::vector<nn::Linear<T>*>& m) {
-      fold_bias(m, true);
-      Base::unload(m);
-    }
-
-   private:
-    // Merge: from the unmerged W0; unmerge: after W0 is back.
-    void fold_bias(const std::vector<nn::Linear<T>*>& m, bool merge) {
-      for (nn::Linear<T>* lin : m) {
-        const Slot<T>* s = this->find(lin->site);
-        if (!s || !lin->bias || (merge && s->merged)) continue;
-        const auto ps = paths(this->config(), ModuleSite::of(*lin));
-        std::array<std::size_t, 5> at{};
-        for (std::size_t k = 1; k < 5; ++k)
-          at[k] = at[k - 1] + (ps[k - 1].kind == Path::Lora ? 2 : 1);
-        using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-        const Vector wc = lin->weight_out_in() * value(ps[2], *s, at[2]);
-        const Vector d = value(ps[3], *s, at[3]), e = value(ps[4], *s, at[4]);
-        auto b = lin->bias.value().vector();
-        if (merge)
-          b += b.cwiseProduct(d) + e + wc;
-        else
-          b = (b - e - wc).cwiseQuotient((d.array() + T(1)).matrix());
-      }
-    }
-  };
+  static Eigen::Matrix<T, Eigen::Dynamic, 1> merged_bias(const Config& c, const Slot<T>& s,
+                                                         const nn::Linear<T>& m, bool merge) {
+    const auto ps = paths(c, ModuleSite::of(m));
+    std::array<std::size_t, 5> at{};
+    for (std::size_t k = 1; k < 5; ++k) at[k] = at[k - 1] + (ps[k - 1].kind == Path::Lora ? 2 : 1);
+    using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+    const Vector wc = m.weight_out_in() * value(ps[2], s, at[2]);
+    const Vector d = value(ps[3], s, at[3]), e = value(ps[4], s, at[4]);
+    const Vector b = m.bias.value().vector();
+    if (merge) return b + b.cwiseProduct(d) + e + wc;
+    return (b - e - wc).cwiseQuotient((d.array() + T(1)).matrix());
+  }
+  template <class T>
+  using State = SiteState<GLoRA, T>;
 
  private:
   // A path's value on the tape, at its own extent (broadcast by the op that uses it), or none.

@@ -13,13 +13,16 @@
 // + R b with R block 2 × 2 per pair; unmerge applies R⁻¹ (pairwise 2 × 2 inverses).
 // docs/methods/reparameterized.md#road; tests/test_rotations_and_blocks.cpp; golden llama_road*.
 #include <cmath>
+#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/core/ops.hpp"
 #include "peft/methods/config_fields.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
+#include "peft/methods/site_state.hpp"
 #include "peft/methods/site_table.hpp"
 
 namespace peft {
@@ -71,7 +74,8 @@ struct RoAd {
     return {{"road_theta", {n}}, {"road_alpha", {n}}};
   }
 
-  /// Where feature i of the output reads its first- and second-column θ and α, and its partner.
+  /// Where feature i of the output reads its first- and second-column θ and α, its partner and
+  /// the partner's sign in rot(y): built once per module at attach (slot.extra).
   struct Layout {
     std::vector<std::int64_t> first, second, partner;
     static Layout of(const Config& c, std::int64_t out) {
@@ -94,99 +98,96 @@ struct RoAd {
       return l;
     }
   };
+  template <class T>
+  struct Extra {
+    Layout layout;
+    Var<T> sign;  ///< [out]: −1 where the partner comes after (the first half of a group), else 1
+  };
+  template <class T>
+  using State = SiteState<RoAd, T>;
+  template <class T>
+  using Slot = SiteSlot<T, Extra<T>>;
 
   template <class T>
-  class State {
-   public:
-    using Sites = SiteTable<T>;
-    explicit State(const Config& config) : config_(config) {}
-    const Config& config() const { return config_; }
-    const Sites& sites() const { return sites_; }
-    bool adapts(const nn::Linear<T>& m) const { return sites_.adapts(m); }
-    std::vector<NamedParameter<T>> parameters() const { return sites_.parameters(); }
+  static void initialise(const Config& c, Slot<T>& s, const nn::Linear<T>& m,
+                         std::mt19937_64& rng) {
+    const std::int64_t out = m.out_features;
+    s.extra.layout = Layout::of(c, out);
+    Tensor<T> sign(Shape{out});
+    for (std::int64_t i = 0; i < out; ++i) sign[i] = s.extra.layout.partner[i] > i ? T(-1) : T(1);
+    s.extra.sign = Var<T>(std::move(sign));
+    if (c.init_weights) return s[1].value().fill(T(1));  // θ stays 0
+    detail::normal_fill(s[0].value(), rng, 0.5);
+    detail::normal_fill(s[1].value(), rng, 0.5);
+    for (std::int64_t i = 0; i < s[1].value().numel(); ++i) s[1].value()[i] += T(1);
+  }
 
-    void attach(AttachContext<T>& ctx) {
-      sites_.template attach<RoAd>(config_, ctx.linears, [&](auto& s, const nn::Linear<T>&) {
-        if (config_.init_weights) return s[1].value().fill(T(1));  // θ stays 0
-        detail::normal_fill(s[0].value(), ctx.rng, 0.5);
-        detail::normal_fill(s[1].value(), ctx.rng, 0.5);
-        for (std::int64_t i = 0; i < s[1].value().numel(); ++i) s[1].value()[i] += T(1);
-      });
+  /// y' = y ⊙ c1 + y[partner] ⊙ (±c2), the sign folded into a constant.
+  template <class T>
+  static void contribute(const Config&, Projection<T>& p, const Slot<T>& s) {
+    p.map_output([&s](Tape<T>& t, const Var<T>& y) {
+      using std::cos, std::sin;
+      const Layout& l = s.extra.layout;
+      const Var<T> c1 = ops::mul(t, ops::gather_features(t, s[1], l.first),
+                                 ops::detail::unary(
+                                     t, ops::gather_features(t, s[0], l.first),
+                                     [](T v) { return cos(v); }, [](T v, T) { return -sin(v); }));
+      const Var<T> c2 =
+          ops::mul(t, ops::mul(t, ops::gather_features(t, s[1], l.second), s.extra.sign),
+                   ops::detail::unary(
+                       t, ops::gather_features(t, s[0], l.second), [](T v) { return sin(v); },
+                       [](T v, T) { return cos(v); }));
+      return ops::add(t, ops::mul(t, y, c1),
+                      ops::mul(t, ops::gather_features(t, y, l.partner), c2));
+    });
+  }
+
+  /// Row i of W ← a_i row i + b_i row partner(i): R (merge) or R⁻¹ (unmerge).
+  template <class T>
+  static RowMatrix<T> merged_weight(const Config&, const Slot<T>& s, const nn::Linear<T>& m,
+                                    bool merge) {
+    const auto [a, b] = pair_factors(s, merge);
+    const RowMatrix<T> w = m.weight_out_in();
+    RowMatrix<T> next(w.rows(), w.cols());
+    for (Eigen::Index i = 0; i < w.rows(); ++i)
+      next.row(i) = a[i] * w.row(i) + b[i] * w.row(s.extra.layout.partner[i]);
+    return next;
+  }
+  /// The bias is rotated as the rows are: R b, and back.
+  template <class T>
+  static Eigen::Matrix<T, Eigen::Dynamic, 1> merged_bias(const Config&, const Slot<T>& s,
+                                                         const nn::Linear<T>& m, bool merge) {
+    const auto [a, b] = pair_factors(s, merge);
+    const Tensor<T>& bias = m.bias.value();
+    Eigen::Matrix<T, Eigen::Dynamic, 1> next(bias.numel());
+    for (std::int64_t i = 0; i < bias.numel(); ++i)
+      next[i] = a[i] * bias[i] + b[i] * bias[s.extra.layout.partner[i]];
+    return next;
+  }
+
+ private:
+  /// R's pair factors: row i of R has a_i at i and b_i at partner(i); R⁻¹'s, from the 2 × 2
+  /// inverse of each pair [[a_i, b_i], [b_j, a_j]].
+  template <class T>
+  static std::pair<std::vector<T>, std::vector<T>> pair_factors(const Slot<T>& s, bool merge) {
+    const Layout& l = s.extra.layout;
+    const Tensor<T>&theta = s[0].value(), &alpha = s[1].value();
+    const std::size_t out = l.partner.size();
+    std::vector<T> a(out), b(out);
+    for (std::size_t i = 0; i < out; ++i) {
+      a[i] = alpha[l.first[i]] * std::cos(theta[l.first[i]]);
+      b[i] = s.extra.sign.value()[i] * alpha[l.second[i]] * std::sin(theta[l.second[i]]);
     }
-
-    /// y' = y ⊙ c1 + y[partner] ⊙ (±c2), the sign folded into a constant.
-    void adapt(Projection<T>& p) const {
-      const auto* s = sites_.active(p.module());
-      if (!s) return;
-      const std::int64_t out = p.module().out_features;
-      Layout l = Layout::of(config_, out);
-      Tensor<T> sign(Shape{out});
-      for (std::int64_t i = 0; i < out; ++i) sign[i] = l.partner[i] > i ? T(-1) : T(1);
-      p.map_output([theta = (*s)[0], alpha = (*s)[1], l = std::move(l),
-                    sign = Var<T>(std::move(sign))](Tape<T>& t, const Var<T>& y) {
-        using std::cos, std::sin;
-        const Var<T> c1 = ops::mul(t, ops::gather_features(t, alpha, l.first),
-                                   ops::detail::unary(
-                                       t, ops::gather_features(t, theta, l.first),
-                                       [](T v) { return cos(v); }, [](T v, T) { return -sin(v); }));
-        const Var<T> c2 = ops::mul(t, ops::mul(t, ops::gather_features(t, alpha, l.second), sign),
-                                   ops::detail::unary(
-                                       t, ops::gather_features(t, theta, l.second),
-                                       [](T v) { return sin(v); }, [](T v, T) { return cos(v); }));
-        return ops::add(t, ops::mul(t, y, c1),
-                        ops::mul(t, ops::gather_features(t, y, l.partner), c2));
-      });
+    if (merge) return {a, b};
+    std::vector<T> ia(out), ib(out);
+    for (std::size_t i = 0; i < out; ++i) {
+      const std::int64_t j = l.partner[i];
+      const T det = a[i] * a[j] - b[i] * b[j];
+      ia[i] = a[j] / det;
+      ib[i] = -b[i] / det;
     }
-
-    void merge(const std::vector<nn::Linear<T>*>& m) { fold(m, true); }
-    void unmerge(const std::vector<nn::Linear<T>*>& m) { fold(m, false); }
-    void unload(const std::vector<nn::Linear<T>*>& m) {
-      fold(m, true);
-      sites_ = Sites{};
-    }
-
-   private:
-    /// Row i of W (and b_i) ← a_i row i + b_i row partner(i): R (merge) or R⁻¹ (unmerge).
-    void fold(const std::vector<nn::Linear<T>*>& modules, bool merge) {
-      for (nn::Linear<T>* lin : modules) {
-        auto* s = sites_.find(*lin);
-        if (!s || s->merged == merge) continue;
-        const std::int64_t out = lin->out_features;
-        const Layout l = Layout::of(config_, out);
-        const Tensor<T>&theta = (*s)[0].value(), &alpha = (*s)[1].value();
-        std::vector<T> a(out), b(out);
-        for (std::int64_t i = 0; i < out; ++i) {
-          a[i] = alpha[l.first[i]] * std::cos(theta[l.first[i]]);
-          b[i] =
-              (l.partner[i] > i ? T(-1) : T(1)) * alpha[l.second[i]] * std::sin(theta[l.second[i]]);
-        }
-        if (!merge) {  // the 2 × 2 inverse of each pair [[a_i, b_i], [b_j, a_j]]
-          std::vector<T> ia(out), ib(out);
-          for (std::int64_t i = 0; i < out; ++i) {
-            const std::int64_t j = l.partner[i];
-            const T det = a[i] * a[j] - b[i] * b[j];
-            ia[i] = a[j] / det;
-            ib[i] = -b[i] / det;
-          }
-          a.swap(ia), b.swap(ib);
-        }
-        const RowMatrix<T> w = lin->weight_out_in();
-        RowMatrix<T> next(w.rows(), w.cols());
-        for (std::int64_t i = 0; i < out; ++i)
-          next.row(i) = a[i] * w.row(i) + b[i] * w.row(l.partner[i]);
-        lin->add_to_weight(next - w);
-        if (lin->bias) {
-          const Tensor<T> bias = lin->bias.value();
-          for (std::int64_t i = 0; i < out; ++i)
-            lin->bias.value()[i] = a[i] * bias[i] + b[i] * bias[l.partner[i]];
-        }
-        s->merged = merge;
-      }
-    }
-
-    Config config_;
-    Sites sites_;
-  };
+    return {ia, ib};
+  }
 };
 
 }  // namespace peft
