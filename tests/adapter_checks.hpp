@@ -7,7 +7,6 @@
 // unmerge → unload, the start at the base model, save → load → the same logits with counts from
 // shapes.
 #include <doctest/doctest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "scratch_dir.hpp"
 #include "tiny_models.hpp"
 
 namespace test_support {
@@ -71,14 +71,6 @@ ModelOf<C, T> make_model(std::uint64_t seed = 11) {
 template <class C>
 std::string case_name() {
   return std::string(C::Arch::model_type) + " " + C::Method::name;
-}
-
-/// A fresh scratch folder <temp>/peft_test_<file>_<pid>/<name>; remove its parent when done.
-inline std::filesystem::path scratch_dir(const std::string& file, const std::string& name) {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                              ("peft_test_" + file + "_" + std::to_string(::getpid())) / name;
-  std::filesystem::remove_all(dir);
-  return dir;
 }
 
 namespace method_checks {
@@ -181,7 +173,7 @@ peft::ParameterCount save_load_and_count(const std::string& file) {
       model.config(), peft::linear_shapes<typename C::Arch>(model.config()), C::Method::config());
   CHECK(count.trainable == attached);
   CHECK(count.trainable > 0);
-  std::filesystem::remove_all(dir.parent_path());
+  std::filesystem::remove_all(dir);
   return count;
 }
 

@@ -50,7 +50,7 @@ TEST_CASE(
   CHECK(error_of(lora_json({{"use_rslora", 1}})).find("expected true or false") !=
         std::string::npos);
   CHECK(error_of(lora_json({{"bias", "all"}})).find("field 'bias'") != std::string::npos);
-  CHECK(error_of(lora_json({{"init_lora_weights", "olora"}})).find("one of true false") !=
+  CHECK(error_of(lora_json({{"init_lora_weights", "corda"}})).find("one of true false") !=
         std::string::npos);
   CHECK(error_of(lora_json({{"rank_pattern", {{"q_proj", -2}}}})).find("rank_pattern") !=
         std::string::npos);

@@ -274,6 +274,44 @@ inline std::vector<MethodEntry> study_methods() {
   m.push_back(entry<MAMAdapter>(1e-2, [](Model, Steps) {
     return mam_config({.prefix_tokens = 8, .adapter_width = 8, .scaling = 4.0});
   }));
+  // AdapterFusion over two frozen Pfeiffer adapters of width 8 drawn from seeds (the study has
+  // no trained task adapters): only the fusion's Q, K, V train, at AdapterHub's dynamic defaults.
+  m.push_back(entry<AdapterFusion>(1e-3, [](Model, Steps) {
+    AdapterFusion::Config c;
+    for (std::int64_t seed : {1, 2}) {
+      AdapterFusion::Config::Member member;
+      member.config.bottleneck_size = 8;
+      member.seed = seed;
+      c.adapters.push_back(member);
+    }
+    return c;
+  }));
+  // AdapterDrop: the Pfeiffer row's adapter (width 8) without the lower half of the layers.
+  m.push_back(entry<AdapterDrop<PfeifferAdapter>>(1e-2, [](Model model, Steps) {
+    AdapterDrop<PfeifferAdapter>::Config c;
+    c.inner.bottleneck_size = 8;
+    c.drop_layers = static_cast<int>(model.num_layers / 2);
+    return c;
+  }));
+  // X-LoRA over three rank-2 LoRA experts on the attention projections, drawn from the seed (no
+  // trained experts here): only the classifier (depth 2, width 16, one scaling per layer) trains.
+  m.push_back(entry<XLoRA>(1e-2, [=](Model model, Steps) {
+    XLoRA::Config c;
+    c.hidden_size = static_cast<int>(model.hidden_size);
+    for (int n = 0; n < 3; ++n) {
+      LoraConfig e;
+      e.r = 2;
+      e.lora_alpha = 4;
+      e.targets = attention;
+      c.experts.push_back(e);
+      c.adapters[std::to_string(n)] = "";
+    }
+    c.xlora_depth = 2;
+    c.xlora_size = 16;
+    c.layerwise_scalings = true;
+    c.xlora_dropout_p = 0.0;
+    return c;
+  }));
   return m;
 }
 

@@ -54,6 +54,14 @@
 //       at chosen positions). Outside a checkpointed block's re-run.
 //   Var<T> extra_loss(Tape<T>&)                                     HasExtraLoss
 //       a regulariser [1] added to the training loss
+//   void pre_pass(Tape<T>&, const std::function<Tensor<T>()>& hidden, std::mt19937_64* dropout)
+//                                                                   HasPrePass
+//       once per forward, before everything else: hidden() runs the whole model without
+//       recording (every hook, this state's adapt() too, as the state stands while it runs)
+//       and returns its last hidden states [B, Tn, d] after the final norm; what the state
+//       derives from them on `tape` feeds its hooks in the real pass (X-LoRA's scaling pass).
+//       `dropout`: the decoder's generator in training, else null. No forward_cached, no mixed
+//       batches.
 //
 // 4. OPTIONAL CAPABILITIES (named concepts; what each enables)
 //   Mergeable             merge(modules) / unmerge(modules): fold into the base weights and back
@@ -337,6 +345,11 @@ concept HasAfterBlock = requires(S s, Tape<T>& tape, const Var<T>& h, const Toke
 template <class S, class T>
 concept HasExtraLoss = requires(S s, Tape<T>& tape) {
   { s.extra_loss(tape) } -> std::same_as<Var<T>>;
+};
+template <class S, class T>
+concept HasPrePass = requires(S s, Tape<T>& tape, const std::function<Tensor<T>()>& hidden,
+                              std::mt19937_64* dropout) {
+  s.pre_pass(tape, hidden, dropout);
 };
 
 /// Capabilities (section 4 above).

@@ -31,6 +31,9 @@
 #include "peft/methods/additive/prompt_tuning.hpp"
 #include "peft/methods/additive/reft.hpp"
 #include "peft/methods/additive/ssf.hpp"
+#include "peft/methods/hybrid/adapter_drop.hpp"
+#include "peft/methods/hybrid/adapter_fusion.hpp"
+#include "peft/methods/hybrid/xlora.hpp"
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/adalora.hpp"
 #include "peft/methods/reparameterized/boft.hpp"
@@ -113,7 +116,8 @@ using BuiltinMethods =
                    VBLoRA, FourierFT, IA3, PrefixTuning, PromptTuning, PTuning, SSF, SerialAdapter,
                    PfeifferAdapter, ParallelAdapter, LoReFT, NoReFT, DiReFT, Compacter, BitFit,
                    LNTuning, UnstructuredMask, FishMask, DiffPruning, StructuredMask, RoAd, DeLoRA,
-                   RandLoRA, HiRA, GraLoRA, GLoRA, SHiRA, LlamaAdapter, TrainableTokens>;
+                   RandLoRA, HiRA, GraLoRA, GLoRA, SHiRA, LlamaAdapter, TrainableTokens,
+                   AdapterFusion, SerialAdapterFusion, XLoRA, AdapterDrop<PfeifferAdapter>>;
 
 /// An adapter config's peft_type as an error message shows it: the string, "?" where there is
 /// none, or the first 64 characters of whatever JSON stands there instead.

@@ -134,6 +134,7 @@ struct ForwardResult {
   Var<T> logits;  ///< [B, P + T, V] (P virtual tokens of prompt tuning)
   Var<T> loss;    ///< [1], defined when the forward was asked for the loss
   std::int64_t virtual_tokens = 0;
+  Var<T> hidden;  ///< the last hidden states after the final norm: set by a pre-pass only
 };
 
 template <class Arch, class Method = NoPeft, class T = float>
@@ -432,6 +433,21 @@ class Decoder {
   ForwardResult<T> forward(Tape<T>& tape, const Batch& batch, bool with_loss = true) {
     batch.validate();
     const RowGroupsGuard groups = resolve_row_groups(batch);
+    // The pre-pass hook (policy.hpp, HasPrePass: X-LoRA's scaling pass): this forward, run once
+    // without recording up to the final norm, whose hidden states the adapter reads.
+    if constexpr (HasPrePass<Adapter, T>)
+      if (Adapter* a = hooked(); a && !in_pre_pass_)
+        a->pre_pass(
+            tape,
+            [&] {
+              struct Flag {
+                bool& f;
+                ~Flag() { f = false; }
+              } flag{in_pre_pass_ = true};
+              Tape<T> off(false);
+              return forward(off, batch, false).hidden.value();
+            },
+            training_ ? &dropout_rng_ : nullptr);
     const std::int64_t B = batch.batch, T0 = batch.seq, d = config_.hidden_size;
     const Var<T> table = token_table(tape);
     Var<T> h = frozen_embedding_ ? ops::frozen_embedding<T>(frozen_embedding_, batch.input_ids)
@@ -466,6 +482,11 @@ class Decoder {
     h = final_norm_.forward(tape, h);
     ForwardResult<T> result;
     result.virtual_tokens = virtual_tokens;
+    if constexpr (HasPrePass<Adapter, T>)
+      if (in_pre_pass_) {  // the pre-pass needs the hidden states only
+        result.hidden = h;
+        return result;
+      }
     if (config_.tie_word_embeddings && with_loss && frozen_embedding_) {
       auto [logits, loss] = ops::frozen_linear_cross_entropy(
           tape, h, frozen_embedding_, shifted_targets(batch, virtual_tokens));
@@ -516,6 +537,11 @@ class Decoder {
       throw ConfigError("forward_cached: the model is in training mode (generation evaluates)");
     if (!batch.attention_mask.empty())
       throw ShapeError("forward_cached: an attention mask is not supported (rows of one length)");
+    if constexpr (HasPrePass<Adapter, T>)
+      if (hooked())
+        throw ConfigError(std::string("forward_cached: ") + std::string(method_title<Policy>()) +
+                          " runs a pre-pass over the whole sequence; generate without the "
+                          "cache (use_cache false, as the reference generates)");
     if (!cache.empty() && cache.batch != batch.batch)
       throw ShapeError("forward_cached: the cache holds " + std::to_string(cache.batch) +
                        " rows, the batch " + std::to_string(batch.batch));
@@ -797,7 +823,7 @@ class Decoder {
         !HasVirtualTokens<Adapter, T> && !HasPrefix<Adapter, T> && !HasTokenEmbedding<Adapter, T> &&
         !HasAttentionHook<Adapter, T> && !HasBeforeAttention<Adapter, T> &&
         !HasAfterAttention<Adapter, T> && !HasAfterMlp<Adapter, T> && !HasAfterBlock<Adapter, T> &&
-        !HasExtraLoss<Adapter, T>;
+        !HasExtraLoss<Adapter, T> && !HasPrePass<Adapter, T>;
     if (!projections_only)
       throw ConfigError(std::string("batch: adapter_names: mixed-adapter batches need a method "
                                     "that only adapts projections (LoRA and its family, IA3, "
@@ -1066,6 +1092,7 @@ class Decoder {
   std::vector<std::unique_ptr<NamedAdapter>> adapters_;  ///< by name; stable addresses
   std::size_t active_ = 0;
   bool adapters_disabled_ = false;
+  bool in_pre_pass_ = false;  ///< inside a HasPrePass adapter's pre-pass (its forward)
   std::vector<RowGroup<Adapter>> row_groups_;  ///< a mixed batch's rows, during its forward
 
   // What the hooks see, as one value (a checkpointed block's re-run restores it).

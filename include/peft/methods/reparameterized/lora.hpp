@@ -13,6 +13,7 @@
 #include "peft/methods/policy.hpp"
 #include "peft/methods/reparameterized/common.hpp"
 #include "peft/methods/reparameterized/lora_config.hpp"
+#include "peft/methods/reparameterized/olora.hpp"
 #include "peft/methods/reparameterized/pissa.hpp"
 #include "peft/methods/site_state.hpp"
 
@@ -53,6 +54,8 @@ struct LoRA {
   static void reinitialise(const Config& c, Slot<T>& s, nn::Linear<T>& m) {
     if (c.init == Config::Init::Pissa)
       detail::pissa_initialise(m, s[0].value(), s[1].value(), s.extra.scale);
+    if (c.init == Config::Init::Olora)
+      detail::olora_initialise(m, s[0].value(), s[1].value(), s.extra.scale);
   }
   /// lora_dropout drops the low-rank path's input only, in training mode (projection.hpp).
   template <class T>

@@ -13,7 +13,7 @@
 namespace peft {
 
 struct LoraConfig : ConfigIo<LoraConfig> {
-  enum class Init { Default, Gaussian, Zeros, Pissa };
+  enum class Init { Default, Gaussian, Zeros, Pissa, Olora };
   static constexpr std::string_view peft_type = "LORA";
 
   int r = 8;
@@ -47,7 +47,7 @@ struct LoraConfig : ConfigIo<LoraConfig> {
         field("alpha_pattern", &C::alpha_pattern, check::scale), targets_field<C>(&C::targets),
         choice("init_lora_weights", &C::init, std::pair(true, Init::Default),
                std::pair(false, Init::Zeros), std::pair("gaussian", Init::Gaussian),
-               std::pair("pissa", Init::Pissa)),
+               std::pair("pissa", Init::Pissa), std::pair("olora", Init::Olora)),
         fixed("use_dora", use_dora, use_dora ? "a DoRA config" : "load it with the DoRA policy"),
         fixed("bias", "none"), fixed("lora_bias", false), fixed("layer_replication", nullptr),
         fixed("modules_to_save", nullptr), fan_in_fan_out(),
