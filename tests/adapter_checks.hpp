@@ -75,13 +75,10 @@ std::string case_name() {
 
 namespace method_checks {
 
-/// The whole tiny model's analytic gradients (logits with respect to every trainable tensor of a
-/// perturbed adapter) against central differences, in double.
-template <class C>
-void gradients_match_finite_differences() {
-  INFO(case_name<C>());
-  auto model = make_model<C, double>();
-  perturb_adapter(model, 3);
+/// A model's analytic gradients (logits with respect to every trainable tensor) against central
+/// differences, in double.
+template <class Model>
+void model_gradients_match_finite_differences(Model& model) {
   const peft::Batch batch = padded_batch();
   std::vector<peft::Var<double>> inputs;
   for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
@@ -96,6 +93,15 @@ void gradients_match_finite_differences() {
       inputs, options);
   INFO(result.message);
   CHECK(result.ok);
+}
+
+/// The same for the case's tiny model with a perturbed adapter.
+template <class C>
+void gradients_match_finite_differences() {
+  INFO(case_name<C>());
+  auto model = make_model<C, double>();
+  perturb_adapter(model, 3);
+  model_gradients_match_finite_differences(model);
 }
 
 /// merge gives the same logits; unmerge restores every weight and bias; unload leaves no

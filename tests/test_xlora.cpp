@@ -48,20 +48,7 @@ XLoRA::Config random_config(bool trainable) {
 template <class Arch>
 void gradcheck(XLoRA::Config config) {
   peft::Decoder<Arch, XLoRA, double> model(tiny_config<Arch>(), config, 11);
-  const peft::Batch batch = padded_batch();
-  std::vector<peft::Var<double>> inputs;
-  for (auto& p : model.trainable_parameters()) inputs.push_back(p.var);
-  REQUIRE(!inputs.empty());
-  peft::testing::GradCheckOptions options;
-  options.rtol = 1e-5;
-  options.atol = 1e-7;
-  const auto result = peft::testing::check_gradients(
-      [&](peft::Tape<double>& tape, std::vector<peft::Var<double>>&) {
-        return model.forward(tape, batch, false).logits;
-      },
-      inputs, options);
-  INFO(result.message);
-  CHECK(result.ok);
+  test_support::method_checks::model_gradients_match_finite_differences(model);
 }
 
 TEST_CASE_TEMPLATE("X-LoRA: analytic gradients of the whole model match finite differences", Arch,
@@ -122,7 +109,7 @@ TEST_CASE_TEMPLATE("X-LoRA: every B = 0 is the base model; one expert is that Lo
   nlohmann::json j = XLoRA::Config{}.to_json(l.config());
   j["hidden_size"] = tiny_config<Arch>().hidden_size;
   nlohmann::json adapters = nlohmann::json::object();  // not an initializer list: clang 14
-  adapters["0"] = "0";                                // builds and leaks one under ASan
+  adapters["0"] = "0";                                 // builds and leaks one under ASan
   j["adapters"] = adapters;
   j["global_scaling_weight"] = 0.5;
   const auto config = XLoRA::Config::from_json(j, (dir / "adapter_config.json").string());
