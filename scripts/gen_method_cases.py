@@ -2,7 +2,7 @@
 """Writes tests/data/golden_methods/: reference cases, in the format of ../shared/golden (its
 README), for the methods that joined after the first golden set (OFT, COFT, BOFT, HRA, MiSS, C3A,
 VB-LoRA, FourierFT; LoRA-FA, RoAd, DeLoRA, RandLoRA, HiRA, GraLoRA, GLoRA, SHiRA, LLaMA-Adapter,
-trainable tokens), and the
+trainable tokens; X-LoRA, LoRA with the OLoRA initialisation), and the
 reference's print_trainable_parameters lines for published model shapes.
 
 Generated with (pip, in a virtual environment outside the checkout, CPU):
@@ -199,6 +199,10 @@ CASES = {
                               dict(adapter_len=4, adapter_layers=1), 70),
     "gpt2_adaption_prompt": ("gpt2-small", peft.AdaptionPromptConfig,
                              dict(adapter_len=3, adapter_layers=2), 73),
+    # OLoRA (h5): LoRA initialised from the QR of W (W rewritten to W - s B A at attach).
+    "llama_olora": ("llama-small", peft.LoraConfig,
+                    dict(r=4, lora_alpha=8, init_lora_weights="olora",
+                         target_modules=["q_proj", "v_proj", "up_proj"]), 110),
     # Trainable tokens (h4): rows the batch uses and one it does not (llama 2, gpt2 70).
     "llama_trainable_tokens": ("llama-small", peft.TrainableTokensConfig,
                                dict(token_indices=[11, 40, 8, 2]), 71),
@@ -308,8 +312,14 @@ def generate_case(case, model_name, config_cls, kwargs, seed):
 
 def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     torch.manual_seed(seed)
-    base = load_model(model_name)
-    model = get_peft_model(base, config_cls(**kwargs)).eval()
+    if kwargs.get("init_lora_weights") == "olora":
+        # The reference's olora_init refuses float64 weights: its QR runs on the F32 model (what
+        # the file holds) and rewrites W there; then the whole model moves to float64.
+        base = load_model(model_name).float()
+        model = get_peft_model(base, config_cls(**kwargs)).double().eval()
+    else:
+        base = load_model(model_name)
+        model = get_peft_model(base, config_cls(**kwargs)).eval()
     special = SPECIAL_TRAINING.get(case)
     if special:
         special.prepare(model)
@@ -348,7 +358,14 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     tied |= {k for k in tensors if k not in keys
              and k.endswith((".randlora_A", ".randlora_B", ".shira_indices"))}
     assert sorted(keys) == sorted(set(tensors) - tied), (case, keys, list(tensors))
+    write_expected(case, folder, model, base, model_name, config_cls.__name__, seed, kwargs,
+                   special)
 
+
+def write_expected(case, folder, model, base, model_name, method, seed, kwargs, special=None):
+    """expected.safetensors and case.json of a case whose adapter/ is written: the forward, the
+    gradients, the merged logits where the reference merges, 4 AdamW steps."""
+    keys = [k for k, _ in trainables(model)]
     vocab = base.config.vocab_size
     ids, mask, labels = make_batch(vocab, seed)
     expected = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -400,7 +417,7 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     case_json = {
         "case": case,
         "model_dir": f"../models/{model_name}",
-        "method": config_cls.__name__,
+        "method": method,
         "seed": seed,
         "batch": BATCH,
         "seq": SEQ,
@@ -433,6 +450,92 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
         json.dump(case_json, f, indent=1)
     print(f"{case}: loss {out.loss.item():.6f}, {trainable} trainable, merged: "
           f"{merged_note or 'yes'}")
+
+
+# X-LoRA (h5): case -> (model, XLoraConfig arguments, the experts' LoraConfig arguments, seed).
+# Each expert is a LoRA adapter the script writes first (reference-initialised, then noised like
+# every case's tensors) into adapter/<n>/; the X-LoRA config names them {"n": "n"}, relative to
+# its own folder. Only the classifier trains (use_trainable_adapters false, the default).
+# LLaMA only: the reference cannot load experts into GPT-2 (its key rework,
+# _load_adapter_into_lora_model, assumes a "model." body and reports transformer.h.* as
+# unexpected keys), so it has no GPT-2 X-LoRA to compare with.
+XLORA_CASES = {
+    "llama_xlora": ("llama-small",
+                    dict(xlora_depth=2, xlora_size=8, layerwise_scalings=True,
+                         softmax_temperature=0.7, global_scaling_weight=1.3,
+                         scaling_pass_value=0.4),
+                    [dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"]),
+                     dict(r=3, lora_alpha=7, target_modules=["v_proj", "down_proj"]),
+                     dict(r=2, lora_alpha=4, target_modules=["q_proj"])], 80),
+    # top-k without its softmax; scaling_pass_value 0 (the reference's default)
+    "llama_xlora_topk": ("llama-small", dict(xlora_depth=1, top_k_lora=2),
+                         [dict(r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"]),
+                          dict(r=2, lora_alpha=3, target_modules=["k_proj"]),
+                          dict(r=4, lora_alpha=8, target_modules=["up_proj", "o_proj"])], 81),
+}
+
+
+def noise_(named, g):
+    with torch.no_grad():
+        for _, p in named:
+            p.add_((torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * ADAPTER_NOISE)
+            p.copy_(p.float().double())  # what the F32 file holds
+
+
+def write_lora_expert(folder, model_name, lora_kwargs, seed):
+    """A LoRA adapter as the reference saves it (F32), its every tensor noised (B != 0)."""
+    torch.manual_seed(seed)
+    m = get_peft_model(load_model(model_name), peft.LoraConfig(**lora_kwargs)).eval()
+    noise_(trainables(m), torch.Generator().manual_seed(seed + 1000))
+    with tempfile.TemporaryDirectory() as tmp:
+        m.save_pretrained(tmp)
+        with open(os.path.join(tmp, "adapter_config.json")) as f:
+            config = json.load(f)
+        tensors = safetensors.torch.load_file(os.path.join(tmp, "adapter_model.safetensors"))
+    config["base_model_name_or_path"] = None
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    safetensors.torch.save_file({k: v.float().contiguous() for k, v in tensors.items()},
+                                os.path.join(folder, "adapter_model.safetensors"))
+
+
+def xlora_config_json(model, names):
+    """The X-LoRA adapter_config.json, the experts named by their folders relative to it."""
+    config = model.peft_config["default"].to_dict()
+    config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set)
+                                   else str(v)))
+    config["adapters"] = {n: n for n in names}
+    config["base_model_name_or_path"] = None
+    config.pop("device", None)  # the machine's torch device
+    return config
+
+
+def generate_xlora_case(case, model_name, xlora_kwargs, experts, seed):
+    folder = os.path.join(ROOT, case)
+    shutil.rmtree(folder, ignore_errors=True)
+    adapter = os.path.join(folder, "adapter")
+    names = [str(n) for n in range(len(experts))]
+    for n, lora_kwargs in zip(names, experts):
+        write_lora_expert(os.path.join(adapter, n), model_name, lora_kwargs, seed + 10 * int(n))
+    torch.manual_seed(seed)
+    base = load_model(model_name)
+    base.config.use_cache = False  # the reference refuses a cache
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
+                              adapters={n: os.path.join(adapter, n) for n in names},
+                              **xlora_kwargs)
+    model = get_peft_model(base, config).eval()
+    noise_(trainables(model), torch.Generator().manual_seed(seed + 1000))
+    keys = [k for k, _ in trainables(model)]
+    assert keys and all(".internal_xlora_classifier." in k for k in keys), keys
+    # The reference's save_pretrained splits the classifier over sub-folders; the file here holds
+    # it under the parameter names, as the reference's load_state_dict expects them.
+    safetensors.torch.save_file({k: p.detach().float().contiguous()
+                                 for k, p in trainables(model)},
+                                os.path.join(adapter, "adapter_model.safetensors"))
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+        json.dump(xlora_config_json(model, names), f, indent=2, sort_keys=True)
+    write_expected(case, folder, model, base, model_name, "XLoraConfig", seed, xlora_kwargs)
 
 
 PUBLISHED = {
@@ -488,6 +591,55 @@ def shira_count_mask(base_layer, r, **_):
     return mask.view(out_features, in_features)
 
 
+# X-LoRA's count rows: experts (LoRA configs) for the published shapes. Their folders keep the
+# adapter_config.json only (committed under golden_methods/xlora_count_experts/): a count needs
+# shapes, not values; the reference loads zero tensors written for the count, then removed.
+# LLaMA only (see XLORA_CASES: the reference's X-LoRA does not load into GPT-2).
+XLORA_COUNTS = [
+    ("llama-7b", dict(xlora_depth=1),
+     [dict(r=8, target_modules=["q_proj", "v_proj"]),
+      dict(r=16, target_modules=["q_proj", "down_proj"]),
+      dict(r=8, target_modules=["v_proj"])]),
+]
+
+
+def xlora_count_row(model_name, xlora_kwargs, experts):
+    config = PUBLISHED[model_name]()
+    config.use_cache = False
+    cls = GPT2LMHeadModel if model_name.startswith("gpt2") else LlamaForCausalLM
+    root = os.path.join(ROOT, "xlora_count_experts", model_name)
+    shutil.rmtree(root, ignore_errors=True)
+    names = [str(n) for n in range(len(experts))]
+    for n, lora_kwargs in zip(names, experts):
+        with torch.device("meta"):
+            lora = get_peft_model(cls(config), peft.LoraConfig(**lora_kwargs))
+        state = peft.get_peft_model_state_dict(lora)
+        folder = os.path.join(root, n)
+        lora.peft_config["default"].save_pretrained(folder)
+        safetensors.torch.save_file({k: torch.zeros(v.shape) for k, v in state.items()},
+                                    os.path.join(folder, "adapter_model.safetensors"))
+    with torch.device("meta"):
+        base = cls(config)
+    model = get_peft_model(base, peft.XLoraConfig(
+        task_type="CAUSAL_LM", hidden_size=config.hidden_size,
+        adapters={n: os.path.join(root, n) for n in names}, **xlora_kwargs))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model.print_trainable_parameters()
+    adapter = xlora_config_json(model, names)
+    adapter["adapters"] = {n: f"xlora_count_experts/{model_name}/{n}" for n in names}
+    for n in names:
+        os.remove(os.path.join(root, n, "adapter_model.safetensors"))
+        path = os.path.join(root, n, "adapter_config.json")
+        with open(path) as f:
+            expert = json.load(f)
+        expert["base_model_name_or_path"] = None
+        with open(path, "w") as f:
+            json.dump(expert, f, indent=2, sort_keys=True)
+    return {"model": model_name, "model_config": config.to_dict(), "adapter_config": adapter,
+            "line": printed.getvalue().strip()}
+
+
 def write_counts():
     rows = []
     for model_name, config_cls, kwargs in COUNTS:
@@ -509,6 +661,9 @@ def write_counts():
         rows.append({"model": model_name, "model_config": config.to_dict(),
                      "adapter_config": adapter, "line": printed.getvalue().strip()})
         print(f"{model_name} {config_cls.__name__}: {rows[-1]['line']}")
+    for model_name, xlora_kwargs, experts in XLORA_COUNTS:
+        rows.append(xlora_count_row(model_name, xlora_kwargs, experts))
+        print(f"{model_name} XLoraConfig: {rows[-1]['line']}")
     with open(os.path.join(ROOT, "counts.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
 
@@ -524,10 +679,13 @@ if __name__ == "__main__":
     if args.only is None or not all(os.path.exists(os.path.join(ROOT, "models", m, "config.json"))
                                     for m in MODELS):
         write_models()
-    unknown = sorted(set(args.only or []) - set(CASES))
+    unknown = sorted(set(args.only or []) - set(CASES) - set(XLORA_CASES))
     if unknown:
         raise SystemExit(f"unknown cases: {unknown}")
     for name, (model_name, cls, kwargs, seed) in CASES.items():
         if args.only is None or name in args.only:
             generate_case(name, model_name, cls, kwargs, seed)
+    for name, (model_name, kwargs, experts, seed) in XLORA_CASES.items():
+        if args.only is None or name in args.only:
+            generate_xlora_case(name, model_name, kwargs, experts, seed)
     write_counts()

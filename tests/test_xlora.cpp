@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <filesystem>
+#include <peft/commands/count.hpp>
 #include <peft/methods/hybrid/xlora.hpp>
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
@@ -161,6 +162,23 @@ TEST_CASE_TEMPLATE("X-LoRA: the count from shapes equals the attached tensors", 
                      .trainable;
     CHECK(count.trainable + count.frozen == classifier + experts);
   }
+}
+
+TEST_CASE("X-LoRA: peft count gives the reference's LLaMA-7B line (golden_methods/counts.json)") {
+  // Written by scripts/gen_method_cases.py: three experts whose folders hold only their
+  // adapter_config.json (a count needs shapes), relative to counts.json. No GPT-2 row: the
+  // reference's X-LoRA cannot load experts into GPT-2 (docs/methods/hybrid.md).
+  const auto counts = std::filesystem::path(PEFT_TEST_DATA_DIR) / "golden_methods" / "counts.json";
+  int rows = 0;
+  for (const auto& row : peft::io::load_json(counts)) {
+    if (row["adapter_config"]["peft_type"] != "XLORA") continue;
+    ++rows;
+    const auto [trainable, all] = peft::commands::count_from_configs(
+        row["model_config"], "model_config", row["adapter_config"], counts.string());
+    CHECK(peft::trainable_parameters_line(trainable, all) == row["line"].get<std::string>());
+    CHECK(trainable == 4096 * 3 + 3);  // one linear layer, hidden -> 3 experts, with bias
+  }
+  CHECK(rows == 1);
 }
 
 TEST_CASE("X-LoRA: config validation names the field") {
