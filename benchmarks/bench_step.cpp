@@ -11,6 +11,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <peft/methods/hybrid/adapter_drop.hpp>
 #include <peft/peft.hpp>
 #include <random>
 
@@ -100,5 +101,45 @@ void inference_sizes(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_InferenceUnmerged)->Apply(inference_sizes);
 BENCHMARK(BM_InferenceMerged)->Apply(inference_sizes);
+
+// AdapterDrop (Rücklé et al., 2021), the speed it buys (docs/methods/hybrid.md quotes the
+// table): Pfeiffer adapters after every block's MLP against AdapterDrop's fixed n (no adapter in
+// the lowest n blocks), on the peer's 12-block GPT-2. A training step (the backward stops at the
+// lowest adapter: nothing below it needs a gradient) and an inference forward (n fewer adapters
+// to run). args: dropped blocks n, batch, seq.
+using DroppedPfeiffer = peft::AdapterDrop<peft::PfeifferAdapter>;
+StepOptions adapter_drop_options(const benchmark::State& state) {
+  StepOptions o;
+  o.batch = state.range(1);
+  o.seq = state.range(2);
+  return o;
+}
+DroppedPfeiffer::Config dropped_config(std::int64_t n) {
+  DroppedPfeiffer::Config c;
+  c.drop_layers = static_cast<int>(n);
+  return c;
+}
+void BM_AdapterDropStep(benchmark::State& state) {
+  peft::cli::StepWorkload<DroppedPfeiffer> work(adapter_drop_options(state),
+                                                dropped_config(state.range(0)));
+  work.step();
+  for (auto _ : state) benchmark::DoNotOptimize(work.step());
+  state.counters["trainable"] = double(work.trainable_count());
+}
+void BM_AdapterDropInference(benchmark::State& state) {
+  const StepOptions o = adapter_drop_options(state);
+  peft::cli::StepWorkload<DroppedPfeiffer> work(o, dropped_config(state.range(0)));
+  const peft::Batch batch = peft::cli::random_step_batch(o);
+  for (auto _ : state) {
+    peft::Tensor<float> logits = work.model().logits(batch);
+    benchmark::DoNotOptimize(logits.data());
+  }
+}
+void adapter_drop_sizes(benchmark::internal::Benchmark* b) {
+  for (std::int64_t n : {0, 3, 6, 9}) b->Args({n, 4, 256});
+  b->ArgNames({"n", "batch", "seq"})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
+}
+BENCHMARK(BM_AdapterDropStep)->Apply(adapter_drop_sizes);
+BENCHMARK(BM_AdapterDropInference)->Apply(adapter_drop_sizes);
 
 }  // namespace

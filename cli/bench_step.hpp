@@ -48,8 +48,9 @@ struct StepOptions {
   std::uint64_t seed = 0;
   std::string device = "cpu";  ///< cpu or cuda
   std::string dtype;           ///< fp32 or bf16 (CUDA only); empty: fp32 on the CPU, bf16 on CUDA
-  std::string base_dtype = "fp32";  ///< the frozen weights' storage on the CPU: fp32, bf16, fp16, nf4
-  std::string config;               ///< a config.json to build instead of the peer's GPT-2
+  std::string base_dtype =
+      "fp32";          ///< the frozen weights' storage on the CPU: fp32, bf16, fp16, nf4
+  std::string config;  ///< a config.json to build instead of the peer's GPT-2
   std::string model_type = "gpt2";  ///< the config's architecture (set from --config)
 };
 
@@ -153,9 +154,10 @@ inline Batch random_step_batch(const StepOptions& o) {
 template <class Policy, class T = float, class Arch = arch::Gpt2>
 class StepWorkload {
  public:
-  explicit StepWorkload(const StepOptions& o)
-      : model_(step_config(o), step_policy_config<Policy>(o), o.seed,
-               parse_base_format(o.base_dtype, "--base-dtype")),
+  explicit StepWorkload(const StepOptions& o) : StepWorkload(o, step_policy_config<Policy>(o)) {}
+  /// The same step with the policy's config given (a benchmark sweeping one of its fields).
+  StepWorkload(const StepOptions& o, const typename Policy::Config& config)
+      : model_(step_config(o), config, o.seed, parse_base_format(o.base_dtype, "--base-dtype")),
         optimizer_(model_.trainable_parameters(), AdamWOptions{.lr = 1e-3}),
         batch_(random_step_batch(o)) {
     model_.set_activation_checkpointing(o.checkpoint);

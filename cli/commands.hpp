@@ -9,6 +9,9 @@
 namespace peft {
 class ProcessGroup;
 }
+namespace peft::experiment {
+struct MethodEntry;
+}
 
 namespace peft::cli {
 
@@ -22,6 +25,9 @@ int run_merge(const std::vector<std::string>& args, std::ostream& out, std::ostr
 int run_parity(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_search(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+/// The study's table (experiment::study_methods()), compiled once in study.cpp: `peft search`
+/// adds its methods to the design space without compiling every method again.
+std::vector<experiment::MethodEntry> study_table();
 /// `peft train` as one rank of `group` (cli/train.cpp).
 int run_train(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
               const ProcessGroup& group);

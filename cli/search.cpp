@@ -13,8 +13,8 @@
 #include <omp.h>
 #endif
 
-#include <peft/io/parse_text.hpp>
 #include <peft/experiment/search.hpp>
+#include <peft/io/parse_text.hpp>
 
 #include "commands.hpp"
 
@@ -26,7 +26,9 @@ inline void print_usage(std::ostream& out) {
   out << "usage: peft search [--quick] [--out DIR] [--task NAME] [--budget N] [--steps N]\n"
          "                   [--candidates N] [--pretrain-steps N] [--seed N] [--threads N]\n"
          "Searches method, target modules, rank or size and layers with short proxy trainings on\n"
-         "a synthetic task; writes the best as adapter_config.json into --out (default ./search).\n"
+         "a synthetic task (a grid over LoRA, IA3, prefix tuning, adapters, MAM and UniPELT, and\n"
+         "every other method of `peft study` at its study configuration); writes the best as\n"
+         "adapter_config.json into --out (default ./search).\n"
          "  --budget N      trainable-parameter budget (default 4000)\n"
          "  --steps N       proxy training steps per candidate (default 300; --quick 150)\n"
          "  --candidates N  candidates trained (default 24; --quick 16)\n"
@@ -102,7 +104,7 @@ int run_search(const std::vector<std::string>& args, std::ostream& out, std::ost
 #ifdef _OPENMP
   omp_set_num_threads(o.threads);
 #endif
-  const search::SearchResult r = search::run_search(o, &out);
+  const search::SearchResult r = search::run_search(o, &out, study_table());
   out << '\n';
   search::print_table(out, r);
   const search::CandidateResult& best = r.rows[r.best];

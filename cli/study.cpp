@@ -10,4 +10,6 @@ int run_study(const std::vector<std::string>& args, std::ostream& out, std::ostr
   return experiment::run_study(args, out, err);
 }
 
+std::vector<experiment::MethodEntry> study_table() { return experiment::study_methods(); }
+
 }  // namespace peft::cli

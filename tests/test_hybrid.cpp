@@ -12,9 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <peft/experiment/search.hpp>
 #include <peft/methods/hybrid/compose.hpp>
 #include <peft/methods/hybrid/mam_adapter.hpp>
-#include <peft/experiment/search.hpp>
 #include <peft/methods/hybrid/unipelt.hpp>
 #include <peft/peft.hpp>
 #include <peft/testing/gradcheck.hpp>
@@ -465,11 +465,13 @@ TEST_CASE_TEMPLATE("hybrid: UniPELT and MAM train well below the base model's lo
   CHECK(loss < 0.5 * base_loss);
 }
 
-TEST_CASE("hybrid: search returns a configuration within its budget, repeatably") {
+/// A search over a model of d 16 with 4 proxy steps per candidate: seconds, not minutes.
+peft::search::SearchOptions tiny_search(std::int64_t budget, std::int64_t candidates,
+                                        std::uint64_t seed) {
   peft::search::SearchOptions o;
-  o.parameter_budget = 1500;
+  o.parameter_budget = budget;
   o.proxy_steps = 4;
-  o.max_candidates = 4;
+  o.max_candidates = candidates;
   o.pretrain_steps = 5;
   o.batch = 4;
   o.eval_examples = 8;
@@ -477,7 +479,12 @@ TEST_CASE("hybrid: search returns a configuration within its budget, repeatably"
   o.model.num_heads = 2;
   o.model.num_kv_heads = 2;
   o.model.intermediate_size = 32;
-  o.seed = 7;
+  o.seed = seed;
+  return o;
+}
+
+TEST_CASE("hybrid: search returns a configuration within its budget, repeatably") {
+  const peft::search::SearchOptions o = tiny_search(1500, 4, 7);
   const auto first = peft::search::run_search(o);
   REQUIRE(first.rows.size() == 4);
   CHECK(first.over_budget > 0);  // the space has candidates over 1500 parameters
@@ -512,6 +519,48 @@ TEST_CASE("hybrid: search returns a configuration within its budget, repeatably"
   // A composite (MAM, UniPELT) is not in the single-method registry; its manifest says COMPOSE.
   if (!found) CHECK(chosen["peft_type"] == "COMPOSE");
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("hybrid: search adds the study's methods, one point each at their study config") {
+  const peft::search::SearchOptions o = tiny_search(100000, 8, 3);  // the grid's 7 methods and VeRA
+  using peft::experiment::entry;
+  using Steps = std::int64_t;
+  std::vector<peft::experiment::MethodEntry> study;
+  study.push_back(entry<peft::VeRA>(5e-2, [](const ModelConfig&, Steps) {
+    peft::VeraConfig c;
+    c.r = 8;
+    c.targets = peft::experiment::modules({"q_proj", "v_proj"});
+    return c;
+  }));
+  study.push_back(entry<peft::LoRA>(1e-2, [](const ModelConfig&, Steps) {  // in the grid already
+    return peft::LoraConfig{};
+  }));
+  study.push_back(entry<peft::IA3>("ia3_unfit", 1e-2, [](const ModelConfig&, Steps) {
+    throw peft::ConfigError("this config does not fit");
+    return peft::Ia3Config{};
+  }));
+  std::vector<std::string> unfit;
+  const auto grid = peft::search::design_space(o.model);
+  const auto space = peft::search::design_space(o.model, study, o.proxy_steps, &unfit);
+  REQUIRE(space.size() == grid.size() + 1);
+  REQUIRE(unfit.size() == 1);
+  CHECK(unfit[0] == "ia3_unfit: this config does not fit");
+  const peft::search::Candidate& vera = space.back();
+  CHECK(vera.method == "vera");
+  CHECK(vera.size_label == "study config");
+  CHECK(vera.parameters == 2 * 2 * (8 + 16));  // λ_d [r] and λ_b [out] at q and v of 2 layers
+  CHECK(vera.config_json(o.model)["peft_type"] == "VERA");
+
+  // Every method trains once the candidates cover them (round-robin over the methods).
+  const auto r = peft::search::run_search(o, nullptr, study);
+  REQUIRE(r.rows.size() == 8);
+  const auto row = std::find_if(r.rows.begin(), r.rows.end(),
+                                [](const auto& x) { return x.candidate.method == "vera"; });
+  REQUIRE(row != r.rows.end());
+  CHECK(row->trained_parameters == vera.parameters);
+  CHECK(row->steps == o.proxy_steps);
+  CHECK(std::isfinite(row->eval_loss));
+  CHECK(row->note.empty());
 }
 
 #undef HYBRID_CASES

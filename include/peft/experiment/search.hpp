@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "peft/data/tasks.hpp"
+#include "peft/experiment/study.hpp"
 #include "peft/experiment/training.hpp"
 #include "peft/io/atomic_file.hpp"
 #include "peft/methods/additive/bottleneck_adapter.hpp"
@@ -110,6 +111,7 @@ struct CandidateResult {
   double seconds = 0;   ///< proxy training and evaluation
   std::int64_t steps = 0;
   std::int64_t trained_parameters = 0;  ///< counted on the built model (equals the shapes count)
+  std::string note;  ///< why a candidate has no loss (its config does not fit the model, ...)
 };
 
 /// The data and the pretrained base weights every candidate starts from.
@@ -127,7 +129,9 @@ struct SearchResult {
   std::size_t best = 0;               ///< index into rows
   std::int64_t space_size = 0;        ///< candidates in the design space
   std::int64_t over_budget = 0;       ///< dropped before training
-  double base_eval_loss = 0;          ///< the pretrained base on the downstream task
+  /// Study entries whose config cannot be made for the searched model: "method: why".
+  std::vector<std::string> unfit;
+  double base_eval_loss = 0;  ///< the pretrained base on the downstream task
   double pretrain_seconds = 0;
   double total_seconds = 0;      ///< the whole search, pretraining included
   std::int64_t total_steps = 0;  ///< optimizer steps, pretraining included
@@ -157,26 +161,25 @@ inline std::vector<std::string> llama_modules(const std::string& targets) {
   return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 }
 
-/// Copies the pretrained base into `model` and trains `model`'s adapter for the proxy steps.
-template <class Model>
-void proxy_train(Model& model, const Workload& w, const SearchOptions& o, double lr,
-                 CandidateResult& row) {
-  auto base = model.base_parameters();
-  for (std::size_t i = 0; i < base.size(); ++i) base[i].var.value() = w.base[i].var.value();
-  model.base_weights_changed();
-  for (const NamedParameter<float>& p : model.trainable_parameters())
-    row.trained_parameters += p.var.value().numel();
-  // The same data stream for every candidate.
-  const TrainerOptions t = experiment::cosine_training(
-      o.proxy_steps, lr, 0.0, std::max<std::int64_t>(1, o.proxy_steps / 10),
-      LrSchedule{}.final_ratio, o.seed + 2);
-  Trainer<Model> trainer(model, t, w.train_batch,
-                         [&](Model& m) { return evaluate(m, w.eval_batches); });
-  const TrainResult r = trainer.run();
+/// The proxy training of every candidate: the same data stream, schedule and seed for all.
+inline experiment::ProxyTraining proxy_training(const Workload& w, const SearchOptions& o,
+                                                double lr) {
+  experiment::ProxyTraining t;
+  t.model = w.model;
+  t.base = &w.base;
+  t.train_batch = w.train_batch;
+  t.eval_batches = &w.eval_batches;
+  t.options = experiment::cosine_training(o.proxy_steps, lr, 0.0,
+                                          std::max<std::int64_t>(1, o.proxy_steps / 10),
+                                          LrSchedule{}.final_ratio, o.seed + 2);
+  t.seed = o.seed + 1;
+  return t;
+}
+inline void record(const experiment::ProxyResult& r, CandidateResult& row) {
+  row.trained_parameters = r.trained_parameters;
   row.steps = r.steps;
-  if (r.reason == StopReason::NonFinite || r.evals.empty()) return;  // loss stays NaN: ranks last
-  row.eval_loss = r.evals.back().metrics.loss;
-  row.accuracy = r.evals.back().metrics.exact_match;
+  row.eval_loss = r.eval_loss;
+  row.accuracy = r.exact_match;
 }
 
 /// A candidate of policy P with `config`, named P::name ("lora", ..., "unipelt").
@@ -194,8 +197,9 @@ make_candidate(const ModelConfig& model, typename P::Config config, std::string 
   c.parameters =
       peft::count_parameters<P>(model, linear_shapes<arch::Llama>(model), config).trainable;
   c.run = [config](const Workload& w, const SearchOptions& o, CandidateResult& row) {
-    Decoder<arch::Llama, P, float> net(w.model, config, o.seed + 1);
-    proxy_train(net, w, o, row.candidate.lr, row);
+    const experiment::ProxyTraining t = proxy_training(w, o, row.candidate.lr);
+    Decoder<arch::Llama, P, float> net(w.model, config, t.seed);
+    record(experiment::proxy_train(net, t), row);
   };
   c.config_json = [config](const ModelConfig& m) { return config.to_json(m); };
   return c;
@@ -203,8 +207,38 @@ make_candidate(const ModelConfig& model, typename P::Config config, std::string 
 
 }  // namespace detail
 
-/// Every point of the design space for `model` (LLaMA module names), counted, not yet filtered.
-inline std::vector<Candidate> design_space(const ModelConfig& model) {
+/// A study entry (study_methods.hpp, or a project's own) as one candidate: the method at the
+/// study's configuration for `model`, at the study's learning rate.
+inline Candidate study_candidate(const experiment::MethodEntry& e, const ModelConfig& model,
+                                 std::int64_t proxy_steps) {
+  const experiment::SearchPoint point = e.search_point(model, proxy_steps);
+  Candidate c;
+  c.method = e.method;
+  c.targets = "study";
+  c.layers = "all";
+  c.size_label = "study config";
+  c.parameters = point.parameters;
+  c.lr = e.lr;
+  c.config_json = point.config_json;
+  c.run = [run = point.run](const Workload& w, const SearchOptions& o, CandidateResult& row) {
+    try {
+      detail::record(run(detail::proxy_training(w, o, row.candidate.lr)), row);
+    } catch (const ConfigError& error) {  // the config does not fit the model: no loss, ranks last
+      row.note = error.what();
+    }
+  };
+  return c;
+}
+
+/// Every point of the design space for `model` (LLaMA module names), counted, not yet filtered:
+/// the grid below (LoRA, IA3, prefix tuning, serial and parallel adapters, MAM, UniPELT over
+/// targets, sizes and layers), then every method of `study` (the study's table: one point each,
+/// at its study configuration) that the grid does not cover. `unfit` receives the study entries
+/// whose config cannot be made for `model`.
+inline std::vector<Candidate> design_space(const ModelConfig& model,
+                                           const std::vector<experiment::MethodEntry>& study = {},
+                                           std::int64_t proxy_steps = 60,
+                                           std::vector<std::string>* unfit = nullptr) {
   std::vector<Candidate> out;
   const std::vector<std::string> layer_choices = {"all", "upper"};
   auto layers_of = [&](const std::string& l) {
@@ -266,6 +300,19 @@ inline std::vector<Candidate> design_space(const ModelConfig& model) {
                                                       ",width=" + std::to_string(2 * r),
                                                   1e-2));
   }
+  std::vector<std::string> gridded;
+  for (const Candidate& c : out)
+    if (std::find(gridded.begin(), gridded.end(), c.method) == gridded.end())
+      gridded.push_back(c.method);
+  for (const experiment::MethodEntry& e : study) {
+    if (!e.search_point || std::find(gridded.begin(), gridded.end(), e.method) != gridded.end())
+      continue;
+    try {
+      out.push_back(study_candidate(e, model, proxy_steps));
+    } catch (const ConfigError& error) {
+      if (unfit) unfit->push_back(e.method + ": " + error.what());
+    }
+  }
   return out;
 }
 
@@ -292,6 +339,9 @@ inline std::vector<Candidate> select_candidates(std::vector<Candidate> space, st
   }
   std::mt19937_64 rng(seed ^ 0x5ea4c4ull);
   for (auto& g : groups) detail::portable_shuffle(g, rng);
+  // The methods' order is drawn too: with the study's methods there are more methods than
+  // candidates, and a fixed order would always train the same ones.
+  detail::portable_shuffle(groups, rng);
   std::vector<Candidate> out;
   for (std::size_t round = 0; static_cast<std::int64_t>(out.size()) < max; ++round) {
     bool any = false;
@@ -345,14 +395,16 @@ inline Workload make_workload(const SearchOptions& o, Decoder<arch::Llama, NoPef
   return w;
 }
 
-/// Runs the search; `progress` (may be null) gets one line per candidate.
-inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = nullptr) {
+/// Runs the search over the grid and the methods of `study` (see design_space); `progress` (may
+/// be null) gets one line per candidate.
+inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = nullptr,
+                               const std::vector<experiment::MethodEntry>& study = {}) {
   using Clock = std::chrono::steady_clock;
   const auto started = Clock::now();
   if (o.parameter_budget <= 0 || o.proxy_steps <= 0 || o.max_candidates <= 0)
     throw ConfigError("search: budget, proxy steps and candidates must be positive");
   SearchResult result;
-  std::vector<Candidate> space = design_space(o.model);
+  std::vector<Candidate> space = design_space(o.model, study, o.proxy_steps, &result.unfit);
   result.space_size = static_cast<std::int64_t>(space.size());
   std::vector<Candidate> chosen = select_candidates(std::move(space), o.parameter_budget,
                                                     o.max_candidates, o.seed, result.over_budget);
@@ -364,9 +416,15 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
   result.base_eval_loss = w.base_eval_loss;
   if (progress)
     *progress << "search: " << result.space_size << " candidates in the space, "
-              << result.over_budget << " over the budget of " << o.parameter_budget << ", training "
-              << chosen.size() << " for " << o.proxy_steps << " steps each (base eval loss "
-              << std::fixed << std::setprecision(4) << w.base_eval_loss << ")\n";
+              << result.over_budget << " over the budget of " << o.parameter_budget
+              << (result.unfit.empty()
+                      ? ""
+                      : ", " + std::to_string(result.unfit.size()) + " study methods unfit")
+              << ", training " << chosen.size() << " for " << o.proxy_steps
+              << " steps each (base eval loss " << std::fixed << std::setprecision(4)
+              << w.base_eval_loss << ")\n";
+  if (progress)
+    for (const std::string& why : result.unfit) *progress << "  unfit: " << why << "\n";
   for (Candidate& c : chosen) {
     CandidateResult row;
     row.candidate = std::move(c);
@@ -380,7 +438,7 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
                 << row.candidate.layers << " " << std::setw(22) << row.candidate.size_label << " "
                 << std::setw(7) << row.candidate.parameters << " params  loss " << std::fixed
                 << std::setprecision(4) << row.eval_loss << "  " << std::setprecision(1)
-                << row.seconds << " s\n";
+                << row.seconds << " s" << (row.note.empty() ? "" : "  [" + row.note + "]") << "\n";
     result.rows.push_back(std::move(row));
   }
   for (std::size_t i = 0; i < result.rows.size(); ++i) {
@@ -436,6 +494,7 @@ inline void write_results(const std::filesystem::path& dir, const SearchResult& 
                     {"exact_match", row.accuracy},
                     {"seconds", row.seconds},
                     {"steps", row.steps},
+                    {"note", row.note},
                     {"config", c.config_json(o.model)}});
   }
   const nlohmann::json summary = {{"task", std::string(data::task_name(o.task))},
@@ -445,6 +504,7 @@ inline void write_results(const std::filesystem::path& dir, const SearchResult& 
                                   {"threads", o.threads},
                                   {"space_size", r.space_size},
                                   {"over_budget", r.over_budget},
+                                  {"unfit", r.unfit},
                                   {"base_eval_loss", r.base_eval_loss},
                                   {"best", r.best},
                                   {"cost",

@@ -335,10 +335,21 @@ MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::
 
 /// One row of the study: a method, its family, its learning rate and how to run it (with the
 /// learning rate it is given, so --lr can override the entry's).
+/// An entry as one point of the design-space search (search.hpp): its config for the searched
+/// model, counted from shapes, written as adapter_config.json, and its proxy training.
+struct SearchPoint {
+  std::int64_t parameters = 0;  ///< trainable, from shapes
+  std::function<nlohmann::json(const ModelConfig&)> config_json;
+  std::function<ProxyResult(const ProxyTraining&)> run;
+};
+
 struct MethodEntry {
   std::string family, method;
   double lr = 0;
   std::function<MethodResult(const Workload&, const Settings&, Progress&, double lr)> run;
+  /// The entry's config on another model, for `peft search`; empty where the method cannot be
+  /// counted from shapes or saved as a config (none, full).
+  std::function<SearchPoint(const ModelConfig&, std::int64_t steps)> search_point;
 };
 
 /// The entry for a PEFT policy: the family and the name (`P::name`) come from the type, the
@@ -349,11 +360,24 @@ MethodEntry entry(
     double lr,
     std::function<typename Policy::Config(const ModelConfig&, std::int64_t steps)> make_config,
     std::string method = std::string(Policy::name)) {
-  MethodEntry e{std::string(Policy::family::name), method, lr, {}};
+  MethodEntry e{std::string(Policy::family::name), method, lr, {}, {}};
   e.run = [method, make_config](const Workload& w, const Settings& s, Progress& p, double rate) {
     return adapt<Policy>(w, s, make_config(w.model, s.adapt_steps), rate, false, s.adapt_steps, p,
                          method);
   };
+  if constexpr (CountableFromShapes<Policy> && Savable<Policy>)
+    e.search_point = [make_config](const ModelConfig& model, std::int64_t steps) {
+      const typename Policy::Config config = make_config(model, steps);
+      SearchPoint point;
+      point.parameters =
+          count_parameters<Policy>(model, linear_shapes<arch::Llama>(model), config).trainable;
+      point.config_json = [config](const ModelConfig& m) { return config_to_json(config, m); };
+      point.run = [config](const ProxyTraining& t) {
+        Decoder<arch::Llama, Policy, float> net(t.model, config, t.seed);
+        return proxy_train(net, t);
+      };
+      return point;
+    };
   return e;
 }
 
@@ -379,7 +403,10 @@ inline TargetRules all_linear() {
 /// Rows `none` and `full`, then the rows of `table` (filtered by --methods).
 inline std::vector<MethodEntry> all_entries(const Settings& s, std::vector<MethodEntry> table) {
   std::vector<MethodEntry> out;
-  out.push_back({"none", "none", 0, [](const Workload& w, const Settings& st, Progress& p, double) {
+  out.push_back({"none",
+                 "none",
+                 0,
+                 [](const Workload& w, const Settings& st, Progress& p, double) {
                    MethodResult r = adapt<NoPeft>(w, st, {}, 0, false, 0, p, "none");
                    p.start("none", 1);
                    std::ostringstream summary;
@@ -388,12 +415,16 @@ inline std::vector<MethodEntry> all_entries(const Settings& s, std::vector<Metho
                            << " (the base, un-adapted)";
                    p.finish(summary.str());
                    return r;
-                 }});
+                 },
+                 {}});
   const double full_lr = 1e-3;
-  out.push_back({"none", "full", full_lr,
+  out.push_back({"none",
+                 "full",
+                 full_lr,
                  [](const Workload& w, const Settings& st, Progress& p, double rate) {
                    return adapt<NoPeft>(w, st, {}, rate, true, st.adapt_steps, p, "full");
-                 }});
+                 },
+                 {}});
   for (const std::string& name : s.only) {
     const bool known = std::any_of(table.begin(), table.end(),
                                    [&](const MethodEntry& e) { return e.method == name; });
