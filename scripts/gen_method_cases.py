@@ -336,10 +336,15 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
         with open(os.path.join(tmp, "adapter_config.json")) as f:
             adapter_config = json.load(f)
         adapter_config["base_model_name_or_path"] = None  # not this machine's path
+        if isinstance(adapter_config.get("target_modules"), list):  # a set: no stable order
+            adapter_config["target_modules"].sort()
         with open(os.path.join(folder, "adapter", "adapter_config.json"), "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
         tensors = safetensors.torch.load_file(os.path.join(tmp, "adapter_model.safetensors"))
-    tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+    # F32 as the F32 model holds them; integer tensors (SHiRA's int32 indices) as the reference
+    # writes them
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous()
+               for k, v in tensors.items()}
     safetensors.torch.save_file(tensors, os.path.join(folder, "adapter",
                                                       "adapter_model.safetensors"))
     keys = [k for k, _ in trainables(model)]
@@ -354,7 +359,7 @@ def generate_case_as_is(case, model_name, config_cls, kwargs, seed):
     # GLoRA's paths set to none (and C, D, E where a module has no bias): zero buffers, saved.
     tied |= {k for k in tensors if k not in keys and ".glora_" in k and k.endswith(".zeros")}
     # RandLoRA's shared bases (once per module and under base_model) and SHiRA's mask indices
-    # (int32, written as F32 here like every tensor; the reference reads them back as ints)
+    # (int32, as the reference writes them)
     tied |= {k for k in tensors if k not in keys
              and k.endswith((".randlora_A", ".randlora_B", ".shira_indices"))}
     assert sorted(keys) == sorted(set(tensors) - tied), (case, keys, list(tensors))
@@ -493,6 +498,7 @@ def write_lora_expert(folder, model_name, lora_kwargs, seed):
             config = json.load(f)
         tensors = safetensors.torch.load_file(os.path.join(tmp, "adapter_model.safetensors"))
     config["base_model_name_or_path"] = None
+    config["target_modules"] = sorted(config["target_modules"])  # a set: no stable order
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -634,6 +640,7 @@ def xlora_count_row(model_name, xlora_kwargs, experts):
         with open(path) as f:
             expert = json.load(f)
         expert["base_model_name_or_path"] = None
+        expert["target_modules"] = sorted(expert["target_modules"])  # a set: no stable order
         with open(path, "w") as f:
             json.dump(expert, f, indent=2, sort_keys=True)
     return {"model": model_name, "model_config": config.to_dict(), "adapter_config": adapter,

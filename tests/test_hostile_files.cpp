@@ -40,8 +40,8 @@ namespace {
 /// A fresh scratch folder per test case, under the system's temporary folder (never the
 /// working directory, which may be a checkout).
 fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() /
-                       ("peft_test_hostile_files_" + std::to_string(::getpid())) / name;
+  const fs::path dir =
+      fs::temp_directory_path() / ("peft_test_hostile_files_" + std::to_string(::getpid())) / name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
@@ -94,7 +94,7 @@ std::vector<peft::NamedParameter<float>> tiny_adapter(float fill) {
     peft::Tensor<float> t(peft::Shape{2, 3});
     for (std::size_t i = 0; i < t.values().size(); ++i)
       t.values()[i] = fill + static_cast<float>(i);
-    params.push_back({name, peft::Var<float>(std::move(t))});
+    params.push_back({name, peft::Var<float>(std::move(t), true)});  // trained, as A and B are
   }
   return params;
 }
@@ -274,6 +274,18 @@ TEST_CASE("hostile files: I64 data where a float weight is expected is refused, 
   const auto file = io::SafetensorsFile::from_bytes(writer.to_bytes(), "adapter.safetensors");
   CHECK_THROWS_WITH_AS(io::load_adapter_tensors(params, file),
                        doctest::Contains("has dtype I64, cannot be read as float"), FileError);
+  // A frozen tensor (an index table, as SHiRA's) is read as integers, exactly, or refused.
+  for (auto& p : params) p.var.set_requires_grad(false);
+  io::load_adapter_tensors(params, file);
+  CHECK(params[0].var.value().values()[5] == 1.0f);
+  io::SafetensorsWriter inexact;
+  for (const auto& p : params)
+    inexact.add<std::int64_t>(p.name, p.var.shape(), std::vector<std::int64_t>(6, (1LL << 24) + 1),
+                              io::Dtype::I64);
+  CHECK_THROWS_WITH_AS(
+      io::load_adapter_tensors(params, io::SafetensorsFile::from_bytes(inexact.to_bytes(), "x")),
+      doctest::Contains("element 0 is 16777217, expected an integer of magnitude at most 2^24"),
+      FileError);
 }
 
 // Defect 7: special files.

@@ -3,8 +3,6 @@
 // so each test shows that exactly that defect is caught and named.
 #include <doctest/doctest.h>
 
-#include "scratch_dir.hpp"
-
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -27,6 +25,7 @@
 #include "peft/core/error.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
+#include "scratch_dir.hpp"
 
 // Named per file: the unity build (tests/CMakeLists.txt) compiles several test files as one
 // translation unit, where their helpers must not meet.
@@ -365,6 +364,37 @@ TEST_CASE("safetensors: I64 round trip; I64 is never read as floating point") {
   CHECK_THROWS_AS(file.read<float>("ids"), peft::FileError);
   CHECK(file.info("as_float").dtype == io::Dtype::F32);
   CHECK(file.read<float>("as_float")[5] == -100.0f);
+}
+
+TEST_CASE(
+    "safetensors: I32 (the reference's index tensors) reads as int64 only, written in range") {
+  const std::vector<std::int64_t> values = {0,
+                                            -1,
+                                            11007,
+                                            std::numeric_limits<std::int32_t>::min(),
+                                            std::numeric_limits<std::int32_t>::max(),
+                                            7};
+  io::SafetensorsWriter writer;
+  writer.add<std::int64_t>("indices", {2, 3}, values, io::Dtype::I32);
+  writer.add<float>("weight", {1}, std::vector<float>{1.5f});
+  const auto bytes = writer.to_bytes();
+  const auto file = io::SafetensorsFile::from_bytes(bytes, "i32.safetensors");
+  CHECK(file.info("indices").dtype == io::Dtype::I32);
+  CHECK(file.info("indices").byte_size() == 24);
+  CHECK(file.read<std::int64_t>("indices", {2, 3}) == values);
+  CHECK_THROWS_WITH_AS(file.read<float>("indices"),
+                       "i32.safetensors: tensor 'indices' has dtype I32, cannot be read as float "
+                       "(expected F64, F32, F16 or BF16)",
+                       peft::FileError);
+  // The Rust writer's order: F32 before I32 in the data section.
+  CHECK(file.info("weight").begin == 0);
+  CHECK(file.info("indices").begin == 4);
+  io::SafetensorsWriter bad;
+  CHECK_THROWS_WITH_AS(
+      bad.add<std::int64_t>("big", {1}, std::vector<std::int64_t>{1LL << 31}, io::Dtype::I32),
+      doctest::Contains("beyond I32's range"), peft::ConfigError);
+  CHECK_THROWS_WITH_AS(bad.add<float>("f", {1}, std::vector<float>{1.0f}, io::Dtype::I32),
+                       doctest::Contains("cannot be stored as I32"), peft::ConfigError);
 }
 
 TEST_CASE("safetensors: scalars and empty tensors") {
@@ -707,11 +737,11 @@ TEST_CASE("safetensors malformed: negative shape entry") {
 }
 
 TEST_CASE("safetensors malformed: unknown dtype") {
-  for (const char* dtype : {"F8_E4M3", "I32", "f32", "", "BOOL", "U8"}) {
+  for (const char* dtype : {"F8_E4M3", "I16", "i32", "f32", "", "BOOL", "U8"}) {
     const std::string message =
         open_error(with_header([&](json& h) { h["alpha"]["dtype"] = dtype; }));
     CHECK(has(message, "tensor 'alpha' has unsupported dtype '" + std::string(dtype) + "'"));
-    CHECK(has(message, "expected one of F64, F32, F16, BF16, I64"));
+    CHECK(has(message, "expected one of F64, F32, F16, BF16, I64, I32"));
   }
 }
 
@@ -849,7 +879,7 @@ TEST_CASE("safetensors malformed: control characters in names stay on one line")
   const std::string message = open_error(with_header([](json& h) {
     h["evil\nname"] = h["alpha"];
     h.erase("alpha");
-    h["evil\nname"]["dtype"] = "I32";
+    h["evil\nname"]["dtype"] = "I16";
   }));
   CHECK(has(message, "tensor 'evil\\x0aname'"));
 }

@@ -206,9 +206,12 @@ TEST_CASE("SHiRA: the mask is the reference's, and the update its sparse matrix"
     if (!p.name.ends_with(".shira_indices")) continue;
     ++indices;
     INFO(p.name);
-    const std::vector<double> reference = file.read<double>(p.name);
+    // int32, as the reference writes them; loaded exactly into the frozen double tensor.
+    CHECK(file.info(p.name).dtype == peft::io::Dtype::I32);
+    const std::vector<std::int64_t> reference = file.read<std::int64_t>(p.name);
     CHECK(std::equal(reference.begin(), reference.end(), p.var.value().values().begin(),
-                     p.var.value().values().end()));
+                     p.var.value().values().end(),
+                     [](std::int64_t a, double b) { return static_cast<double>(a) == b; }));
     // Row-major order (torch.where of the mask): strictly ascending flat positions.
     const std::int64_t k = p.var.shape()[1];
     for (std::int64_t j = 1; j < k; ++j)
@@ -216,6 +219,19 @@ TEST_CASE("SHiRA: the mask is the reference's, and the update its sparse matrix"
             p.var.value()[j] * 1000 + p.var.value()[k + j]);
   }
   CHECK(indices == 4);
+  // Integers are read only where the adapter holds indices: a trained tensor stored as I32 is
+  // something else than a weight, and refused.
+  peft::io::SafetensorsWriter odd;
+  for (const auto& info : file.tensors())
+    if (info.name.ends_with(".shira_weight"))
+      odd.add<std::int64_t>(info.name, info.shape, std::vector<std::int64_t>(info.numel(), 1),
+                            peft::io::Dtype::I32);
+    else
+      odd.add_raw(info.name, info.dtype, info.shape, file.raw_bytes(info.name));
+  const auto odd_file = peft::io::SafetensorsFile::from_bytes(odd.to_bytes(), "odd.safetensors");
+  CHECK_THROWS_WITH_AS(peft::io::load_adapter_tensors(model.adapter().parameters(), odd_file),
+                       doctest::Contains("has dtype I32, cannot be read as double"),
+                       peft::FileError);
   // ΔW from the merge has exactly the values at the mask and zeros elsewhere.
   perturb_adapter(model, 2);
   std::vector<Tensor<double>> before;

@@ -51,7 +51,7 @@ static_assert(std::numeric_limits<float>::is_iec559 && std::numeric_limits<doubl
 /// same 100 MB order of bound; real headers are kilobytes).
 inline constexpr std::uint64_t kMaxSafetensorsHeaderBytes = 100ull * 1024ull * 1024ull;
 
-enum class Dtype { F64, F32, F16, BF16, I64 };
+enum class Dtype { F64, F32, F16, BF16, I64, I32 };
 
 /// The dtype's name as it is spelled in safetensors headers ("F32", "BF16", ...).
 inline std::string_view dtype_name(Dtype dtype) {
@@ -66,6 +66,8 @@ inline std::string_view dtype_name(Dtype dtype) {
       return "BF16";
     case Dtype::I64:
       return "I64";
+    case Dtype::I32:
+      return "I32";
   }
   return "?";
 }
@@ -83,19 +85,24 @@ inline std::size_t dtype_size(Dtype dtype) {
       return 2;
     case Dtype::I64:
       return 8;
+    case Dtype::I32:
+      return 4;
   }
   return 0;
 }
 
 /// Parses a header dtype name; nullopt for anything this library does not support.
 inline std::optional<Dtype> parse_dtype(std::string_view name) {
-  for (const Dtype dtype : {Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I64}) {
+  for (const Dtype dtype :
+       {Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I64, Dtype::I32}) {
     if (dtype_name(dtype) == name) return dtype;
   }
   return std::nullopt;
 }
 
-inline bool is_floating_dtype(Dtype dtype) { return dtype != Dtype::I64; }
+/// F64, F32, F16, BF16; the integer dtypes are I64 and I32 (the reference's index tensors:
+/// SHiRA's shira_indices).
+inline bool is_floating_dtype(Dtype dtype) { return dtype != Dtype::I64 && dtype != Dtype::I32; }
 
 // ---------------------------------------------------------------------------------------------
 // The half-precision conversions (F16, BF16) live in core/float16.hpp, shared with the frozen
@@ -203,6 +210,9 @@ std::vector<T> decode_elements(Dtype dtype, const std::uint8_t* source, std::siz
         convert_each([](const std::uint8_t* p) { return load_unaligned<std::int64_t>(p); });
       }
       break;
+    case Dtype::I32:
+      convert_each([](const std::uint8_t* p) { return load_unaligned<std::int32_t>(p); });
+      break;
   }
   return out;
 }
@@ -267,7 +277,7 @@ class HeaderValidator {
     const std::optional<Dtype> dtype = parse_dtype(dtype_text);
     if (!dtype) {
       fail_tensor(name, "has unsupported dtype '" + printable(dtype_text, 40) +
-                            "', expected one of F64, F32, F16, BF16, I64");
+                            "', expected one of F64, F32, F16, BF16, I64, I32");
     }
     info.dtype = *dtype;
 
@@ -472,7 +482,7 @@ class SafetensorsFile {
   }
 
   /// The tensor's elements converted to T, row-major. Float dtypes convert to float/double
-  /// (F64 -> float rounds to nearest); I64 reads only as int64. Reading across the two kinds
+  /// (F64 -> float rounds to nearest); I64 and I32 read only as int64. Reading across the kinds
   /// throws FileError: a float dtype as int64 would truncate, and integer data where a weight is
   /// expected means the file holds something else than the tensor asked for.
   template <SafetensorsElement T>
@@ -482,7 +492,7 @@ class SafetensorsFile {
       throw FileError(printable(name_) + ": tensor '" + printable(found.name) + "' has dtype " +
                       std::string(dtype_name(found.dtype)) + ", cannot be read as " +
                       std::string(detail::element_type_name<T>()) +
-                      (std::is_same_v<T, std::int64_t> ? " (expected I64)"
+                      (std::is_same_v<T, std::int64_t> ? " (expected I64 or I32)"
                                                        : " (expected F64, F32, F16 or BF16)"));
     }
     return detail::decode_elements<T>(found.dtype, data() + data_start_ + found.begin,
@@ -602,21 +612,29 @@ class SafetensorsFile {
 
 /// Builds a safetensors file in memory. Header keys are sorted by name; the data is laid out
 /// as the Python writer lays it out (widest dtype first, then by name), contiguous.
-/// Misuse (duplicate or reserved name, negative dimension, float data stored as I64) throws
+/// Misuse (duplicate or reserved name, negative dimension, float data stored as I64 or I32, int64
+/// data beyond I32 stored as I32) throws
 /// ConfigError; a data size that does not match the shape throws ShapeError.
 class SafetensorsWriter {
  public:
   /// Converts `data` to `stored` (F16/BF16 round to nearest even) and records it under `name`.
-  /// int64 data may be stored as I64 or any float dtype; float/double data only as a float dtype.
+  /// int64 data may be stored as I64, I32 or any float dtype; float/double data only as a float
+  /// dtype.
   template <SafetensorsElement T>
   void add(std::string name, std::vector<std::int64_t> shape, std::span<const T> data,
            Dtype stored = Dtype::F32) {
     const std::uint64_t count = check_new_tensor(name, shape, data.size());
-    if (!std::is_same_v<T, std::int64_t> && stored == Dtype::I64) {
+    if (!std::is_same_v<T, std::int64_t> && !is_floating_dtype(stored)) {
       throw ConfigError("safetensors writer: tensor '" + printable(name) + "' holds " +
                         std::string(detail::element_type_name<T>()) +
-                        " data, which cannot be stored as I64");
+                        " data, which cannot be stored as " + std::string(dtype_name(stored)));
     }
+    if (stored == Dtype::I32)
+      for (const T value : data)
+        if (value < std::numeric_limits<std::int32_t>::min() ||
+            value > std::numeric_limits<std::int32_t>::max())
+          throw ConfigError("safetensors writer: tensor '" + printable(name) + "' holds " +
+                            std::to_string(value) + ", beyond I32's range");
     PendingTensor pending{stored, std::move(shape), {}};
     pending.bytes.resize(static_cast<std::size_t>(count * dtype_size(stored)));
     std::uint8_t* out = pending.bytes.data();
@@ -637,6 +655,9 @@ class SafetensorsWriter {
           break;
         case Dtype::I64:
           detail::store_unaligned(out + 8 * i, static_cast<std::int64_t>(value));
+          break;
+        case Dtype::I32:
+          detail::store_unaligned(out + 4 * i, static_cast<std::int32_t>(value));
           break;
       }
     }
@@ -679,7 +700,7 @@ class SafetensorsWriter {
       for (const auto& [key, value] : metadata_) metadata[key] = value;
       header["__metadata__"] = std::move(metadata);
     }
-    // Data order is the Python writer's: widest element first (I64, F64, F32, BF16, F16), then
+    // Data order is the Python writer's: widest element first (I64, F64, F32, I32, BF16, F16), then
     // by name. Every tensor's byte size is a multiple of its element size, so each tensor starts
     // aligned to its element size (the data section itself starts 8-aligned), which readers
     // that map the file and view it in place need.
@@ -729,19 +750,21 @@ class SafetensorsWriter {
   };
 
   static int alignment_rank(Dtype dtype) {
-    switch (dtype) {
+    switch (dtype) {  // the Rust writer's order: dtypes by its enum, descending
       case Dtype::I64:
         return 0;
       case Dtype::F64:
         return 1;
       case Dtype::F32:
         return 2;
-      case Dtype::BF16:
+      case Dtype::I32:
         return 3;
-      case Dtype::F16:
+      case Dtype::BF16:
         return 4;
+      case Dtype::F16:
+        return 5;
     }
-    return 5;
+    return 6;
   }
 
   static void check_utf8(std::string_view what, const std::string& text) {

@@ -6,9 +6,9 @@
 // torch.randperm(out·in) with a CPU generator seeded random_seed (null: torch's default seed
 // 67280421310721, which this library writes out), sorted, as (p / in, p mod in) — reproduced
 // bit for bit (FourierFT::torch_randperm). The entries are held as `shira_indices` [2, k] (rows;
-// columns), a frozen tensor of the adapter file as the reference saves it (int32 there; F32
-// here, which the reference reads back as it does on Windows): the forward uses the loaded
-// indices, so a file from another mask loads as it is. Not counted as parameters (as the
+// columns), a frozen tensor of the adapter file as the reference saves it (I32 there, read here
+// by io::load_adapter_tensors; written F32 here, which the reference reads back as it does on
+// Windows): the forward uses the loaded indices, so a file from another mask loads as it is. Not counted as parameters (as the
 // reference counts). init_weights: v = 0 (the base model exactly); false: N(0, 1). Only the
 // random mask (mask_type "random"); nn.Linear only in the reference (no GPT-2 golden case; this
 // library adapts Conv1D weights too, Δ indexed [out, in]). Mergeable: W += Δ.
