@@ -48,9 +48,9 @@ struct StepOptions {
   std::uint64_t seed = 0;
   std::string device = "cpu";  ///< cpu or cuda
   std::string dtype;           ///< fp32 or bf16 (CUDA only); empty: fp32 on the CPU, bf16 on CUDA
-  std::string base_dtype =
-      "fp32";          ///< the frozen weights' storage on the CPU: fp32, bf16, fp16, nf4
-  std::string config;  ///< a config.json to build instead of the peer's GPT-2
+  /// the frozen weights' storage on the CPU: fp32, bf16, fp16, nf4
+  std::string base_dtype = "fp32";
+  std::string config;               ///< a config.json to build instead of the peer's GPT-2
   std::string model_type = "gpt2";  ///< the config's architecture (set from --config)
 };
 

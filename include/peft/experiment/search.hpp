@@ -29,6 +29,7 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -182,27 +183,38 @@ inline void record(const experiment::ProxyResult& r, CandidateResult& row) {
   row.accuracy = r.exact_match;
 }
 
-/// A candidate of policy P with `config`, named P::name ("lora", ..., "unipelt").
-template <class P>
-requires PeftPolicy<P> && CountableFromShapes<P> && Savable<P> Candidate
-make_candidate(const ModelConfig& model, typename P::Config config, std::string targets,
-               std::string layers, std::int64_t size, std::string size_label, double lr) {
+/// A search point as a candidate: trained by the shared proxy training; a config the model
+/// refuses at construction (ConfigError) trains no step and ranks last, its reason in the note.
+inline Candidate candidate_of(experiment::SearchPoint point, std::string method,
+                              std::string targets, std::string layers, std::int64_t size,
+                              std::string size_label, double lr) {
   Candidate c;
-  c.method = std::string(P::name);
+  c.method = std::move(method);
   c.targets = std::move(targets);
   c.layers = std::move(layers);
   c.size = size;
   c.size_label = std::move(size_label);
   c.lr = lr;
-  c.parameters =
-      peft::count_parameters<P>(model, linear_shapes<arch::Llama>(model), config).trainable;
-  c.run = [config](const Workload& w, const SearchOptions& o, CandidateResult& row) {
-    const experiment::ProxyTraining t = proxy_training(w, o, row.candidate.lr);
-    Decoder<arch::Llama, P, float> net(w.model, config, t.seed);
-    record(experiment::proxy_train(net, t), row);
+  c.parameters = point.parameters;
+  c.config_json = std::move(point.config_json);
+  c.run = [run = std::move(point.run)](const Workload& w, const SearchOptions& o,
+                                       CandidateResult& row) {
+    try {
+      record(run(proxy_training(w, o, row.candidate.lr)), row);
+    } catch (const ConfigError& error) {
+      row.note = error.what();
+    }
   };
-  c.config_json = [config](const ModelConfig& m) { return config.to_json(m); };
   return c;
+}
+
+/// A grid candidate of policy P with `config`, named P::name ("lora", ..., "unipelt").
+template <class P>
+requires PeftPolicy<P> && CountableFromShapes<P> && Savable<P> Candidate
+make_candidate(const ModelConfig& model, typename P::Config config, std::string targets,
+               std::string layers, std::int64_t size, std::string size_label, double lr) {
+  return candidate_of(experiment::make_search_point<P>(model, config), std::string(P::name),
+                      std::move(targets), std::move(layers), size, std::move(size_label), lr);
 }
 
 }  // namespace detail
@@ -211,23 +223,8 @@ make_candidate(const ModelConfig& model, typename P::Config config, std::string 
 /// study's configuration for `model`, at the study's learning rate.
 inline Candidate study_candidate(const experiment::MethodEntry& e, const ModelConfig& model,
                                  std::int64_t proxy_steps) {
-  const experiment::SearchPoint point = e.search_point(model, proxy_steps);
-  Candidate c;
-  c.method = e.method;
-  c.targets = "study";
-  c.layers = "all";
-  c.size_label = "study config";
-  c.parameters = point.parameters;
-  c.lr = e.lr;
-  c.config_json = point.config_json;
-  c.run = [run = point.run](const Workload& w, const SearchOptions& o, CandidateResult& row) {
-    try {
-      detail::record(run(detail::proxy_training(w, o, row.candidate.lr)), row);
-    } catch (const ConfigError& error) {  // the config does not fit the model: no loss, ranks last
-      row.note = error.what();
-    }
-  };
-  return c;
+  return detail::candidate_of(e.search_point(model, proxy_steps), e.method, "study", "all", 0,
+                              "study config", e.lr);
 }
 
 /// Every point of the design space for `model` (LLaMA module names), counted, not yet filtered:
@@ -300,13 +297,10 @@ inline std::vector<Candidate> design_space(const ModelConfig& model,
                                                       ",width=" + std::to_string(2 * r),
                                                   1e-2));
   }
-  std::vector<std::string> gridded;
-  for (const Candidate& c : out)
-    if (std::find(gridded.begin(), gridded.end(), c.method) == gridded.end())
-      gridded.push_back(c.method);
+  std::set<std::string> gridded;
+  for (const Candidate& c : out) gridded.insert(c.method);
   for (const experiment::MethodEntry& e : study) {
-    if (!e.search_point || std::find(gridded.begin(), gridded.end(), e.method) != gridded.end())
-      continue;
+    if (!e.search_point || gridded.count(e.method)) continue;
     try {
       out.push_back(study_candidate(e, model, proxy_steps));
     } catch (const ConfigError& error) {
@@ -423,8 +417,8 @@ inline SearchResult run_search(const SearchOptions& o, std::ostream* progress = 
               << ", training " << chosen.size() << " for " << o.proxy_steps
               << " steps each (base eval loss " << std::fixed << std::setprecision(4)
               << w.base_eval_loss << ")\n";
-  if (progress)
-    for (const std::string& why : result.unfit) *progress << "  unfit: " << why << "\n";
+  for (const std::string& why : result.unfit)
+    if (progress) *progress << "  unfit: " << why << "\n";
   for (Candidate& c : chosen) {
     CandidateResult row;
     row.candidate = std::move(c);

@@ -333,16 +333,31 @@ MethodResult adapt(const Workload& w, const Settings& s, const typename Policy::
   return row;
 }
 
-/// One row of the study: a method, its family, its learning rate and how to run it (with the
-/// learning rate it is given, so --lr can override the entry's).
-/// An entry as one point of the design-space search (search.hpp): its config for the searched
-/// model, counted from shapes, written as adapter_config.json, and its proxy training.
+/// A method with a config as one point of the design-space search (search.hpp): counted from
+/// shapes, written as adapter_config.json, and its proxy training.
 struct SearchPoint {
   std::int64_t parameters = 0;  ///< trainable, from shapes
   std::function<nlohmann::json(const ModelConfig&)> config_json;
   std::function<ProxyResult(const ProxyTraining&)> run;
 };
 
+/// Policy with `config` on `model` (LLaMA module names) as a search point.
+template <class Policy>
+requires CountableFromShapes<Policy> && Savable<Policy> SearchPoint
+make_search_point(const ModelConfig& model, const typename Policy::Config& config) {
+  SearchPoint point;
+  point.parameters =
+      count_parameters<Policy>(model, linear_shapes<arch::Llama>(model), config).trainable;
+  point.config_json = [config](const ModelConfig& m) { return config_to_json(config, m); };
+  point.run = [config](const ProxyTraining& t) {
+    Decoder<arch::Llama, Policy, float> net(t.model, config, t.seed);
+    return proxy_train(net, t);
+  };
+  return point;
+}
+
+/// One row of the study: a method, its family, its learning rate and how to run it (with the
+/// learning rate it is given, so --lr can override the entry's).
 struct MethodEntry {
   std::string family, method;
   double lr = 0;
@@ -367,16 +382,7 @@ MethodEntry entry(
   };
   if constexpr (CountableFromShapes<Policy> && Savable<Policy>)
     e.search_point = [make_config](const ModelConfig& model, std::int64_t steps) {
-      const typename Policy::Config config = make_config(model, steps);
-      SearchPoint point;
-      point.parameters =
-          count_parameters<Policy>(model, linear_shapes<arch::Llama>(model), config).trainable;
-      point.config_json = [config](const ModelConfig& m) { return config_to_json(config, m); };
-      point.run = [config](const ProxyTraining& t) {
-        Decoder<arch::Llama, Policy, float> net(t.model, config, t.seed);
-        return proxy_train(net, t);
-      };
-      return point;
+      return make_search_point<Policy>(model, make_config(model, steps));
     };
   return e;
 }
