@@ -629,12 +629,14 @@ class SafetensorsWriter {
                         std::string(detail::element_type_name<T>()) +
                         " data, which cannot be stored as " + std::string(dtype_name(stored)));
     }
-    if (stored == Dtype::I32)
-      for (const T value : data)
-        if (value < std::numeric_limits<std::int32_t>::min() ||
-            value > std::numeric_limits<std::int32_t>::max())
-          throw ConfigError("safetensors writer: tensor '" + printable(name) + "' holds " +
-                            std::to_string(value) + ", beyond I32's range");
+    if constexpr (std::is_same_v<T, std::int64_t>) {  // float data never reaches I32 (above)
+      if (stored == Dtype::I32)
+        for (const T value : data)
+          if (value < std::numeric_limits<std::int32_t>::min() ||
+              value > std::numeric_limits<std::int32_t>::max())
+            throw ConfigError("safetensors writer: tensor '" + printable(name) + "' holds " +
+                              std::to_string(value) + ", beyond I32's range");
+    }
     PendingTensor pending{stored, std::move(shape), {}};
     pending.bytes.resize(static_cast<std::size_t>(count * dtype_size(stored)));
     std::uint8_t* out = pending.bytes.data();
